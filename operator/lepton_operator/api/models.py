@@ -1,0 +1,571 @@
+"""The LeptonJob API: the single source of truth.
+
+The pydantic models below define `lepton.ai/v1alpha1` `LeptonJob`. The CRD in
+`crds/leptonjobs.lepton.ai.yaml` is generated from them (`lepton-operator crd`), so every
+field carries a description (it becomes `kubectl explain`) and bounds. Rules that an
+OpenAPI schema cannot express (min <= initial <= max, exactly one checkpoint source,
+reserved env names) live in `validate_job()`, which the operator runs on every job: the
+CRD also carries them as CEL rules for modern clusters, but a 1.20 apiserver ignores those.
+
+This module imports neither kopf nor the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic.alias_generators import to_camel
+
+GROUP = "lepton.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LeptonJob"
+PLURAL = "leptonjobs"
+SINGULAR = "leptonjob"
+SHORT_NAMES = ["lj"]
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# Names: `<name>-worker-<index>` must stay a 63-character DNS label, and so must the
+# Service `<name>-workers`. With at most 1000 workers the index has 3 digits.
+MAX_WORKERS = 1000
+WORKER_SUFFIX_MAX = len("-worker-") + len(str(MAX_WORKERS - 1))
+MAX_JOB_NAME_LENGTH = 63 - WORKER_SUFFIX_MAX  # 52
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes' own resource.Quantity pattern.
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+DEFAULT_TRAINER_IMAGE = "lepton-ai/lepton-trainer:0.1.0"
+DEFAULT_RENDEZVOUS_PORT = 29400
+DEFAULT_METRICS_PORT = 9400
+
+# Environment variables the operator sets in every worker. A user may not set them:
+# torchrun and the trainer would silently get the wrong world size or rendezvous.
+RESERVED_ENV_NAMES = frozenset(
+    {
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+        "PET_RDZV_BACKEND",
+        "PET_RDZV_ENDPOINT",
+        "PET_RDZV_ID",
+        "PET_RDZV_CONF",
+        "PET_MAX_RESTARTS",
+        "PET_NODE_RANK",
+        "LEPTON_JOB_NAME",
+        "LEPTON_GENERATION",
+        "LEPTON_WORLD_SIZE",
+        "LEPTON_WORKER_INDEX",
+        "LEPTON_CHECKPOINT_DIR",
+        "LEPTON_METRICS_PORT",
+        "LEPTON_JOB_TOTAL_WORKERS",
+        "LEPTON_JOB_WORKER_INDEX",
+        "LEPTON_JOB_WORKER_PREFIX",
+        "LEPTON_SUBDOMAIN",
+        "POD_IP",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        # torchrun sets these for each worker process.
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
+)
+RESERVED_ENV_PREFIXES = ("PET_", "TORCHELASTIC_")
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+Timestamp = Annotated[datetime, PlainSerializer(_format_time, return_type=str)]
+"""A point in time, serialised the Kubernetes way (RFC 3339, UTC, seconds)."""
+
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_k8s(self) -> dict:
+        """The wire form: camelCase, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------------------- spec
+
+
+class ConfigMapKeySelector(ApiModel):
+    """A key of a ConfigMap in the job's namespace."""
+
+    name: str = Field(description="Name of the ConfigMap.", min_length=1, max_length=253)
+    key: str = Field(description="Key within the ConfigMap.", min_length=1, max_length=253)
+    optional: Optional[bool] = Field(None, description="Whether the ConfigMap or key may be missing.")
+
+
+class SecretKeySelector(ApiModel):
+    """A key of a Secret in the job's namespace."""
+
+    name: str = Field(description="Name of the Secret.", min_length=1, max_length=253)
+    key: str = Field(description="Key within the Secret.", min_length=1, max_length=253)
+    optional: Optional[bool] = Field(None, description="Whether the Secret or key may be missing.")
+
+
+class FieldSelector(ApiModel):
+    """A field of the worker pod, as the downward API exposes it."""
+
+    field_path: str = Field(
+        description="Pod field, e.g. `metadata.name`, `metadata.namespace`, `status.podIP`, `spec.nodeName`.",
+        min_length=1,
+        max_length=256,
+    )
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from (exactly one source)."""
+
+    config_map_key_ref: Optional[ConfigMapKeySelector] = Field(None, description="A ConfigMap key.")
+    secret_key_ref: Optional[SecretKeySelector] = Field(None, description="A Secret key.")
+    field_ref: Optional[FieldSelector] = Field(None, description="A field of the worker pod.")
+
+
+class EnvVar(ApiModel):
+    """An environment variable for the training container."""
+
+    name: str = Field(
+        description="Variable name. Names the operator sets (PET_*, LEPTON_JOB_NAME, RANK, ...) are rejected.",
+        min_length=1,
+        max_length=128,
+        pattern=ENV_NAME_PATTERN,
+    )
+    value: Optional[str] = Field(None, description="Literal value.", max_length=32768)
+    value_from: Optional[EnvVarSource] = Field(None, description="Value taken from a ConfigMap, Secret or pod field.")
+
+
+class WorkersSpec(ApiModel):
+    """How many workers (pods) the job runs; each worker runs `nprocPerNode` processes."""
+
+    min: int = Field(1, description="Fewest workers the job may run with.", ge=1, le=MAX_WORKERS)
+    max: int = Field(1, description="Most workers the job may run with.", ge=1, le=MAX_WORKERS)
+    initial: Optional[int] = Field(
+        None, description="Workers of the first generation (default: `min`).", ge=1, le=MAX_WORKERS
+    )
+    replicas: Optional[int] = Field(
+        None,
+        description=(
+            "Requested worker count, set by `kubectl scale lj/NAME --replicas=N` or by the autoscaler. "
+            "Clamped to [min, max]. Unset: `initial`."
+        ),
+        ge=0,
+        le=MAX_WORKERS,
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Resources of each worker. GPU requests equal limits (GPUs cannot be overcommitted)."""
+
+    gpus: int = Field(0, description="GPUs per worker (`nvidia.com/gpu`); 0 for a CPU job.", ge=0, le=16)
+    cpu: Optional[Quantity] = Field(None, description="CPU request and limit per worker, e.g. `8` or `500m`.")
+    memory: Optional[Quantity] = Field(None, description="Memory request and limit per worker, e.g. `64Gi`.")
+    shared_memory: Optional[Quantity] = Field(
+        None, description="Size limit of the memory-backed /dev/shm (default: unbounded within memory)."
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Where workers keep checkpoints: an existing claim, or a PVC the operator creates and owns."""
+
+    claim_name: Optional[str] = Field(
+        None, description="Existing PersistentVolumeClaim to use.", max_length=253, pattern=DNS_LABEL_PATTERN
+    )
+    size: Optional[Quantity] = Field(None, description="Size of a PVC the operator creates (`<job>-checkpoints`).")
+    storage_class_name: Optional[str] = Field(
+        None, description="Storage class of the created PVC (default: the cluster's).", max_length=253
+    )
+    mount_path: str = Field(
+        "/checkpoints",
+        description="Where the checkpoint volume is mounted; exported as LEPTON_CHECKPOINT_DIR.",
+        max_length=1024,
+        pattern=r"^/[^\n]*$",
+    )
+
+
+class DataVolume(ApiModel):
+    """A PersistentVolumeClaim mounted into every worker (datasets, caches)."""
+
+    claim_name: str = Field(description="Existing PersistentVolumeClaim.", max_length=253, pattern=DNS_LABEL_PATTERN)
+    mount_path: str = Field(description="Mount path in the container.", max_length=1024, pattern=r"^/[^\n]*$")
+    read_only: bool = Field(True, description="Mount read-only.")
+
+
+class RestartSpec(ApiModel):
+    """How the job reacts to worker failures."""
+
+    max_restarts: int = Field(
+        3,
+        description=(
+            "New generations started after a retryable worker failure (exit 128-255, eviction) "
+            "before the job fails. Exit codes 1-127 fail the job at once."
+        ),
+        ge=0,
+        le=1000,
+    )
+
+
+class Toleration(ApiModel):
+    """A node taint the workers tolerate."""
+
+    key: Optional[str] = Field(None, description="Taint key (empty with Exists: all taints).", max_length=316)
+    operator: Optional[Literal["Exists", "Equal"]] = Field(None, description="Exists or Equal (default Equal).")
+    value: Optional[str] = Field(None, description="Taint value for Equal.", max_length=63)
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
+        None, description="Taint effect to tolerate (empty: all)."
+    )
+    toleration_seconds: Optional[int] = Field(None, description="How long a NoExecute taint is tolerated.", ge=0)
+
+
+class AutoscalingSpec(ApiModel):
+    """Throughput-driven autoscaling between `workers.min` and `workers.max`."""
+
+    enabled: bool = Field(False, description="Let the operator change the worker count from measured throughput.")
+    interval_seconds: int = Field(30, description="How often the autoscaler looks at the job.", ge=5, le=3600)
+    window_seconds: int = Field(60, description="Rate window of the throughput query.", ge=10, le=3600)
+    warmup_seconds: int = Field(
+        60, description="Seconds after a generation starts whose throughput is ignored.", ge=0, le=3600
+    )
+    step: int = Field(1, description="Workers added or removed per rescale.", ge=1, le=64)
+    efficiency_threshold: float = Field(
+        0.5,
+        description=(
+            "Scale up again only while each added worker raised throughput by at least this fraction "
+            "of the per-worker throughput (scaling efficiency of the last step)."
+        ),
+        ge=0.0,
+        le=1.0,
+    )
+    cooldown_seconds: int = Field(120, description="No rescale sooner than this after the last one.", ge=0, le=86400)
+    max_rescales_per_hour: int = Field(6, description="Budget of rescales in any hour.", ge=0, le=60)
+    capacity_timeout_seconds: int = Field(
+        120,
+        description="How long added workers may wait to be scheduled before a scale-up is abandoned.",
+        ge=5,
+        le=3600,
+    )
+    capacity_backoff_seconds: int = Field(
+        600, description="After a scale-up failed for capacity, no new attempt for this long.", ge=0, le=86400
+    )
+
+
+# Fields that shape the worker pods. They cannot change while a job exists (CEL rules on
+# modern clusters; the operator compares `template_hash()` with the one in status).
+IMMUTABLE_FIELDS = (
+    "image",
+    "command",
+    "args",
+    "env",
+    "resources",
+    "nproc_per_node",
+    "rendezvous_port",
+    "metrics_port",
+    "checkpoint",
+    "data_volumes",
+)
+
+
+class LeptonJobSpec(ApiModel):
+    """Desired state of a LeptonJob: an elastic PyTorch training job."""
+
+    image: str = Field(DEFAULT_TRAINER_IMAGE, description="Container image of the workers.", min_length=1, max_length=512)
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(
+        None, description="Image pull policy of the workers."
+    )
+    command: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list,
+        description="Container command (default: the image's entrypoint, which launches torchrun from PET_* env).",
+        max_length=64,
+    )
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, description="Arguments to the command or entrypoint.", max_length=256
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.", max_length=128)
+    workers: WorkersSpec = Field(default_factory=WorkersSpec, description="Worker count bounds.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-worker resources.")
+    nproc_per_node: Optional[int] = Field(
+        None, description="Training processes per worker (default: `resources.gpus`, or 1).", ge=1, le=64
+    )
+    rendezvous_port: int = Field(
+        DEFAULT_RENDEZVOUS_PORT, description="Port of the c10d rendezvous store on worker 0.", ge=1024, le=65535
+    )
+    metrics_port: int = Field(
+        DEFAULT_METRICS_PORT, description="Port on which workers serve Prometheus metrics.", ge=1024, le=65535
+    )
+    checkpoint: Optional[CheckpointSpec] = Field(None, description="Checkpoint storage, shared by all workers.")
+    data_volumes: list[DataVolume] = Field(
+        default_factory=list, description="Extra claims mounted into every worker.", max_length=8
+    )
+    restart: RestartSpec = Field(default_factory=RestartSpec, description="Failure handling.")
+    termination_grace_period_seconds: int = Field(
+        60, description="Time a stopping worker has to write its checkpoint.", ge=1, le=3600
+    )
+    active_deadline_seconds: Optional[int] = Field(
+        None, description="Fail the job after this much running time (paused while suspended).", ge=1
+    )
+    ttl_seconds_after_finished: Optional[int] = Field(
+        None, description="Delete the job this long after it Succeeded or Failed.", ge=0
+    )
+    suspend: bool = Field(False, description="Stop all workers (the Service stays); unset to resume.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, description="Node labels the workers require.", max_length=32
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the workers tolerate.", max_length=32)
+    priority_class_name: Optional[str] = Field(
+        None, description="PriorityClass of the workers.", max_length=253, pattern=DNS_LABEL_PATTERN
+    )
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Throughput autoscaling.")
+
+    def template_hash(self) -> str:
+        """A short digest of the immutable fields, recorded in status when workers first start."""
+        subset = self.model_dump(mode="json", by_alias=True, include=set(IMMUTABLE_FIELDS))
+        return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def initial_workers(self) -> int:
+        return self.workers.initial if self.workers.initial is not None else self.workers.min
+
+    @property
+    def processes_per_worker(self) -> int:
+        if self.nproc_per_node is not None:
+            return self.nproc_per_node
+        return self.resources.gpus or 1
+
+    def requested_workers(self) -> int:
+        """The worker count asked for now: `workers.replicas` (scale) or `initial`, clamped to [min, max]."""
+        wanted = self.workers.replicas if self.workers.replicas is not None else self.initial_workers
+        return max(self.workers.min, min(self.workers.max, wanted))
+
+
+# -------------------------------------------------------------------------- status
+
+Phase = Literal["Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = ("Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended")
+FINISHED_PHASES = ("Succeeded", "Failed")
+
+# Condition types.
+CONDITION_READY = "Ready"
+CONDITION_RESCALING = "Rescaling"
+CONDITION_SUSPENDED = "Suspended"
+CONDITION_SUCCEEDED = "Succeeded"
+CONDITION_FAILED = "Failed"
+CONDITION_METRICS_UNAVAILABLE = "MetricsUnavailable"
+CONDITION_INVALID_SPEC = "InvalidSpec"
+
+# Reasons (conditions, events, rescale records).
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_IMMUTABLE_FIELD = "ImmutableFieldChanged"
+REASON_WORKERS_STARTING = "WorkersStarting"
+REASON_WORKERS_READY = "WorkersReady"
+REASON_WORKER_FAILED = "WorkerFailed"
+REASON_WORKER_RESTART = "WorkerRestart"
+REASON_WORKER_LOST = "WorkerLost"
+REASON_RESTARTS_EXHAUSTED = "RestartBudgetExhausted"
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+REASON_ALL_SUCCEEDED = "AllWorkersSucceeded"
+REASON_SUSPENDED = "Suspended"
+REASON_RESUMED = "Resumed"
+REASON_MANUAL_SCALE = "ManualScale"
+REASON_AUTOSCALE_UP = "ScaleUpPaysOff"
+REASON_AUTOSCALE_DOWN = "ScaleDownLastStepDidNotPay"
+REASON_INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"
+REASON_METRICS_AVAILABLE = "MetricsAvailable"
+
+
+class Condition(ApiModel):
+    """A condition in the standard Kubernetes shape (metav1.Condition)."""
+
+    type: str = Field(description="Condition type, e.g. Ready, Rescaling, Failed.", max_length=316)
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.", max_length=1024)
+    message: str = Field("", description="Human-readable detail.", max_length=32768)
+    last_transition_time: Timestamp = Field(description="When status last changed.")
+    observed_generation: Optional[int] = Field(None, description="metadata.generation this was computed from.", ge=0)
+
+
+class WorkersStatus(ApiModel):
+    """Counts of the current generation's workers."""
+
+    desired: int = Field(0, description="Workers the current generation should have.", ge=0)
+    active: int = Field(0, description="Workers that exist and are not terminating.", ge=0)
+    ready: int = Field(0, description="Workers running and ready.", ge=0)
+    succeeded: int = Field(0, description="Workers that exited 0.", ge=0)
+    failed: int = Field(0, description="Workers that failed.", ge=0)
+
+
+class RescaleRecord(ApiModel):
+    """One completed change of world size or restart."""
+
+    from_: int = Field(alias="from", description="World size before.", ge=0)
+    to: int = Field(description="World size after.", ge=0)
+    reason: str = Field(description="Why (ManualScale, ScaleUpPaysOff, WorkerRestart, ...).", max_length=1024)
+    message: str = Field("", description="Detail.", max_length=4096)
+    time: Timestamp = Field(description="When the rescale started.")
+    downtime_seconds: Optional[float] = Field(
+        None, description="Seconds from stopping the old generation until all new workers were ready.", ge=0
+    )
+
+
+class RescaleInProgress(ApiModel):
+    """A rescale that has started and not finished (kept in status so an operator restart resumes it)."""
+
+    from_: int = Field(alias="from", description="World size before.", ge=0)
+    to: int = Field(description="Target world size.", ge=0)
+    reason: str = Field(description="Why.", max_length=1024)
+    message: str = Field("", description="Detail.", max_length=4096)
+    stage: Literal["ConfirmingCapacity", "Stopping", "Starting"] = Field(
+        description="ConfirmingCapacity: added workers waiting to be scheduled; Stopping: old generation "
+        "terminating; Starting: new generation created, not yet ready."
+    )
+    started_at: Timestamp = Field(description="When the rescale started.")
+    stopped_at: Optional[Timestamp] = Field(None, description="When the old generation was asked to stop.")
+    target_generation: int = Field(description="Generation being started.", ge=1)
+
+
+class Observation(ApiModel):
+    """Throughput measured at one world size."""
+
+    world_size: int = Field(description="Workers.", ge=1)
+    throughput: float = Field(description="Samples per second, whole job.", ge=0)
+    measured_at: Timestamp = Field(description="When it was measured.")
+
+
+class Decision(ApiModel):
+    """An autoscaler decision."""
+
+    target: int = Field(description="World size decided.", ge=0)
+    reason: str = Field(description="Why.", max_length=4096)
+    time: Timestamp = Field(description="When.")
+
+
+class AutoscalingStatus(ApiModel):
+    """What the autoscaler has seen and decided."""
+
+    observations: list[Observation] = Field(
+        default_factory=list, description="Latest throughput per world size.", max_length=MAX_WORKERS
+    )
+    last_decision: Optional[Decision] = Field(None, description="The latest decision.")
+    backoff_until: Optional[Timestamp] = Field(
+        None, description="No scale-up before this time (after a capacity failure)."
+    )
+
+
+class LeptonJobStatus(ApiModel):
+    """Observed state of a LeptonJob, written by the operator."""
+
+    observed_generation: Optional[int] = Field(None, description="metadata.generation last reconciled.", ge=0)
+    phase: Optional[Phase] = Field(None, description="Pending, Running, Rescaling, Succeeded, Failed or Suspended.")
+    message: Optional[str] = Field(None, description="Short summary of the latest state change.", max_length=4096)
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.", max_length=32)
+    replicas: int = Field(0, description="Current world size (scale subresource).", ge=0)
+    selector: Optional[str] = Field(None, description="Label selector of the workers (scale subresource).")
+    workers: WorkersStatus = Field(default_factory=WorkersStatus, description="Workers of the current generation.")
+    worker_generation: int = Field(0, description="Generation of the worker set (0: none started yet).", ge=0)
+    world_size: int = Field(0, description="Workers in the current generation.", ge=0)
+    generation_start_time: Optional[Timestamp] = Field(None, description="When the current generation started.")
+    template_hash: Optional[str] = Field(None, description="Digest of the immutable spec fields in use.")
+    restarts: int = Field(0, description="Generations started because workers failed.", ge=0)
+    start_time: Optional[Timestamp] = Field(None, description="When the first workers were created.")
+    completion_time: Optional[Timestamp] = Field(None, description="When the job Succeeded or Failed.")
+    suspended_at: Optional[Timestamp] = Field(None, description="When the current suspension began.")
+    suspended_seconds: float = Field(0, description="Total time spent suspended (pauses the deadline).", ge=0)
+    rescale: Optional[RescaleInProgress] = Field(None, description="The rescale under way, if any.")
+    last_rescale: Optional[RescaleRecord] = Field(None, description="The latest completed rescale or restart.")
+    rescale_history: list[RescaleRecord] = Field(
+        default_factory=list, description="Recent rescales, newest last (bounded).", max_length=50
+    )
+    throughput: Optional[float] = Field(None, description="Latest measured throughput, samples/s.", ge=0)
+    autoscaling: AutoscalingStatus = Field(default_factory=AutoscalingStatus, description="Autoscaler state.")
+
+
+RESCALE_HISTORY_LIMIT = 50
+
+
+# --------------------------------------------------------------------- validation
+
+
+def validate_job_name(name: str) -> list[str]:
+    """Errors for a job name that would make invalid child names."""
+    errors = []
+    if len(name) > MAX_JOB_NAME_LENGTH:
+        errors.append(
+            f"metadata.name is {len(name)} characters; at most {MAX_JOB_NAME_LENGTH} so that "
+            f"'<name>-worker-{MAX_WORKERS - 1}' stays a 63-character DNS label"
+        )
+    if not re.match(DNS_LABEL_PATTERN, name):
+        errors.append(f"metadata.name {name!r} must be a DNS label (lowercase letters, digits, '-')")
+    return errors
+
+
+def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
+    """Cross-field rules the OpenAPI schema cannot state (also CEL rules in the CRD)."""
+    errors = []
+    w = spec.workers
+    if w.min > w.max:
+        errors.append(f"spec.workers.min ({w.min}) must be <= spec.workers.max ({w.max})")
+    if w.initial is not None and not (w.min <= w.initial <= w.max):
+        errors.append(f"spec.workers.initial ({w.initial}) must be within [min, max] = [{w.min}, {w.max}]")
+    if spec.checkpoint is not None and (spec.checkpoint.claim_name is None) == (spec.checkpoint.size is None):
+        errors.append("spec.checkpoint needs exactly one of claimName (existing claim) or size (created claim)")
+    for var in spec.env:
+        if var.name in RESERVED_ENV_NAMES or var.name.startswith(RESERVED_ENV_PREFIXES):
+            errors.append(f"spec.env[{var.name}]: the name is reserved, the operator sets it")
+        if (var.value is not None) and (var.value_from is not None):
+            errors.append(f"spec.env[{var.name}] sets both value and valueFrom")
+        if var.value_from is not None:
+            sources = [s for s in (var.value_from.config_map_key_ref, var.value_from.secret_key_ref, var.value_from.field_ref) if s]
+            if len(sources) != 1:
+                errors.append(f"spec.env[{var.name}].valueFrom needs exactly one source")
+    mounts = [v.mount_path for v in spec.data_volumes] + ([spec.checkpoint.mount_path] if spec.checkpoint else [])
+    if len(set(mounts)) != len(mounts):
+        errors.append("spec.dataVolumes and spec.checkpoint mount paths must differ")
+    return errors
+
+
+class InvalidJob(ValueError):
+    """A LeptonJob that the operator refuses to run; `errors` lists every problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+def parse_job(name: str, spec: dict) -> LeptonJobSpec:
+    """Parse and check a job's spec; raise InvalidJob with every problem found."""
+    errors = validate_job_name(name)
+    try:
+        parsed = LeptonJobSpec.model_validate(spec or {})
+    except ValidationError as exc:  # flatten into readable lines
+        for err in exc.errors():
+            location = "spec." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "spec"
+            errors.append(f"{location}: {err['msg']}")
+        raise InvalidJob(errors) from None
+    errors.extend(validate_spec_rules(parsed))
+    if errors:
+        raise InvalidJob(errors)
+    return parsed
+
+
+def parse_status(status: Optional[dict]) -> LeptonJobStatus:
+    """Parse the stored status; fields this version does not know are dropped."""
+    return LeptonJobStatus.model_validate({k: v for k, v in (status or {}).items() if k in _STATUS_ALIASES})
+
+
+_STATUS_ALIASES = {f.alias or name for name, f in LeptonJobStatus.model_fields.items()}
