@@ -1,0 +1,55 @@
+"""Every Prometheus collector the trainer exports (the operator's PromQL depends on
+these names; change them only together with the operator).
+
+One endpoint per pod, served by local rank 0, counting the whole node's work. No job or
+namespace labels here: Prometheus adds them from the pod's labels when it scrapes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0)
+
+
+class TrainerMetrics:
+    """The trainer's collectors, in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.samples = Counter("lepton_trainer_samples", "Samples processed by this pod "
+                               "(all its ranks)", registry=self.registry)
+        self.steps = Counter("lepton_trainer_steps", "Global optimizer steps completed",
+                             registry=self.registry)
+        self.loss = Gauge("lepton_trainer_loss", "Mean training loss of the last global "
+                          "step", registry=self.registry)
+        self.world_size = Gauge("lepton_trainer_world_size", "Workers (pods) in this "
+                                "generation", registry=self.registry)
+        self.generation = Gauge("lepton_trainer_generation", "Generation of the job this "
+                                "worker belongs to", registry=self.registry)
+        self.step_seconds = Histogram("lepton_trainer_step_seconds", "Wall time of one "
+                                      "global step, pacing included", buckets=STEP_BUCKETS,
+                                      registry=self.registry)
+        self._server = None
+
+    def serve(self, addr: str, port: int) -> None:
+        """Serve /metrics on addr:port in a daemon thread."""
+        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def set_membership(self, world_size: int, generation: int) -> None:
+        self.world_size.set(world_size)
+        self.generation.set(generation)
+
+    def observe_step(self, samples: int, seconds: float, loss: float) -> None:
+        """Record one completed global step of which this pod processed ``samples``."""
+        self.samples.inc(samples)
+        self.steps.inc()
+        self.loss.set(loss)
+        self.step_seconds.observe(seconds)
