@@ -36,6 +36,12 @@ MAX_WORKERS = 1000
 WORKER_SUFFIX_MAX = len("-worker-") + len(str(MAX_WORKERS - 1))
 MAX_JOB_NAME_LENGTH = 63 - WORKER_SUFFIX_MAX  # 52
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Job names are DNS-1035 labels (start with a letter): the Service `<name>-workers` must
+# be one, and the apiserver rejects a Service named `1job-workers`.
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Upper bound of the spec's durations (one year): large enough for any job, small enough
+# that deadline arithmetic never overflows anything downstream.
+MAX_DURATION_SECONDS = 366 * 24 * 3600
 # Kubernetes' own resource.Quantity pattern.
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
@@ -187,7 +193,14 @@ class CheckpointSpec(ApiModel):
     claim_name: Optional[str] = Field(
         None, description="Existing PersistentVolumeClaim to use.", max_length=253, pattern=DNS_LABEL_PATTERN
     )
-    size: Optional[Quantity] = Field(None, description="Size of a PVC the operator creates (`<job>-checkpoints`).")
+    size: Optional[Quantity] = Field(
+        None,
+        description=(
+            "Size of a PVC the operator creates (`<job>-checkpoints`). Its access mode is ReadWriteMany "
+            "when workers.max > 1 (workers on several nodes share it; the storage class must support RWX) "
+            "and ReadWriteOnce for single-worker jobs."
+        ),
+    )
     storage_class_name: Optional[str] = Field(
         None, description="Storage class of the created PVC (default: the cluster's).", max_length=253
     )
@@ -230,7 +243,9 @@ class Toleration(ApiModel):
     effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
         None, description="Taint effect to tolerate (empty: all)."
     )
-    toleration_seconds: Optional[int] = Field(None, description="How long a NoExecute taint is tolerated.", ge=0)
+    toleration_seconds: Optional[int] = Field(
+        None, description="How long a NoExecute taint is tolerated.", ge=0, le=MAX_DURATION_SECONDS
+    )
 
 
 class AutoscalingSpec(ApiModel):
@@ -317,10 +332,16 @@ class LeptonJobSpec(ApiModel):
         60, description="Time a stopping worker has to write its checkpoint.", ge=1, le=3600
     )
     active_deadline_seconds: Optional[int] = Field(
-        None, description="Fail the job after this much running time (paused while suspended).", ge=1
+        None,
+        description="Fail the job after this much running time (paused while suspended).",
+        ge=1,
+        le=MAX_DURATION_SECONDS,
     )
     ttl_seconds_after_finished: Optional[int] = Field(
-        None, description="Delete the job this long after it Succeeded or Failed.", ge=0
+        None,
+        description="Delete the job this long after it Succeeded or Failed.",
+        ge=0,
+        le=MAX_DURATION_SECONDS,
     )
     suspend: bool = Field(False, description="Stop all workers (the Service stays); unset to resume.")
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
@@ -509,8 +530,12 @@ def validate_job_name(name: str) -> list[str]:
             f"metadata.name is {len(name)} characters; at most {MAX_JOB_NAME_LENGTH} so that "
             f"'<name>-worker-{MAX_WORKERS - 1}' stays a 63-character DNS label"
         )
-    if not re.match(DNS_LABEL_PATTERN, name):
-        errors.append(f"metadata.name {name!r} must be a DNS label (lowercase letters, digits, '-')")
+    # fullmatch: re.match's `$` also matches before a trailing newline ("job\n").
+    if not re.fullmatch(JOB_NAME_PATTERN, name):
+        errors.append(
+            f"metadata.name {name!r} must be a DNS-1035 label (lowercase letters, digits, '-'; "
+            "starting with a letter) so that the Service '<name>-workers' is valid"
+        )
     return errors
 
 
