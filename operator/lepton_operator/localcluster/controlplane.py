@@ -1,0 +1,438 @@
+"""A real Kubernetes 1.20 control plane on loopback: etcd, kube-apiserver,
+kube-scheduler and kube-controller-manager, plus simulated nodes, kubelet and storage.
+
+Usage::
+
+    with LocalCluster() as cluster:          # 2 nodes x 8 nvidia.com/gpu
+        api = cluster.api_client()
+        ...                                  # or KUBECONFIG=cluster.kubeconfig kubectl ...
+
+Nothing outlives the cluster: the control plane runs in one process group, every child
+gets ``PR_SET_PDEATHSIG`` (SIGKILL when the owning thread dies), and a small watchdog
+process kills everything carrying the cluster's environment marker (pods' children
+included) when the owner exits without ``stop()``, even by SIGKILL. ``stop()`` also runs
+at interpreter exit and, when no other handler is installed, on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from kubernetes import client, config
+
+from . import hostsfile, procs
+from .binaries import ensure_binaries
+from .kubelet import SimulatedKubelet
+from .nodes import SimulatedNode, create_node, default_nodes, delete_node
+from .storage import SimulatedProvisioner
+
+
+class ClusterStartError(RuntimeError):
+    """A control-plane component did not come up; the message holds its log tail."""
+
+
+class LocalCluster:
+    """A local Kubernetes control plane with simulated GPU nodes (see module docstring).
+
+    Args:
+        workdir: directory for data, certificates, logs and pod files; a temporary
+            directory (removed on stop) when None.
+        nodes: simulated nodes; default two nodes with 8 GPUs each.
+        kubelet_mode: ``"default"`` (pods are marked Running, nothing runs) or
+            ``"process"`` (each pod's container runs as a local process).
+        image_commands: process mode: image -> command used when a container has no
+            ``command`` (its ``args`` are appended).
+        binaries: directory with the four binaries; :func:`ensure_binaries` when None.
+        deletion_grace_cap: default mode: the most seconds a deleted pod waits before it
+            is removed (min(grace period, cap)).
+        progress: receives human-readable progress lines.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike | None = None,
+        nodes: list[SimulatedNode] | None = None,
+        kubelet_mode: str = "default",
+        image_commands: dict[str, list[str]] | None = None,
+        binaries: str | os.PathLike | None = None,
+        deletion_grace_cap: float = 2.0,
+        progress=None,
+    ) -> None:
+        if kubelet_mode not in ("default", "process"):
+            raise ValueError(f"kubelet_mode must be 'default' or 'process', not {kubelet_mode!r}")
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else None
+        self.nodes = list(nodes) if nodes is not None else default_nodes()
+        self.kubelet_mode = kubelet_mode
+        self.image_commands = dict(image_commands or {})
+        self.binaries = Path(binaries) if binaries else None
+        self.deletion_grace_cap = deletion_grace_cap
+        self.progress = progress or (lambda line: None)
+        self.cluster_id = f"lc{os.getpid()}-{secrets.token_hex(3)}"
+        self.token = secrets.token_hex(16)
+        self.server: str = ""
+        self.kubeconfig: Path | None = None
+        self.kubelet: SimulatedKubelet | None = None
+        self.provisioner: SimulatedProvisioner | None = None
+        self.start_seconds: float | None = None
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._pgid: int | None = None
+        self._watchdog: subprocess.Popen | None = None
+        self._started = False
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def logs_dir(self) -> Path:
+        """Directory with the control-plane logs and (process mode) pod logs."""
+        return self.workdir / "logs"
+
+    def pod_log_path(self, namespace: str, pod_name: str) -> Path:
+        """Log file of a pod's process (process mode)."""
+        return self.logs_dir / f"{namespace}_{pod_name}.log"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point clients (kubectl, the operator) here."""
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
+    def api_client(self) -> client.ApiClient:
+        """A fresh ApiClient authenticated as cluster admin."""
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    # ------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "LocalCluster":
+        """Start the control plane, create the nodes and start the simulators."""
+        if self._started:
+            return self
+        began = time.monotonic()
+        if self.binaries is None:
+            self.binaries = ensure_binaries(progress=self.progress)
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="lepton-k8s-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        self._started = True
+        atexit.register(self.stop)
+        self._install_sigterm_handler()
+        try:
+            hostsfile.remove_stale_blocks()
+        except OSError:
+            pass
+        try:
+            self._start_watchdog()
+            self._start_etcd()
+            self._start_apiserver()
+            self._write_kubeconfig()
+            self._wait_apiserver()
+            self._start_scheduler()
+            self._start_controller_manager()
+            api = self.api_client()
+            for node in self.nodes:
+                create_node(api, node)
+            self.kubelet = SimulatedKubelet(
+                self.api_client,
+                node_names={n.name for n in self.nodes},
+                mode=self.kubelet_mode,
+                workdir=self.workdir,
+                cluster_id=self.cluster_id,
+                image_commands=self.image_commands,
+                deletion_grace_cap=self.deletion_grace_cap,
+            )
+            self.kubelet.start()
+            self.provisioner = SimulatedProvisioner(self.api_client, self.workdir / "volumes")
+            self.provisioner.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - began
+        self.progress(f"local cluster up at {self.server} in {self.start_seconds:.1f} s")
+        return self
+
+    def stop(self) -> None:
+        """Stop the simulators and the control plane; remove the temp workdir."""
+        with self._lock:
+            if not self._started:
+                return
+            self._started = False
+        for sim in (self.provisioner, self.kubelet):
+            if sim is not None:
+                try:
+                    sim.stop()
+                except Exception as e:  # keep tearing down whatever happens
+                    self.progress(f"error stopping {type(sim).__name__}: {e}")
+        # SIGKILL: the store is throwaway, and a SIGTERM'd apiserver spends ~10 s draining.
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._procs.values():
+            proc.wait()
+        if self._pgid is not None:
+            procs.signal_group(self._pgid, signal.SIGKILL)
+        procs.kill_marked(self.cluster_id)
+        try:
+            hostsfile.remove_block(self.cluster_id)
+        except OSError:
+            pass
+        if self._watchdog is not None:
+            self._watchdog.stdin.close()  # tells the watchdog we are done
+            try:
+                self._watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+        try:
+            atexit.unregister(self.stop)
+        except Exception:
+            pass
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def add_node(self, node: SimulatedNode) -> None:
+        """Add a simulated node to the running cluster."""
+        create_node(self.api_client(), node)
+        self.nodes.append(node)
+        if self.kubelet:
+            self.kubelet.node_names.add(node.name)
+
+    def remove_node(self, name: str) -> None:
+        """Delete a simulated node (pods bound to it are no longer simulated)."""
+        delete_node(self.api_client(), name)
+        self.nodes = [n for n in self.nodes if n.name != name]
+        if self.kubelet:
+            self.kubelet.node_names.discard(name)
+
+    def process_ids(self) -> dict[str, int]:
+        """Pids of the control-plane processes by component name."""
+        return {name: p.pid for name, p in self._procs.items()}
+
+    def leftover_processes(self) -> list[int]:
+        """Pids of processes of this cluster still alive (empty after a clean stop)."""
+        return procs.marked_processes(self.cluster_id)
+
+    # -------------------------------------------------------------- internals
+    def _install_sigterm_handler(self) -> None:
+        # SIGTERM's default action skips atexit; turn it into SystemExit (only when
+        # nobody else handles SIGTERM, and only from the main thread, where it is allowed).
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+            def _exit(signum, frame):
+                raise SystemExit(128 + signum)
+
+            signal.signal(signal.SIGTERM, _exit)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env[procs.MARKER_ENV] = self.cluster_id
+        env.pop("KUBECONFIG", None)
+        return env
+
+    def _start_watchdog(self) -> None:
+        script = Path(__file__).with_name("watchdog.py")
+        env = {k: v for k, v in os.environ.items() if k != procs.MARKER_ENV}
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-S", str(script), self.cluster_id],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [str(self.binaries / args[0]), *args[1:]],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._child_env(),
+            cwd=self.workdir,
+            preexec_fn=procs.child_setup(pgid=self._pgid or 0),
+        )
+        log.close()
+        if self._pgid is None:
+            self._pgid = proc.pid  # the first child leads the cluster's process group
+        self._procs[name] = proc
+        return proc
+
+    def _log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join((self.logs_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _check_alive(self) -> None:
+        for name, proc in self._procs.items():
+            if proc.poll() is not None:
+                raise ClusterStartError(
+                    f"{name} exited with {proc.returncode}; log tail:\n{self._log_tail(name)}"
+                )
+
+    def _start_etcd(self) -> None:
+        client_port, peer_port = procs.free_port(), procs.free_port()
+        self.etcd_url = f"http://127.0.0.1:{client_port}"
+        peer = f"http://127.0.0.1:{peer_port}"
+        self._spawn(
+            "etcd",
+            [
+                "etcd",
+                "--name=default",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=default={peer}",
+                # a throwaway test store: durability is not worth the fsync latency
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+        )
+
+    def _start_apiserver(self) -> None:
+        pki = self.workdir / "pki"
+        pki.mkdir(exist_ok=True)
+        sa_key = pki / "sa.key"
+        rc = subprocess.run(
+            ["openssl", "genrsa", "-out", str(sa_key), "2048"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if rc.returncode != 0:
+            raise ClusterStartError(f"openssl genrsa failed: {rc.stderr.decode(errors='replace')}")
+        tokens = pki / "tokens.csv"
+        tokens.write_text(f'{self.token},admin,admin,"system:masters"\n')
+        self.apiserver_port = procs.free_port()
+        self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        self._spawn(
+            "kube-apiserver",
+            [
+                "kube-apiserver",
+                f"--etcd-servers={self.etcd_url}",
+                f"--cert-dir={pki}",
+                f"--secure-port={self.apiserver_port}",
+                "--bind-address=127.0.0.1",
+                "--insecure-port=0",  # 1.20 would otherwise listen on :8080 and clash
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={sa_key}",
+                f"--service-account-signing-key-file={sa_key}",
+                f"--token-auth-file={tokens}",
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                "--v=1",
+            ],
+        )
+
+    def _write_kubeconfig(self) -> None:
+        self.kubeconfig = self.workdir / "kubeconfig"
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "lepton-local",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.workdir / "pki" / "apiserver.crt")},
+                }
+            ],
+            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "contexts": [{"name": "lepton-local", "context": {"cluster": "lepton-local", "user": "admin"}}],
+            "current-context": "lepton-local",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.kubeconfig.chmod(0o600)
+
+    def _wait_apiserver(self, timeout: float = 90.0) -> None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # only a readiness probe; clients verify the cert
+        req = urllib.request.Request(
+            f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except Exception as e:  # not listening yet, or 500 while hooks finish
+                last = str(e)
+            time.sleep(0.2)
+        raise ClusterStartError(f"kube-apiserver not ready after {timeout} s ({last}):\n{self._log_tail('kube-apiserver')}")
+
+    def _start_scheduler(self) -> None:
+        kc = str(self.kubeconfig)
+        self._spawn(
+            "kube-scheduler",
+            [
+                "kube-scheduler",
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--secure-port=0",
+                "--port=0",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+        )
+
+    def _start_controller_manager(self) -> None:
+        self._spawn(
+            "kube-controller-manager",
+            [
+                "kube-controller-manager",
+                f"--kubeconfig={self.kubeconfig}",
+                "--secure-port=0",
+                "--port=0",
+                "--leader-elect=false",
+                # no node lifecycle: simulated nodes have no kubelet heartbeats
+                "--controllers=*,-nodelifecycle,-serviceaccount-token",
+                f"--service-account-private-key-file={self.workdir / 'pki' / 'sa.key'}",
+                "--use-service-account-credentials=false",
+                "--v=1",
+            ],
+        )
+
+    def describe(self) -> dict:
+        """A JSON-friendly summary (used by the CLI)."""
+        return {
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig),
+            "workdir": str(self.workdir),
+            "kubelet_mode": self.kubelet_mode,
+            "nodes": [n.name for n in self.nodes],
+            "start_seconds": self.start_seconds,
+            "pids": self.process_ids(),
+            "cluster_id": self.cluster_id,
+        }
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file (small helper for the CLI state file)."""
+    return json.loads(Path(path).read_text())
