@@ -13,6 +13,7 @@ writes, and every rank loads the checkpoint rank 0 chose.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -81,6 +82,8 @@ class CheckpointStore:
     def latest_valid(self) -> tuple[Path | None, dict | None]:
         """Load the newest checkpoint that reads back completely; (None, None) if none.
 
+        Damaged files are renamed to ``*.corrupt`` (call this from the writer, rank 0).
+
         Loads with ``weights_only=True``: a checkpoint file cannot run code.
         """
         for step, path in self.list():
@@ -92,8 +95,15 @@ class CheckpointStore:
                 if state["format"] != FORMAT or state["step"] != step:
                     raise ValueError(f"format {state['format']} step {state['step']}")
             except Exception as exc:  # any damage: truncated zip, unpickling, bad fields
-                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-                _log(event="checkpoint_skipped", path=path, reason=repr(reason))
+                first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+                reason = f"{type(exc).__name__}: {first_line}"
+                # Move it aside (kept for diagnosis) so it neither shadows newer saves
+                # nor takes one of the K slots.
+                aside = path.with_name(path.name + ".corrupt")
+                with contextlib.suppress(OSError):
+                    os.replace(path, aside)
+                _log(event="checkpoint_skipped", path=path, reason=repr(reason),
+                     moved_to=aside)
                 continue
             return path, state
         return None, None

@@ -112,7 +112,7 @@ class Trainer:
                       if checkpoints and cfg.checkpoint_dir else None)
         self.step = 0
         self.data_position = 0
-        self.last_saved_step = -1
+        self.last_saved_step = 0  # step 0 (nothing learnt) is never worth a file
         self.metrics: TrainerMetrics | None = None
         self.positions_file = None
         self.cuda = torch.cuda.is_available() and not cfg.synthetic
@@ -152,18 +152,20 @@ class Trainer:
     def _resume(self) -> None:
         """Rank 0 picks the newest valid checkpoint; every rank loads that same one."""
         t0 = time.time()
-        path = None
+        chosen = -1  # step of the chosen checkpoint; -1 = none
         if self.store is not None and self.env.rank == 0:
             found, state = self.store.latest_valid()
-            path = str(found) if found else None
+            chosen = int(state["step"]) if found else -1
         if dist.is_initialized():
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
-        if path is None:
+            # A tensor, not broadcast_object_list: that one needs numpy, absent here.
+            box = torch.tensor([chosen], dtype=torch.int64, device=self.device)
+            dist.broadcast(box, src=0)
+            chosen = int(box.item())
+        if chosen < 0:
             if self.env.rank == 0:
                 log(event="fresh_start", step=0)
             return
+        path = str(CheckpointStore(self.cfg.checkpoint_dir).path_for(chosen))
         if self.env.rank != 0:
             state = load(path)
         if bool(state["synthetic"]) != self.cfg.synthetic:
