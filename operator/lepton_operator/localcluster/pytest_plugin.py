@@ -1,0 +1,324 @@
+"""pytest fixtures for the local control plane.
+
+Register with ``pytest_plugins = ["lepton_operator.localcluster.pytest_plugin"]``.
+
+Fixtures:
+
+``local_cluster`` (session)
+    A :class:`LocalCluster` in default kubelet mode (2 nodes x 8 GPUs).
+``process_cluster`` (session)
+    A :class:`LocalCluster` in process mode; the trainer image
+    (``lepton-ai/lepton-trainer:0.1.0`` and ``lepton-trainer``) runs
+    ``python -m lepton_trainer``.
+``cluster`` (function)
+    The cluster the test uses: ``process_cluster`` when the test requests it, else
+    ``local_cluster``. ``namespace``, ``k8s`` and ``run_operator`` follow it.
+``namespace`` (function)
+    A fresh namespace, deleted after the test.
+``k8s`` (function)
+    :class:`K8s`: typed API objects (``core``, ``apps``, ``custom``, ``apiext``, ``rbac``,
+    ``coordination``, ``api_client``) plus ``wait_for`` and small helpers.
+``run_operator`` (function)
+    Factory: ``run_operator(*extra_args, env=None, namespace=None)`` starts
+    ``python -m lepton_operator.cli run --namespace <ns> ...`` with ``KUBECONFIG`` set, in
+    its own process group, logging to a file; returns an :class:`OperatorProcess`
+    (``stop()``, ``kill()``, ``restart()``, ``log_text()``, ``wait_for_log()``). Every
+    operator started is stopped after the test.
+
+When the control-plane binaries cannot be had, the cluster fixtures fail with the reason
+if ``CI`` is set to a true value, and skip with the reason otherwise. Set
+``LEPTON_K8S_NO_BUILD=1`` to forbid building them from source during a test run.
+
+At the end of the session the plugin checks that no process of a cluster it started
+(control plane, pods, operators) is still alive; if one is, it is killed and the session
+fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from . import procs
+from .binaries import BinariesUnavailable, ensure_binaries
+from .controlplane import LocalCluster
+
+TRAINER_IMAGES = ("lepton-ai/lepton-trainer:0.1.0", "lepton-trainer")
+_started_clusters: list[str] = []
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _unavailable(reason: str):
+    if _truthy(os.environ.get("CI")):
+        pytest.fail(f"local control plane unavailable (CI=true, so this fails): {reason}", pytrace=False)
+    pytest.skip(f"local control plane unavailable: {reason}")
+
+
+def _start_cluster(request, **kwargs) -> LocalCluster:
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        # Building takes minutes the first time: show it even with output captured.
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"[localcluster] {line}")
+
+    try:
+        binaries = ensure_binaries(progress=progress, build=not _truthy(os.environ.get("LEPTON_K8S_NO_BUILD")))
+    except BinariesUnavailable as e:
+        _unavailable(str(e))
+    cluster = LocalCluster(binaries=binaries, progress=progress, **kwargs)
+    _started_clusters.append(cluster.cluster_id)
+    try:
+        cluster.start()
+    except Exception as e:
+        cluster.stop()
+        _unavailable(f"the cluster did not start: {e}")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def local_cluster(request):
+    """Session-wide local cluster, default kubelet mode."""
+    cluster = _start_cluster(request)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def process_cluster(request):
+    """Session-wide local cluster whose pods run as local processes."""
+    trainer = [sys.executable, "-m", "lepton_trainer"]
+    cluster = _start_cluster(
+        request,
+        kubelet_mode="process",
+        image_commands={image: trainer for image in TRAINER_IMAGES},
+    )
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster(request) -> LocalCluster:
+    """The cluster of this test: process_cluster if requested, else local_cluster."""
+    if "process_cluster" in request.fixturenames:
+        return request.getfixturevalue("process_cluster")
+    return request.getfixturevalue("local_cluster")
+
+
+class K8s:
+    """Typed API objects on one cluster, plus helpers tests keep needing."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.api_client = cluster.api_client()
+        self.core = client.CoreV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.apiext = client.ApiextensionsV1Api(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
+        self.coordination = client.CoordinationV1Api(self.api_client)
+
+    @staticmethod
+    def wait_for(predicate, timeout: float = 30, interval: float = 0.2, message: str = "condition"):
+        """Poll ``predicate`` until it returns a truthy value; return it or fail the test."""
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except ApiException as e:
+                last_error = e
+            time.sleep(interval)
+        pytest.fail(f"timed out after {timeout} s waiting for {message}" + (f" (last error: {last_error})" if last_error else ""))
+
+    def pod(self, namespace: str, name: str):
+        """The pod, or None if it does not exist."""
+        try:
+            return self.core.read_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def events(self, namespace: str, involved_name: str | None = None, reason: str | None = None) -> list:
+        """Events in a namespace, optionally for one object and one reason."""
+        items = self.core.list_namespaced_event(namespace).items
+        return [
+            e for e in items
+            if (involved_name is None or e.involved_object.name == involved_name)
+            and (reason is None or e.reason == reason)
+        ]
+
+
+@pytest.fixture
+def k8s(cluster) -> K8s:
+    """API objects for the test's cluster."""
+    return K8s(cluster)
+
+
+@pytest.fixture
+def namespace(cluster, request):
+    """A fresh namespace (deleted after the test, without waiting for it to go)."""
+    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespace({"metadata": {"name": name, "labels": {"lepton.ai/test": "true"}}})
+    yield name
+    try:
+        core.delete_namespace(name)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+class OperatorProcess:
+    """The operator (``lepton-operator run``) as a subprocess in its own process group."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str, args: list[str], env: dict | None, log_path: Path):
+        self.cluster = cluster
+        self.namespace = namespace
+        self.args = list(args)
+        self.extra_env = dict(env or {})
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def command(self) -> list[str]:
+        """The command line used to start the operator."""
+        return [sys.executable, "-m", "lepton_operator.cli", "run", "--namespace", self.namespace, *self.args]
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running operator, or None."""
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        """Start the operator (appending to its log)."""
+        env = dict(os.environ)
+        env.update(self.cluster.env())
+        env[procs.MARKER_ENV] = self.cluster.cluster_id  # leftover check covers it
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- start: {' '.join(self.command)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=procs.child_setup(None),
+            )
+
+    def running(self) -> bool:
+        """True while the operator process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM the operator's process group; SIGKILL after ``timeout``; return its exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            procs.signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                procs.signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        procs.signal_group(self.proc.pid, signal.SIGKILL)  # anything it left behind
+        return self.proc.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL the operator's process group at once (a crash, as seen by the cluster)."""
+        if self.proc is None:
+            return None
+        procs.signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        return self.proc.returncode
+
+    def restart(self) -> None:
+        """Stop (gracefully) and start again with the same arguments."""
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        """Everything the operator has logged so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> str:
+        """Wait until ``text`` appears in the log; return the log or fail the test."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_text()
+            if text in log:
+                return log
+            if not self.running():
+                break
+            time.sleep(0.2)
+        pytest.fail(f"operator log lacks {text!r} after {timeout} s; log tail:\n{self.log_text()[-3000:]}")
+
+
+@pytest.fixture
+def run_operator(cluster, namespace, request):
+    """Factory starting the operator against the test's cluster and namespace."""
+    started: list[OperatorProcess] = []
+
+    def _run(*args: str, env: dict | None = None, namespace: str | None = None) -> OperatorProcess:
+        ns = namespace or request.getfixturevalue("namespace")
+        log = cluster.logs_dir / f"operator-{ns}-{len(started)}.log"
+        op = OperatorProcess(cluster, ns, list(args), env, log)
+        started.append(op)
+        return op
+
+    yield _run
+    for op in started:
+        op.stop()
+    if getattr(request.node, "rep_call_failed", False):
+        for op in started:
+            sys.stderr.write(f"\n--- operator log {op.log_path}\n{op.log_text()[-5000:]}\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember whether a test's call phase failed (to print operator logs then)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.rep_call_failed = rep.failed
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if a cluster started here left a process behind."""
+    leftovers = {}
+    for cluster_id in _started_clusters:
+        pids = procs.marked_processes(cluster_id)
+        if pids:
+            leftovers[cluster_id] = pids
+            procs.kill_marked(cluster_id)
+    if leftovers:
+        reporter = session.config.pluginmanager.getplugin("terminalreporter")
+        msg = f"local cluster processes left running after the session (now killed): {leftovers}"
+        if reporter:
+            reporter.write_line(msg, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
