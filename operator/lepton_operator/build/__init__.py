@@ -1,0 +1,71 @@
+"""Pure builders: LeptonJob -> worker pods, headless Service, checkpoint PVC.
+
+No kopf, no Kubernetes client: functions take a `JobRef` and a parsed `LeptonJobSpec`
+and return dicts in the Kubernetes wire form.
+"""
+
+from .names import (
+    ANNOTATION_TEMPLATE_HASH,
+    LABEL_GENERATION,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    LABEL_WORKER_INDEX,
+    LABEL_WORLD_SIZE,
+    MANAGED_BY,
+    JobRef,
+    checkpoint_pvc_name,
+    selector_string,
+    service_name,
+    worker_host,
+    worker_labels,
+    worker_pod_name,
+    worker_prefix,
+    worker_selector,
+)
+from .workers import (
+    CONTAINER_NAME,
+    GPU_RESOURCE,
+    PORT_NAME_METRICS,
+    PORT_NAME_RENDEZVOUS,
+    build_checkpoint_pvc,
+    build_service,
+    build_worker_pod,
+    checkpoint_access_modes,
+    container_security_context,
+    owner_reference,
+    pod_security_context,
+    worker_env,
+    worker_resources,
+)
+
+__all__ = [
+    "ANNOTATION_TEMPLATE_HASH",
+    "CONTAINER_NAME",
+    "GPU_RESOURCE",
+    "LABEL_GENERATION",
+    "LABEL_JOB_NAME",
+    "LABEL_MANAGED_BY",
+    "LABEL_WORKER_INDEX",
+    "LABEL_WORLD_SIZE",
+    "MANAGED_BY",
+    "PORT_NAME_METRICS",
+    "PORT_NAME_RENDEZVOUS",
+    "JobRef",
+    "build_checkpoint_pvc",
+    "build_service",
+    "build_worker_pod",
+    "checkpoint_access_modes",
+    "checkpoint_pvc_name",
+    "container_security_context",
+    "owner_reference",
+    "pod_security_context",
+    "selector_string",
+    "service_name",
+    "worker_env",
+    "worker_host",
+    "worker_labels",
+    "worker_pod_name",
+    "worker_prefix",
+    "worker_resources",
+    "worker_selector",
+]

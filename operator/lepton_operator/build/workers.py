@@ -1,0 +1,315 @@
+"""Pure builders: a LeptonJob becomes worker pods, a headless Service and a checkpoint PVC.
+
+Each function returns a plain dict in the Kubernetes wire form (camelCase keys, resource
+quantities as strings), ready for `kopf.adopt()`-free creation: ownerReferences are set
+here. Nothing in a LeptonJob's spec is copied into a pod field that could make it
+privileged: the spec is an allowlist (image, command, args, env, resources, node
+selector, tolerations, priority class, claims), and the security context is fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..api.models import API_VERSION, KIND, LeptonJobSpec
+from .names import (
+    ANNOTATION_TEMPLATE_HASH,
+    JobRef,
+    checkpoint_pvc_name,
+    service_name,
+    worker_host,
+    worker_labels,
+    worker_pod_name,
+    worker_prefix,
+    worker_selector,
+)
+
+CONTAINER_NAME = "trainer"
+GPU_RESOURCE = "nvidia.com/gpu"
+METRICS_PATH = "/metrics"
+PORT_NAME_METRICS = "metrics"
+PORT_NAME_RENDEZVOUS = "rendezvous"
+
+VOLUME_SHM = "dshm"
+VOLUME_CHECKPOINTS = "checkpoints"
+SHM_MOUNT_PATH = "/dev/shm"
+
+# Workers run as this non-root user and group; fsGroup makes claims writable by it.
+WORKER_UID = 1000
+WORKER_GID = 1000
+
+
+def owner_reference(job: JobRef) -> dict:
+    """The job as controlling owner: garbage collection deletes children with the job."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: JobRef, name: str, labels: dict, annotations: Optional[dict] = None) -> dict:
+    meta = {"name": name, "namespace": job.namespace, "labels": labels}
+    if annotations:
+        meta["annotations"] = annotations
+    meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+# ------------------------------------------------------------------------- env
+
+
+def _env(name: str, value) -> dict:
+    return {"name": name, "value": str(value)}
+
+
+def _field_env(name: str, field_path: str) -> dict:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
+
+
+def worker_env(job: JobRef, spec: LeptonJobSpec, index: int, generation: int, world_size: int) -> list[dict]:
+    """The environment of worker `index` (operator variables first, then the user's).
+
+    torchrun reads PET_*: a fixed `--nnodes` per generation and a rendezvous id unique to
+    the generation (pytorch#82160), hosted by worker 0 (`is_host` says so explicitly:
+    guessing from host names fails behind /etc/hosts, kubeflow/trainer#2041). The
+    operator owns restarts, so torchrun's own are off. Lepton's names are set too so that
+    scripts written for Lepton (`${LEPTON_JOB_WORKER_PREFIX}-0.${LEPTON_SUBDOMAIN}`) run
+    unchanged. User variables come last: they may refer to ours as `$(POD_IP)`.
+    """
+    env = [
+        _env("PET_NNODES", world_size),
+        _env("PET_NPROC_PER_NODE", spec.processes_per_worker),
+        _env("PET_RDZV_BACKEND", "c10d"),
+        _env("PET_RDZV_ENDPOINT", f"{worker_host(job, 0)}:{spec.rendezvous_port}"),
+        _env("PET_RDZV_ID", f"{job.uid}-g{generation}"),
+        _env("PET_RDZV_CONF", "is_host=1" if index == 0 else "is_host=0"),
+        _env("PET_MAX_RESTARTS", 0),
+        _env("LEPTON_JOB_NAME", job.name),
+        _env("LEPTON_GENERATION", generation),
+        _env("LEPTON_WORLD_SIZE", world_size),
+        _env("LEPTON_WORKER_INDEX", index),
+        _env("LEPTON_METRICS_PORT", spec.metrics_port),
+        _env("LEPTON_JOB_TOTAL_WORKERS", world_size),
+        _env("LEPTON_JOB_WORKER_INDEX", index),
+        _env("LEPTON_JOB_WORKER_PREFIX", worker_prefix(job.name)),
+        _env("LEPTON_SUBDOMAIN", service_name(job.name)),
+    ]
+    if spec.checkpoint is not None:
+        # Unset without a checkpoint volume: the trainer then keeps no checkpoints
+        # (a directory in the container would vanish with the pod anyway).
+        env.append(_env("LEPTON_CHECKPOINT_DIR", spec.checkpoint.mount_path))
+    env += [
+        _field_env("POD_IP", "status.podIP"),
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+    ]
+    env += [var.to_k8s() for var in spec.env]
+    return env
+
+
+# -------------------------------------------------------------------- resources
+
+
+def worker_resources(spec: LeptonJobSpec) -> dict:
+    """Requests equal limits: GPUs cannot be overcommitted, and equal CPU/memory gives the
+    workers the Guaranteed QoS class (last to be evicted under node pressure)."""
+    amounts: dict[str, str] = {}
+    if spec.resources.cpu is not None:
+        amounts["cpu"] = spec.resources.cpu
+    if spec.resources.memory is not None:
+        amounts["memory"] = spec.resources.memory
+    if spec.resources.gpus:
+        amounts[GPU_RESOURCE] = str(spec.resources.gpus)
+    if not amounts:
+        return {}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+# --------------------------------------------------------------------- security
+
+
+def pod_security_context() -> dict:
+    """Pod Security "restricted": non-root, RuntimeDefault seccomp; fsGroup for the claims."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_GID,
+        "fsGroup": WORKER_GID,
+        # Large checkpoint volumes: chown only when the root's group is wrong.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict:
+    """Pod Security "restricted" for the container: no escalation, no capabilities."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "runAsNonRoot": True,
+    }
+
+
+# ------------------------------------------------------------------------- pods
+
+
+def _volumes(job: JobRef, spec: LeptonJobSpec) -> tuple[list[dict], list[dict]]:
+    """(pod volumes, container mounts): /dev/shm, the checkpoint claim, the data claims."""
+    # NCCL and DataLoader workers need far more shared memory than the 64Mi default.
+    shm: dict = {"medium": "Memory"}
+    if spec.resources.shared_memory is not None:
+        shm["sizeLimit"] = spec.resources.shared_memory
+    volumes = [{"name": VOLUME_SHM, "emptyDir": shm}]
+    mounts = [{"name": VOLUME_SHM, "mountPath": SHM_MOUNT_PATH}]
+    if spec.checkpoint is not None:
+        claim = spec.checkpoint.claim_name or checkpoint_pvc_name(job.name)
+        volumes.append({"name": VOLUME_CHECKPOINTS, "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": VOLUME_CHECKPOINTS, "mountPath": spec.checkpoint.mount_path})
+    for i, data in enumerate(spec.data_volumes):
+        name = f"data-{i}"
+        volumes.append(
+            {"name": name, "persistentVolumeClaim": {"claimName": data.claim_name, "readOnly": data.read_only}}
+        )
+        mounts.append({"name": name, "mountPath": data.mount_path, "readOnly": data.read_only})
+    return volumes, mounts
+
+
+def build_worker_pod(job: JobRef, spec: LeptonJobSpec, index: int, generation: int, world_size: int) -> dict:
+    """Worker `index` of generation `generation`, which has `world_size` workers.
+
+    The pod never restarts in place (restartPolicy Never): a failed worker ends its
+    generation and the operator starts the next one. Worker 0 also serves the c10d
+    rendezvous store, so only it exposes the rendezvous port.
+    """
+    job.check()
+    if generation < 1:
+        raise ValueError(f"generation must be >= 1, not {generation}")
+    if not 0 <= index < world_size:
+        raise ValueError(f"worker index {index} is outside the world size {world_size}")
+    name = worker_pod_name(job.name, index)
+    ports = [{"name": PORT_NAME_METRICS, "containerPort": spec.metrics_port, "protocol": "TCP"}]
+    if index == 0:
+        ports.append({"name": PORT_NAME_RENDEZVOUS, "containerPort": spec.rendezvous_port, "protocol": "TCP"})
+    volumes, mounts = _volumes(job, spec)
+
+    container: dict = {"name": CONTAINER_NAME, "image": spec.image}
+    if spec.image_pull_policy is not None:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    container.update(
+        {
+            "env": worker_env(job, spec, index, generation, world_size),
+            "ports": ports,
+            "resources": worker_resources(spec),
+            "securityContext": container_security_context(),
+            "volumeMounts": mounts,
+            # The exit message shows in the pod status: failure reasons reach `kubectl describe`.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+    )
+
+    pod_spec: dict = {
+        "restartPolicy": "Never",
+        "hostname": name,
+        "subdomain": service_name(job.name),
+        "automountServiceAccountToken": False,
+        # Service env vars are noise to training code, and thousands of them slow pod start.
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.to_k8s() for t in spec.tolerations]
+    if spec.priority_class_name is not None:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+
+    annotations = {
+        ANNOTATION_TEMPLATE_HASH: spec.template_hash(),
+        # A standard `kubernetes-pods` scrape job finds the workers by these.
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(spec.metrics_port),
+        "prometheus.io/path": METRICS_PATH,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(job, name, worker_labels(job.name, index, generation, world_size), annotations),
+        "spec": pod_spec,
+    }
+
+
+# ---------------------------------------------------------------------- service
+
+
+def build_service(job: JobRef, spec: LeptonJobSpec) -> dict:
+    """The headless Service that gives every worker the DNS name `<pod>.<service>.<ns>.svc`.
+
+    publishNotReadyAddresses: workers must resolve each other while they wait in the
+    rendezvous, before any of them is ready.
+    """
+    job.check()
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(job.name), worker_selector(job.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": worker_selector(job.name),
+            "ports": [
+                {"name": PORT_NAME_RENDEZVOUS, "port": spec.rendezvous_port, "targetPort": spec.rendezvous_port,
+                 "protocol": "TCP"},
+                {"name": PORT_NAME_METRICS, "port": spec.metrics_port, "targetPort": spec.metrics_port,
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- pvc
+
+
+def checkpoint_access_modes(spec: LeptonJobSpec) -> list[str]:
+    """ReadWriteMany when workers may sit on several nodes (max > 1), else ReadWriteOnce.
+
+    Access modes cannot change after creation, so they follow `workers.max`, not the
+    current world size. For a multi-worker job on storage without RWX, create an RWO claim
+    yourself, pin the workers to one node, and pass it as `checkpoint.claimName`.
+    """
+    return ["ReadWriteMany"] if spec.workers.max > 1 else ["ReadWriteOnce"]
+
+
+def build_checkpoint_pvc(job: JobRef, spec: LeptonJobSpec) -> Optional[dict]:
+    """The checkpoint claim to create, or None when the job uses an existing claim or none.
+
+    Owned by the job: it lives exactly as long as the job (rescales and restarts keep it;
+    deleting the job deletes the checkpoints).
+    """
+    job.check()
+    if spec.checkpoint is None or spec.checkpoint.size is None:
+        return None
+    pvc_spec: dict = {
+        "accessModes": checkpoint_access_modes(spec),
+        "resources": {"requests": {"storage": spec.checkpoint.size}},
+    }
+    if spec.checkpoint.storage_class_name is not None:
+        pvc_spec["storageClassName"] = spec.checkpoint.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(job, checkpoint_pvc_name(job.name), worker_selector(job.name)),
+        "spec": pvc_spec,
+    }
+
