@@ -1,0 +1,281 @@
+"""A discrete-time simulator of one training job under an autoscaling policy.
+
+It runs the operator's own `decide()` at every autoscaler interval on noisy throughput
+measurements taken the way the operator takes them (averaged over the part of the
+current generation after its warm-up, reported once a rate window has passed), charges
+`restart_seconds` of zero throughput for the start and for every rescale, and stops when
+`total_samples` are trained. Baselines: the best fixed size in hindsight (the oracle),
+any fixed size, and an HPA-style rule that keeps per-worker throughput near a target.
+
+A curve file is JSON:
+
+    {"throughput": {"1": 100, "2": 185, "4": 330, "8": 420},   samples/s by world size
+     "noise": 0.05,            uniform +/- fraction on every measurement
+     "restart_seconds": 30,    downtime of the start and of every rescale
+     "min": 1, "max": 8, "initial": 1, "capacity": 8,   capacity: most workers that fit
+     "total_samples": 5000000,
+     "autoscaling": {"intervalSeconds": 30, ...}}      optional spec.autoscaling overrides
+
+Throughput between given sizes is interpolated linearly; beyond the largest given size it
+stays flat, below the smallest it scales linearly from zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Optional
+
+from lepton_operator.api.models import LeptonJobSpec, Observation
+from lepton_operator.scaling.policy import RescaleEvent, ScalingState, decide
+
+EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
+# HPA-style baseline: keep per-worker throughput at this fraction of a single worker's
+# (the way an HPA keeps CPU utilisation at a target), with the HPA's 10% tolerance and
+# 5-minute scale-down stabilisation window.
+HPA_TARGET_FRACTION = 0.7
+HPA_TOLERANCE = 0.1
+HPA_DOWNSCALE_STABILISATION_SECONDS = 300
+
+
+@dataclass
+class Curve:
+    """A job to simulate: its throughput curve, bounds, restart cost and size."""
+
+    points: dict[int, float]
+    total_samples: float
+    restart_seconds: float = 30.0
+    noise: float = 0.0
+    min: int = 1
+    max: int = 8
+    initial: Optional[int] = None
+    capacity: Optional[int] = None
+    autoscaling: dict = field(default_factory=dict)
+    name: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict, name: str = "") -> "Curve":
+        points = {int(k): float(v) for k, v in data["throughput"].items()}
+        if not points or any(v < 0 or not math.isfinite(v) for v in points.values()):
+            raise ValueError("throughput needs at least one finite, non-negative point")
+        return cls(
+            points=points,
+            total_samples=float(data["total_samples"]),
+            restart_seconds=float(data.get("restart_seconds", 30)),
+            noise=float(data.get("noise", 0.0)),
+            min=int(data.get("min", 1)),
+            max=int(data.get("max", max(points))),
+            initial=data.get("initial"),
+            capacity=data.get("capacity"),
+            autoscaling=dict(data.get("autoscaling", {})),
+            name=name or data.get("name", ""),
+        )
+
+    @classmethod
+    def load(cls, path: str) -> "Curve":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), name=path.rsplit("/", 1)[-1].removesuffix(".json"))
+
+    def throughput(self, n: int) -> float:
+        """True throughput at world size n (linear interpolation, flat past the last point)."""
+        xs = sorted(self.points)
+        if n <= xs[0]:
+            return self.points[xs[0]] * n / xs[0]
+        if n >= xs[-1]:
+            return self.points[xs[-1]]
+        for a, b in zip(xs, xs[1:]):
+            if a <= n <= b:
+                return self.points[a] + (self.points[b] - self.points[a]) * (n - a) / (b - a)
+        raise AssertionError("unreachable")
+
+    @property
+    def placeable_max(self) -> int:
+        return min(self.max, self.capacity) if self.capacity is not None else self.max
+
+    def spec(self, settings: Optional[dict] = None) -> LeptonJobSpec:
+        """The LeptonJob spec the simulated job would have (autoscaling on)."""
+        auto = {"enabled": True, **self.autoscaling, **(settings or {})}
+        workers = {"min": self.min, "max": self.max}
+        if self.initial is not None:
+            workers["initial"] = int(self.initial)
+        return LeptonJobSpec.model_validate({"workers": workers, "autoscaling": auto})
+
+
+def oracle(curve: Curve) -> tuple[int, float]:
+    """The best fixed size in hindsight and its completion time (start cost included)."""
+    best = min(
+        range(curve.min, curve.placeable_max + 1),
+        key=lambda n: curve.restart_seconds + curve.total_samples / max(curve.throughput(n), 1e-12),
+    )
+    return best, curve.restart_seconds + curve.total_samples / max(curve.throughput(best), 1e-12)
+
+
+# A policy here: (observations, spec, state, now, measured) -> (target size, reason).
+PolicyFn = Callable[[list[Observation], LeptonJobSpec, ScalingState, datetime, Optional[float]], int]
+
+
+def lepton_policy(observations, spec, state, now, measured) -> tuple[int, str]:
+    d = decide(observations, spec, state, now)
+    return d.target, d.reason
+
+
+def fixed_policy(size: int) -> PolicyFn:
+    return lambda observations, spec, state, now, measured: (state.world_size, "Fixed")
+
+
+def hpa_policy(curve: Curve) -> PolicyFn:
+    """An HPA on a per-pod throughput metric: desired = ceil(n * per_pod / target)."""
+    target = HPA_TARGET_FRACTION * curve.throughput(curve.min) / curve.min
+    recommendations: list[tuple[datetime, int]] = []
+
+    def policy(observations, spec, state, now, measured) -> tuple[int, str]:
+        n = state.world_size
+        if measured is None:  # no metric: the HPA keeps the current size
+            return n, "NoMetric"
+        ratio = (measured / n) / target
+        desired = n if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(n * ratio)
+        desired = max(spec.workers.min, min(spec.workers.max, desired))
+        recommendations.append((now, desired))
+        window = now - timedelta(seconds=HPA_DOWNSCALE_STABILISATION_SECONDS)
+        recommendations[:] = [(t, d) for t, d in recommendations if t >= window]
+        if desired < n:  # scale down only to the highest recommendation of the window
+            desired = min(n, max(d for _, d in recommendations))
+        return desired, "HPA"
+
+    return policy
+
+
+def simulate(curve: Curve, policy: str = "lepton", seed: int = 0, settings: Optional[dict] = None,
+             max_seconds: float = 30 * 24 * 3600) -> dict:
+    """Run the job to completion under `policy` ("lepton", "hpa" or "fixed:N"); return the result."""
+    spec = curve.spec(settings)
+    auto = spec.autoscaling
+    rng = random.Random(seed)
+    if policy == "lepton":
+        fn = lepton_policy
+        size = spec.initial_workers
+    elif policy == "hpa":
+        fn = hpa_policy(curve)
+        size = spec.initial_workers
+    elif policy.startswith("fixed:"):
+        size = int(policy.split(":", 1)[1])
+        fn = fixed_policy(size)
+    else:
+        raise ValueError(f"unknown policy {policy!r}: use lepton, hpa or fixed:N")
+    size = min(size, curve.placeable_max)
+
+    interval = float(auto.interval_seconds)
+    t = 0.0
+    gen_start = curve.restart_seconds  # the first generation starts after the start cost
+    done = 0.0
+    rescales: list[RescaleEvent] = []
+    observations: dict[int, Observation] = {}
+    gen_samples: list[float] = []
+    backoff_until: Optional[float] = None
+    failed_size: Optional[int] = None
+    capacity_failures = 0
+    trajectory = [[0.0, size]]
+    finish = None
+
+    while finish is None:
+        if t > max_seconds:
+            raise RuntimeError(f"job did not finish in {max_seconds} s of simulated time")
+        t_next = t + interval
+        rate = curve.throughput(size)
+        run_from = max(t, gen_start)
+        if t_next > run_from and rate > 0:
+            if done + rate * (t_next - run_from) >= curve.total_samples:
+                finish = run_from + (curve.total_samples - done) / rate
+                break
+            done += rate * (t_next - run_from)
+        t = t_next
+        now = EPOCH + timedelta(seconds=t)
+
+        # Measure like the operator: after warm-up, averaged over this generation.
+        warm_end = gen_start + auto.warmup_seconds
+        measured = None
+        if t - interval >= warm_end:
+            gen_samples.append(rate * (1 + rng.uniform(-curve.noise, curve.noise)))
+        if gen_samples and t - warm_end >= auto.window_seconds:
+            measured = sum(gen_samples) / len(gen_samples)
+            observations[size] = Observation(world_size=size, throughput=measured, measured_at=now)
+
+        state = ScalingState(
+            world_size=size,
+            generation_start=EPOCH + timedelta(seconds=gen_start),
+            rescales=tuple(rescales),
+            backoff_until=EPOCH + timedelta(seconds=backoff_until) if backoff_until is not None else None,
+            capacity_failed_size=failed_size,
+        )
+        target, reason = fn(list(observations.values()), spec, state, now, measured)
+        if target == size:
+            continue
+        if target > curve.placeable_max:
+            # The operator waits for the added workers to be scheduled, gives up after the
+            # capacity timeout, leaves the running generation alone, and backs off.
+            capacity_failures += 1
+            failed_size = target
+            backoff_until = t + auto.capacity_timeout_seconds + auto.capacity_backoff_seconds
+            continue
+        rescales.append(RescaleEvent(now, curve.restart_seconds, from_size=size, to_size=target, reason=reason))
+        size = target
+        gen_start = t + curve.restart_seconds
+        gen_samples = []
+        trajectory.append([t, size])
+
+    best, best_seconds = oracle(curve)
+    return {
+        "curve": curve.name,
+        "policy": policy,
+        "seed": seed,
+        "completion_seconds": round(finish, 1),
+        "oracle_completion_seconds": round(best_seconds, 1),
+        "oracle_size": best,
+        "ratio_to_oracle": round(finish / best_seconds, 4),
+        "rescales": len(rescales),
+        "capacity_failures": capacity_failures,
+        "final_size": size,
+        "trajectory": trajectory,
+    }
+
+
+def add_parser(subparsers) -> None:
+    """Register `lepton-operator simulate --curve FILE [--policy lepton|hpa|fixed:N] [--seed S]`."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="simulate a job's autoscaling on a throughput curve (JSON result)",
+        description="Run the autoscaling policy on a throughput curve and compare with the best fixed size.",
+    )
+    parser.add_argument("--curve", required=True, help="curve JSON file (see lepton_operator.scaling.simulate)")
+    parser.add_argument("--policy", default="lepton", help="lepton (default), hpa, or fixed:N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the measurement noise")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    """Handler of `lepton-operator simulate`: print the simulation result as JSON."""
+    try:
+        result = simulate(Curve.load(args.curve), policy=args.policy, seed=args.seed)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Standalone entry point (`python -m lepton_operator.scaling.simulate ...`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lepton-operator")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
