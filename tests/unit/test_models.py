@@ -1,0 +1,223 @@
+"""The LeptonJob models: defaults, bounds, cross-field rules, names, and the template hash.
+
+These are the rules the operator applies to every job, including on a 1.20 apiserver
+that does not run the CRD's CEL rules: a bad job must come back with *every* problem
+listed, so the user fixes it in one round.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lepton_operator.api import models
+from lepton_operator.api.models import (
+    DEFAULT_RENDEZVOUS_PORT,
+    DEFAULT_TRAINER_IMAGE,
+    MAX_JOB_NAME_LENGTH,
+    RESERVED_ENV_NAMES,
+    InvalidJob,
+    LeptonJobSpec,
+    LeptonJobStatus,
+    parse_job,
+    parse_status,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def errors_of(name: str, spec: dict) -> list[str]:
+    with pytest.raises(InvalidJob) as info:
+        parse_job(name, spec)
+    return info.value.errors
+
+
+# ------------------------------------------------------------------- defaults
+
+
+def test_empty_spec_is_a_runnable_one_worker_job():
+    spec = parse_job("demo", {})
+    assert spec.image == DEFAULT_TRAINER_IMAGE
+    assert (spec.workers.min, spec.workers.max) == (1, 1)
+    assert spec.initial_workers == 1 and spec.requested_workers() == 1
+    assert spec.resources.gpus == 0 and spec.processes_per_worker == 1
+    assert spec.rendezvous_port == DEFAULT_RENDEZVOUS_PORT
+    assert spec.restart.max_restarts == 3
+    assert spec.autoscaling.enabled is False
+    assert spec.checkpoint is None and not spec.suspend
+
+
+def test_nproc_defaults_to_gpus_and_can_be_overridden():
+    assert parse_job("a", {"resources": {"gpus": 8}}).processes_per_worker == 8
+    assert parse_job("a", {"resources": {"gpus": 8}, "nprocPerNode": 2}).processes_per_worker == 2
+
+
+def test_initial_defaults_to_min_and_replicas_is_clamped():
+    spec = parse_job("a", {"workers": {"min": 2, "max": 6}})
+    assert spec.initial_workers == 2 and spec.requested_workers() == 2
+    spec = parse_job("a", {"workers": {"min": 2, "max": 6, "initial": 4}})
+    assert spec.requested_workers() == 4
+    # kubectl scale writes replicas; values outside [min, max] are clamped, not rejected
+    assert parse_job("a", {"workers": {"min": 2, "max": 6, "replicas": 100}}).requested_workers() == 6
+    assert parse_job("a", {"workers": {"min": 2, "max": 6, "replicas": 0}}).requested_workers() == 2
+
+
+def test_wire_form_round_trips_in_camel_case():
+    raw = {
+        "workers": {"min": 1, "max": 4},
+        "resources": {"gpus": 1, "sharedMemory": "8Gi"},
+        "checkpoint": {"claimName": "ckpt", "mountPath": "/ckpt"},
+        "terminationGracePeriodSeconds": 120,
+    }
+    wire = parse_job("a", raw).to_k8s()
+    assert wire["resources"]["sharedMemory"] == "8Gi"
+    assert wire["terminationGracePeriodSeconds"] == 120
+    assert "shared_memory" not in str(wire)
+    assert parse_job("a", wire) == parse_job("a", raw)
+
+
+# --------------------------------------------------------------------- bounds
+
+
+@pytest.mark.parametrize(
+    "spec, where",
+    [
+        ({"workers": {"min": 0}}, "spec.workers.min"),
+        ({"workers": {"max": 1001}}, "spec.workers.max"),
+        ({"resources": {"gpus": -1}}, "spec.resources.gpus"),
+        ({"resources": {"gpus": 99}}, "spec.resources.gpus"),
+        ({"resources": {"memory": "12 Gi"}}, "spec.resources.memory"),
+        ({"resources": {"cpu": "lots"}}, "spec.resources.cpu"),
+        ({"rendezvousPort": 80}, "spec.rendezvousPort"),
+        ({"terminationGracePeriodSeconds": 0}, "spec.terminationGracePeriodSeconds"),
+        ({"activeDeadlineSeconds": 10**12}, "spec.activeDeadlineSeconds"),
+        ({"image": ""}, "spec.image"),
+        ({"image": "x" * 513}, "spec.image"),
+        ({"command": ["x"] * 65}, "spec.command"),
+        ({"env": [{"name": "1BAD", "value": "x"}]}, "spec.env.0.name"),
+        ({"checkpoint": {"claimName": "Bad_Name"}}, "spec.checkpoint.claimName"),
+        ({"checkpoint": {"size": "1Gi", "mountPath": "relative"}}, "spec.checkpoint.mountPath"),
+        ({"priorityClassName": "x;rm -rf /"}, "spec.priorityClassName"),
+        ({"bogus": 1}, "spec.bogus"),
+        ({"resources": {"privileged": True}}, "spec.resources.privileged"),
+    ],
+)
+def test_out_of_bounds_and_unknown_fields_are_rejected(spec, where):
+    errors = errors_of("demo", spec)
+    assert any(e.startswith(where) for e in errors), errors
+
+
+def test_no_spec_field_can_carry_a_raw_pod_template_or_security_context():
+    for field in ("securityContext", "hostNetwork", "hostPID", "volumes", "serviceAccountName", "template"):
+        assert any(e.startswith(f"spec.{field}") for e in errors_of("demo", {field: {}})), field
+
+
+# ----------------------------------------------------------------- cross-field
+
+
+def test_min_above_max_and_initial_outside_are_rejected():
+    assert any("min (5) must be <= spec.workers.max (2)" in e for e in errors_of("a", {"workers": {"min": 5, "max": 2}}))
+    assert any("initial (9)" in e for e in errors_of("a", {"workers": {"min": 1, "max": 4, "initial": 9}}))
+
+
+@pytest.mark.parametrize("checkpoint", [{}, {"claimName": "c", "size": "1Gi"}])
+def test_checkpoint_needs_exactly_one_source(checkpoint):
+    assert any("exactly one of claimName" in e for e in errors_of("a", {"checkpoint": checkpoint}))
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_ENV_NAMES) + ["PET_ANYTHING", "TORCHELASTIC_X"])
+def test_reserved_env_names_are_rejected(name):
+    errors = errors_of("a", {"env": [{"name": name, "value": "1"}]})
+    assert any("reserved" in e and name in e for e in errors), errors
+
+
+def test_env_value_and_value_from_rules():
+    both = {"name": "X", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    assert any("both value and valueFrom" in e for e in errors_of("a", {"env": [both]}))
+    none = {"name": "X", "valueFrom": {}}
+    assert any("exactly one source" in e for e in errors_of("a", {"env": [none]}))
+    ok = {"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+    assert parse_job("a", {"env": [ok]}).env[0].value_from.secret_key_ref.key == "k"
+
+
+def test_mount_paths_must_differ():
+    spec = {"checkpoint": {"claimName": "c", "mountPath": "/data"}, "dataVolumes": [{"claimName": "d", "mountPath": "/data"}]}
+    assert any("mount paths must differ" in e for e in errors_of("a", spec))
+
+
+def test_every_problem_is_listed_at_once():
+    spec = {
+        "workers": {"min": 5, "max": 2},
+        "env": [{"name": "RANK", "value": "0"}, {"name": "WORLD_SIZE", "value": "1"}],
+        "checkpoint": {"claimName": "c", "size": "1Gi"},
+    }
+    errors = errors_of("Bad-Name", spec)
+    assert len(errors) == 5, errors
+    assert any("metadata.name" in e for e in errors)
+
+
+def test_schema_errors_and_name_errors_are_reported_together():
+    errors = errors_of("x" * 60, {"workers": {"min": 0}, "resources": {"gpus": 99}})
+    assert len(errors) == 3, errors
+
+
+# ----------------------------------------------------------------------- names
+
+
+def test_longest_name_fits_every_child_name():
+    name = "a" * MAX_JOB_NAME_LENGTH
+    parse_job(name, {})
+    assert len(f"{name}-worker-{models.MAX_WORKERS - 1}") == 63
+    errors = errors_of(name + "a", {})
+    assert any(f"at most {MAX_JOB_NAME_LENGTH}" in e for e in errors)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["1job", "-job", "job-", "Job", "job.x", "job_x", "job\n", "job;rm", 'job"}', "job worker", "jöb", ""],
+)
+def test_names_that_are_not_dns_1035_labels_are_rejected(name):
+    assert any("metadata.name" in e for e in errors_of(name, {}))
+
+
+# ---------------------------------------------------------------- template hash
+
+
+def test_template_hash_is_stable_and_covers_only_immutable_fields():
+    base = {"image": "img:1", "resources": {"gpus": 1}, "workers": {"min": 1, "max": 4}}
+    h = parse_job("a", base).template_hash()
+    assert h == parse_job("b", dict(base)).template_hash()  # name does not matter
+    assert len(h) == 16 and int(h, 16) >= 0
+    # scaling and suspending change nothing about the pods' template
+    assert parse_job("a", {**base, "workers": {"min": 2, "max": 8, "replicas": 3}}).template_hash() == h
+    assert parse_job("a", {**base, "suspend": True, "autoscaling": {"enabled": True}}).template_hash() == h
+    # image, resources, env do
+    assert parse_job("a", {**base, "image": "img:2"}).template_hash() != h
+    assert parse_job("a", {**base, "resources": {"gpus": 2}}).template_hash() != h
+    assert parse_job("a", {**base, "env": [{"name": "X", "value": "1"}]}).template_hash() != h
+
+
+def test_template_hash_does_not_depend_on_how_defaults_were_written():
+    assert parse_job("a", {}).template_hash() == parse_job("a", {"image": DEFAULT_TRAINER_IMAGE, "env": []}).template_hash()
+
+
+def test_immutable_fields_exist_on_the_spec():
+    assert set(models.IMMUTABLE_FIELDS) <= set(LeptonJobSpec.model_fields)
+
+
+# ---------------------------------------------------------------------- status
+
+
+def test_status_parse_drops_unknown_fields_and_renders_kubernetes_times():
+    status = parse_status({"phase": "Running", "kopf": {"progress": {}}, "replicas": 2})
+    assert status.phase == "Running" and status.replicas == 2
+    wire = LeptonJobStatus.model_validate(
+        {
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "WorkersReady", "lastTransitionTime": "2024-05-01T10:00:00.5+02:00"}
+            ],
+            "lastRescale": {"from": 2, "to": 3, "reason": "ManualScale", "time": "2024-05-01T08:00:00Z"},
+        }
+    ).to_k8s()
+    assert wire["conditions"][0]["lastTransitionTime"] == "2024-05-01T08:00:00Z"
+    assert wire["lastRescale"]["from"] == 2
+    assert parse_status(None).worker_generation == 0
