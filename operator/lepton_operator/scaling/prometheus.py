@@ -1,0 +1,195 @@
+"""A small Prometheus query client for the autoscaler (stdlib only, no kopf, no k8s client).
+
+Queries are built here and nowhere else, so that every one of them quotes label values
+as PromQL string literals, matches with `=` (never `=~`) and pins `namespace`.
+
+Labels the scrape configuration must give the trainer's series (see
+`lepton_operator.localcluster.prometheus.scrape_config`, which the Helm chart docs reuse):
+
+- `namespace`: the pod's namespace (`__meta_kubernetes_namespace`);
+- `pod`: the pod's name (`__meta_kubernetes_pod_name`);
+- `job_name`: the pod label `lepton.ai/job-name`;
+- `generation`: the pod label `lepton.ai/generation`.
+
+Every failure comes back as a `MetricsError` with a `kind` (http, timeout, connection,
+malformed, status, empty, nan, many_series, stale), never as a number: the autoscaler
+holds on all of them (RELIABILITY.md row 12).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional, Union
+
+SAMPLES_METRIC = "lepton_trainer_samples_total"
+WORLD_SIZE_METRIC = "lepton_trainer_world_size"
+GENERATION_METRIC = "lepton_trainer_generation"
+
+
+class MetricsError(Exception):
+    """A query that gave no usable number; `kind` says why."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One instant value of a query that returned exactly one series."""
+
+    value: float
+    timestamp: float
+    labels: dict
+
+
+def promql_string(value: str) -> str:
+    """`value` as a PromQL double-quoted string literal (backslash, quote and newline escaped)."""
+    escaped = (
+        str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    )
+    return f'"{escaped}"'
+
+
+def selector(metric: str, namespace: str, job_name: str, generation: Optional[int] = None) -> str:
+    """`metric{namespace="..", job_name=".."[, generation=".."]}`, exact matches only."""
+    if not namespace:
+        raise ValueError("every query pins a namespace")
+    labels = [f"namespace={promql_string(namespace)}", f"job_name={promql_string(job_name)}"]
+    if generation is not None:
+        labels.append(f"generation={promql_string(str(int(generation)))}")
+    return f"{metric}{{{', '.join(labels)}}}"
+
+
+def throughput_query(namespace: str, job_name: str, window_seconds: int, generation: Optional[int] = None) -> str:
+    """Whole-job samples/s: `sum(rate(lepton_trainer_samples_total{...}[<w>s]))`."""
+    window = int(window_seconds)
+    if window <= 0:
+        raise ValueError("window_seconds must be positive")
+    return f"sum(rate({selector(SAMPLES_METRIC, namespace, job_name, generation)}[{window}s]))"
+
+
+def world_size_query(namespace: str, job_name: str, generation: Optional[int] = None) -> str:
+    """Workers reporting metrics (one series per worker pod): `count(lepton_trainer_world_size{...})`."""
+    return f"count({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
+
+
+def reported_world_size_query(namespace: str, job_name: str, generation: Optional[int] = None) -> str:
+    """The world size the workers themselves report: `max(lepton_trainer_world_size{...})`."""
+    return f"max({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
+
+
+def generation_query(namespace: str, job_name: str) -> str:
+    """The newest generation the workers report: `max(lepton_trainer_generation{...})`."""
+    return f"max({selector(GENERATION_METRIC, namespace, job_name)})"
+
+
+class PrometheusClient:
+    """Instant queries against Prometheus' HTTP API (`/api/v1/query`)."""
+
+    def __init__(self, url: str, timeout: float = 5.0, token_file: Optional[str] = None,
+                 ca_file: Optional[str] = None, max_age_seconds: float = 120.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.token_file = token_file
+        self.ca_file = ca_file
+        self.max_age_seconds = max_age_seconds
+
+    def _headers(self) -> dict:
+        headers = {"Accept": "application/json"}
+        if self.token_file:
+            # Read each time: projected service-account tokens rotate.
+            with open(self.token_file) as f:
+                headers["Authorization"] = f"Bearer {f.read().strip()}"
+        return headers
+
+    def _context(self) -> Optional[ssl.SSLContext]:
+        if self.url.startswith("https://"):
+            return ssl.create_default_context(cafile=self.ca_file)
+        return None
+
+    def query_raw(self, promql: str, at: Optional[float] = None) -> list:
+        """The `data.result` vector of an instant query, or a MetricsError."""
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        body = urllib.parse.urlencode(params).encode()
+        request = urllib.request.Request(f"{self.url}/api/v1/query", data=body, headers=self._headers(),
+                                         method="POST")
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._context()) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            # Prometheus answers 400/422/503 with a JSON error body: keep its message.
+            detail = exc.read()[:500].decode("utf-8", "replace")
+            raise MetricsError("http", f"HTTP {exc.code} from {self.url}: {detail}") from None
+        except (socket.timeout, TimeoutError) as exc:
+            raise MetricsError("timeout", f"no answer from {self.url} within {self.timeout} s") from exc
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (socket.timeout, TimeoutError)):
+                raise MetricsError("timeout", f"no answer from {self.url} within {self.timeout} s") from None
+            raise MetricsError("connection", f"cannot reach {self.url}: {exc.reason}") from None
+        except (ConnectionError, OSError) as exc:
+            raise MetricsError("connection", f"cannot reach {self.url}: {exc}") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise MetricsError("malformed", f"not JSON: {raw[:200]!r}") from None
+        if not isinstance(doc, dict):
+            raise MetricsError("malformed", "the answer is not a JSON object")
+        if doc.get("status") != "success":
+            raise MetricsError("status", f"status {doc.get('status')!r}: {doc.get('errorType')} {doc.get('error')}")
+        data = doc.get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("result"), list):
+            raise MetricsError("malformed", "no data.result list")
+        if data.get("resultType") not in ("vector", None):
+            raise MetricsError("malformed", f"expected a vector, got {data.get('resultType')!r}")
+        return data["result"]
+
+    def query_scalar(self, promql: str, now: float) -> Sample:
+        """The single finite, fresh value of an instant query; MetricsError otherwise.
+
+        `now` (Unix seconds) is when the query is made: a sample older than
+        `max_age_seconds` is stale.
+        """
+        result = self.query_raw(promql)
+        if not result:
+            raise MetricsError("empty", f"no series for {promql}")
+        if len(result) > 1:
+            raise MetricsError("many_series", f"{len(result)} series for {promql}, expected one")
+        series = result[0]
+        try:
+            ts, text = series["value"]
+            ts, value = float(ts), float(text)
+        except (KeyError, TypeError, ValueError):
+            raise MetricsError("malformed", f"bad sample {str(series)[:200]}") from None
+        if not math.isfinite(value):
+            raise MetricsError("nan", f"{text} for {promql}")
+        if now - ts > self.max_age_seconds:
+            raise MetricsError("stale", f"sample is {now - ts:.0f} s old (limit {self.max_age_seconds:.0f} s)")
+        return Sample(value=value, timestamp=ts, labels=dict(series.get("metric") or {}))
+
+    def throughput(self, namespace: str, job_name: str, window_seconds: int, now: float,
+                   generation: Optional[int] = None) -> Sample:
+        """Whole-job samples/s over the window (negative rates are malformed)."""
+        sample = self.query_scalar(throughput_query(namespace, job_name, window_seconds, generation), now)
+        if sample.value < 0:
+            raise MetricsError("malformed", f"negative throughput {sample.value}")
+        return sample
+
+    def reporting_workers(self, namespace: str, job_name: str, now: float,
+                          generation: Optional[int] = None) -> int:
+        """How many worker pods report metrics (for the given generation)."""
+        return int(self.query_scalar(world_size_query(namespace, job_name, generation), now).value)
+
+
+MetricsResult = Union[Sample, MetricsError]

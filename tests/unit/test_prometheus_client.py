@@ -1,0 +1,197 @@
+"""The Prometheus client against a stub HTTP server in every failure mode (RELIABILITY row 12),
+and the PromQL it builds for hostile names (row 13)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import pytest
+
+from lepton_operator.scaling.prometheus import (
+    MetricsError,
+    PrometheusClient,
+    promql_string,
+    throughput_query,
+    world_size_query,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class Stub:
+    """A Prometheus stand-in on 127.0.0.1: answers every query with `self.reply`."""
+
+    def __init__(self):
+        self.reply = (200, b"{}")
+        self.delay = 0.0
+        self.queries: list[str] = []
+        self.headers: list[dict] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                form = parse_qs(self.rfile.read(length).decode())
+                stub.queries.append(form.get("query", [""])[0])
+                stub.headers.append(dict(self.headers))
+                time.sleep(stub.delay)
+                code, body = stub.reply
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def vector(self, *values, ts=None):
+        ts = time.time() if ts is None else ts
+        result = [{"metric": {"i": str(i)}, "value": [ts, v]} for i, v in enumerate(values)]
+        self.reply = (200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode())
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    s = Stub()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def client(url, **kw):
+    return PrometheusClient(url, timeout=kw.pop("timeout", 2.0), **kw)
+
+
+def test_throughput_ok_and_the_query_pins_namespace_and_job(stub):
+    stub.vector("123.5")
+    sample = client(stub.url).throughput("team-a", "llm", 60, now=time.time(), generation=3)
+    assert sample.value == 123.5
+    assert stub.queries == [
+        'sum(rate(lepton_trainer_samples_total{namespace="team-a", job_name="llm", generation="3"}[60s]))'
+    ]
+
+
+def test_reporting_workers(stub):
+    stub.vector("4")
+    assert client(stub.url).reporting_workers("ns", "j", now=time.time()) == 4
+    assert stub.queries[-1] == 'count(lepton_trainer_world_size{namespace="ns", job_name="j"})'
+
+
+@pytest.mark.parametrize(
+    "reply, kind",
+    [
+        ((500, b"internal error"), "http"),
+        ((503, b'{"status":"error","errorType":"unavailable","error":"shutting down"}'), "http"),
+        ((400, b'{"status":"error","errorType":"bad_data","error":"parse error"}'), "http"),
+        ((200, b"<html>not json"), "malformed"),
+        ((200, b"[1, 2]"), "malformed"),
+        ((200, b'{"status":"success","data":{"resultType":"matrix","result":[]}}'), "malformed"),
+        ((200, b'{"status":"success","data":{}}'), "malformed"),
+        ((200, b'{"status":"error","errorType":"execution","error":"query timed out"}'), "status"),
+        ((200, b'{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":["x"]}]}}'),
+         "malformed"),
+    ],
+)
+def test_bad_answers_are_typed_errors(stub, reply, kind):
+    stub.reply = reply
+    with pytest.raises(MetricsError) as err:
+        client(stub.url).throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == kind
+
+
+@pytest.mark.parametrize("values, kind", [((), "empty"), (("NaN",), "nan"), (("+Inf",), "nan"), (("-Inf",), "nan"),
+                                          (("1", "2"), "many_series"), (("-5",), "malformed")])
+def test_unusable_values_are_typed_errors(stub, values, kind):
+    stub.vector(*values)
+    with pytest.raises(MetricsError) as err:
+        client(stub.url).throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == kind
+
+
+def test_stale_sample(stub):
+    stub.vector("100", ts=time.time() - 3600)
+    with pytest.raises(MetricsError) as err:
+        client(stub.url, max_age_seconds=120).throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == "stale"
+
+
+def test_timeout(stub):
+    stub.vector("1")
+    stub.delay = 1.5
+    started = time.monotonic()
+    with pytest.raises(MetricsError) as err:
+        client(stub.url, timeout=0.3).throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == "timeout"
+    assert time.monotonic() - started < 1.4
+
+
+def test_connection_refused():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(MetricsError) as err:
+        client(f"http://127.0.0.1:{port}").throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == "connection"
+
+
+def test_bearer_token_is_read_from_the_file(stub, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    stub.vector("1")
+    client(stub.url, token_file=str(token)).throughput("ns", "j", 60, now=time.time())
+    assert stub.headers[-1]["Authorization"] == "Bearer s3cret"
+    token.write_text("rotated")
+    client(stub.url, token_file=str(token)).throughput("ns", "j", 60, now=time.time())
+    assert stub.headers[-1]["Authorization"] == "Bearer rotated"
+
+
+@pytest.mark.parametrize(
+    "name, literal",
+    [
+        ('a"} or vector(1e9) #', r'"a\"} or vector(1e9) #"'),
+        ("x\\", r'"x\\"'),
+        ("a\nb", r'"a\nb"'),
+        (".*", '".*"'),
+    ],
+)
+def test_hostile_names_stay_inside_string_literals(name, literal):
+    assert promql_string(name) == literal
+    q = throughput_query("ns", name, 30)
+    assert f"job_name={literal}" in q and "=~" not in q
+    assert q.startswith('sum(rate(lepton_trainer_samples_total{namespace="ns", ')
+    assert world_size_query(name, "j").startswith(f"count(lepton_trainer_world_size{{namespace={literal}")
+
+
+def test_namespace_is_always_pinned():
+    with pytest.raises(ValueError):
+        throughput_query("", "j", 30)
+    with pytest.raises(ValueError):
+        throughput_query("ns", "j", 0)
+
+
+def test_hostile_name_is_sent_verbatim_as_a_literal(stub):
+    stub.vector("1")
+    client(stub.url).throughput('ns"}', 'j"} or up{', 60, now=time.time())
+    assert stub.queries[-1] == (
+        'sum(rate(lepton_trainer_samples_total{namespace="ns\\"}", job_name="j\\"} or up{"}[60s]))'
+    )
