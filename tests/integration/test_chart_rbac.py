@@ -1,0 +1,246 @@
+"""The chart's RBAC really suffices, and grants nothing it should not (RELIABILITY.md #14).
+
+The RBAC objects are rendered by helm from the chart, applied to the local control plane
+(a real kube-apiserver with `--authorization-mode=RBAC`), and the operator runs with the
+chart ServiceAccount's own identity: a token from the TokenRequest API, authenticated by
+the apiserver's service-account authenticator exactly as in-cluster. No impersonation, no
+admin fallback: anything the chart forgot shows up as a 403 in the operator's log.
+
+Two modes, each matching how the chart runs the operator:
+- `watchNamespaces: [ns]` -> Role + RoleBinding in ns, operator `--namespace ns`;
+- default values -> ClusterRole + ClusterRoleBinding, operator `--all-namespaces`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, config, utils
+from kubernetes.client.rest import ApiException
+
+from lepton_operator.api.models import GROUP, PLURAL, VERSION
+from lepton_operator.localcluster.pytest_plugin import OperatorProcess
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "lepton-operator"
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+JOB = "rbac"
+POD_LABEL = f"lepton.ai/job-name={JOB}"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    spec = importlib.util.spec_from_file_location("lepton_helm_installer", ROOT / "scripts" / "helm.py")
+    installer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installer)
+    try:
+        return installer.ensure_helm()
+    except installer.HelmUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"helm is required in CI and could not be installed: {exc}")
+        pytest.skip(f"helm unavailable: {exc}")
+
+
+def render_rbac(helm: str, release: str, namespace: str, values: list[str]) -> list[dict]:
+    """The chart's ServiceAccount and RBAC objects, as helm renders them."""
+    cmd = [helm, "template", release, str(CHART), "--namespace", namespace, *values]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc and doc["kind"] in RBAC_KINDS]
+
+
+def delete_cluster_scoped(api_client, objects: list[dict]) -> None:
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    for obj in objects:
+        try:
+            if obj["kind"] == "ClusterRole":
+                rbac.delete_cluster_role(obj["metadata"]["name"])
+            elif obj["kind"] == "ClusterRoleBinding":
+                rbac.delete_cluster_role_binding(obj["metadata"]["name"])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def ensure_crd(k8s) -> None:
+    """The LeptonJob CRD, installed by an admin (the operator may only read CRDs)."""
+    from lepton_operator.api.crd import build_crd
+
+    try:
+        k8s.apiext.create_custom_resource_definition(build_crd())
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+    def established():
+        crd = k8s.apiext.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))
+
+    k8s.wait_for(established, timeout=30, message="the LeptonJob CRD to be established")
+
+
+def service_account_kubeconfig(cluster, k8s, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig whose user is the ServiceAccount (a bound token from TokenRequest)."""
+    request = k8s.core.create_namespaced_service_account_token(
+        service_account, namespace, {"spec": {"expirationSeconds": 3600}}
+    )
+    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    kubeconfig["users"] = [{"name": service_account, "user": {"token": request.status.token}}]
+    for context in kubeconfig["contexts"]:
+        context["context"]["user"] = service_account
+    path.write_text(yaml.safe_dump(kubeconfig))
+    path.chmod(0o600)
+    return path
+
+
+class AllNamespacesOperator(OperatorProcess):
+    """The operator as the chart runs it by default: `run --all-namespaces`."""
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "lepton_operator.cli", "run", "--all-namespaces", *self.args]
+
+
+def pods_of_generation(k8s, namespace: str, generation: int, count: int):
+    pods = [
+        p for p in k8s.core.list_namespaced_pod(namespace, label_selector=POD_LABEL).items
+        if p.metadata.deletion_timestamp is None
+    ]
+    current = [p for p in pods if p.metadata.labels.get("lepton.ai/generation") == str(generation)]
+    if len(pods) == count and len(current) == count and all(p.status.phase == "Running" for p in current):
+        return current
+    return None
+
+
+def run_lifecycle(k8s, namespace: str) -> None:
+    """Create a 2-worker GPU job, scale it to 3 (a new generation), delete it."""
+    job = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LeptonJob",
+        "metadata": {"name": JOB},
+        "spec": {
+            "workers": {"min": 1, "max": 3, "initial": 2},
+            "resources": {"gpus": 1},
+            "checkpoint": {"size": "1Gi"},  # the operator creates a PVC: that verb is exercised too
+            "terminationGracePeriodSeconds": 5,
+        },
+    }
+    k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    k8s.wait_for(lambda: pods_of_generation(k8s, namespace, 1, 2), timeout=90, message="2 running workers")
+    k8s.core.read_namespaced_service(f"{JOB}-workers", namespace)
+    k8s.core.read_namespaced_persistent_volume_claim(f"{JOB}-checkpoints", namespace)
+
+    # What `kubectl scale lj/rbac --replicas=3` does.
+    k8s.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, namespace, PLURAL, JOB, {"spec": {"replicas": 3}})
+    k8s.wait_for(lambda: pods_of_generation(k8s, namespace, 2, 3), timeout=180, message="3 running workers of generation 2")
+
+    def status_written():
+        status = k8s.custom.get_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, JOB).get("status", {})
+        return status.get("workerGeneration") == 2 and status.get("worldSize") == 3
+
+    k8s.wait_for(status_written, timeout=60, message="status of generation 2 written by the operator")
+
+    k8s.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, JOB)
+
+    def job_gone():
+        try:
+            k8s.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, JOB)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    k8s.wait_for(job_gone, timeout=60, message="the job to be deleted (finalizers released)")
+    k8s.wait_for(
+        lambda: not k8s.core.list_namespaced_pod(namespace, label_selector=POD_LABEL).items,
+        timeout=90,
+        message="the workers to be gone",
+    )
+
+
+def assert_no_forbidden(operator) -> None:
+    log = operator.log_text()
+    offending = [line for line in log.splitlines() if "403" in line or "forbidden" in line.lower()]
+    assert not offending, "the operator hit RBAC denials:\n" + "\n".join(offending[:20])
+
+
+def assert_cannot(identity, action, what: str) -> None:
+    try:
+        action(identity)
+    except ApiException as exc:
+        assert exc.status == 403, f"{what}: expected 403, got {exc.status}"
+    else:
+        pytest.fail(f"the operator's ServiceAccount can {what}")
+
+
+def test_namespaced_role_suffices_for_a_full_lifecycle(helm, cluster, k8s, namespace, run_operator, tmp_path):
+    release = f"rbac-{namespace[-5:]}"
+    objects = render_rbac(helm, release, namespace, ["--set", f"watchNamespaces={{{namespace}}}"])
+    assert {o["kind"] for o in objects} == set(RBAC_KINDS)
+    try:
+        ensure_crd(k8s)
+        utils.create_from_yaml(k8s.api_client, yaml_objects=objects)
+        sa_name = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+        kubeconfig = service_account_kubeconfig(cluster, k8s, namespace, sa_name, tmp_path / "sa-kubeconfig")
+
+        operator = run_operator(env={"KUBECONFIG": str(kubeconfig)})
+        run_lifecycle(k8s, namespace)
+        assert operator.running(), operator.log_text()[-3000:]
+        assert_no_forbidden(operator)
+
+        # And it can do no more than that.
+        identity = config.new_client_from_config(config_file=str(kubeconfig))
+        core = client.CoreV1Api(identity)
+        assert_cannot(core, lambda c: c.list_namespaced_secret(namespace), "read secrets")
+        assert_cannot(core, lambda c: c.read_namespaced_secret("anything", namespace), "get a secret")
+        assert_cannot(core, lambda c: c.list_namespaced_pod("default"), "list pods outside its namespace")
+        assert_cannot(core, lambda c: c.list_namespaced_config_map(namespace), "read configmaps")
+        assert_cannot(core, lambda c: c.patch_node("any", {"metadata": {"labels": {"x": "y"}}}), "write nodes")
+        assert_cannot(
+            client.ApiextensionsV1Api(identity),
+            lambda c: c.delete_custom_resource_definition(f"{PLURAL}.{GROUP}"),
+            "delete CRDs",
+        )
+        assert_cannot(
+            client.RbacAuthorizationV1Api(identity),
+            lambda c: c.create_namespaced_role(namespace, {"metadata": {"name": "x"}, "rules": []}),
+            "create roles",
+        )
+    finally:
+        delete_cluster_scoped(k8s.api_client, objects)
+
+
+def test_cluster_role_suffices_for_a_full_lifecycle(helm, cluster, k8s, namespace, tmp_path):
+    release = f"rbac-{namespace[-5:]}"
+    objects = render_rbac(helm, release, namespace, [])
+    assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    operator = None
+    try:
+        ensure_crd(k8s)
+        utils.create_from_yaml(k8s.api_client, yaml_objects=objects)
+        sa_name = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
+        kubeconfig = service_account_kubeconfig(cluster, k8s, namespace, sa_name, tmp_path / "sa-kubeconfig")
+
+        operator = AllNamespacesOperator(
+            cluster, namespace, [], {"KUBECONFIG": str(kubeconfig)}, cluster.logs_dir / f"operator-all-{namespace}.log"
+        )
+        run_lifecycle(k8s, namespace)
+        assert operator.running(), operator.log_text()[-3000:]
+        assert_no_forbidden(operator)
+
+        core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        assert_cannot(core, lambda c: c.list_secret_for_all_namespaces(), "read secrets in any namespace")
+        assert_cannot(core, lambda c: c.list_namespaced_secret(namespace), "read secrets")
+    finally:
+        if operator is not None:
+            operator.stop()
+            if sys.exc_info()[0] is not None:
+                sys.stderr.write(f"\n--- operator log\n{operator.log_text()[-5000:]}\n")
+        delete_cluster_scoped(k8s.api_client, objects)
