@@ -413,3 +413,44 @@ def test_operator_dockerfile_is_small_and_non_root():
     assert 'CMD ["run", "--all-namespaces"]' in text
     installs = " ".join(re.findall(r"pip (?:install|wheel)[^\n]*", text))
     assert "torch" not in installs and "[trainer]" not in installs and "[test]" not in installs
+
+
+# -------------------------------------------------- scrape labels: one source of truth
+
+
+def _sd_label(pod_label: str) -> str:
+    """Prometheus' kubernetes_sd meta label for a pod label."""
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", pod_label)
+
+
+def test_scrape_configs_follow_the_worker_pod_builders(helm, tmp_path):
+    """The PodMonitor and the e2e Prometheus select and label trainer pods by the names the
+    builders put on them, so a renamed label or port fails here, not in a cluster."""
+    from lepton_operator.build import (
+        LABEL_GENERATION,
+        LABEL_JOB_NAME,
+        LABEL_MANAGED_BY,
+        MANAGED_BY,
+        PORT_NAME_METRICS,
+    )
+
+    spec = one(render(helm, tmp_path, {"podMonitor": {"enabled": True}}), "PodMonitor")["spec"]
+    assert spec["selector"]["matchLabels"] == {LABEL_MANAGED_BY: MANAGED_BY}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == PORT_NAME_METRICS
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabel["job_name"] == [_sd_label(LABEL_JOB_NAME)]
+    assert relabel["generation"] == [_sd_label(LABEL_GENERATION)]
+
+    manifests = list(yaml.safe_load_all((ROOT / "tests" / "e2e" / "prometheus.yaml").read_text()))
+    config_map = next(m for m in manifests if m["kind"] == "ConfigMap")
+    prometheus = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    trainers = next(c for c in prometheus["scrape_configs"] if c["job_name"] == "lepton-trainers")
+    rules = trainers["relabel_configs"]
+    keeps = {tuple(r["source_labels"]): r["regex"] for r in rules if r.get("action") == "keep"}
+    assert keeps[(_sd_label(LABEL_MANAGED_BY),)] == MANAGED_BY
+    assert keeps[("__meta_kubernetes_pod_container_port_name",)] == PORT_NAME_METRICS
+    targets = {r["target_label"]: r["source_labels"] for r in rules if "target_label" in r}
+    assert targets["job_name"] == [_sd_label(LABEL_JOB_NAME)]
+    assert targets["namespace"] == ["__meta_kubernetes_namespace"]
+    assert targets["generation"] == [_sd_label(LABEL_GENERATION)]
