@@ -7,7 +7,11 @@ listed, so the user fixes it in one round.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 
 from lepton_operator.api import models
 from lepton_operator.api.models import (
@@ -221,3 +225,38 @@ def test_status_parse_drops_unknown_fields_and_renders_kubernetes_times():
     assert wire["conditions"][0]["lastTransitionTime"] == "2024-05-01T08:00:00Z"
     assert wire["lastRescale"]["from"] == 2
     assert parse_status(None).worker_generation == 0
+
+
+# -------------------------------------------------------------------- examples
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+def test_the_documented_examples_exist():
+    assert {p.name for p in EXAMPLES} >= {"cpu-job.yaml", "gpu-job.yaml", "autoscaling-demo.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_job(path):
+    """Examples are what users copy: none may drift from the API."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        assert doc["apiVersion"] == models.API_VERSION and doc["kind"] == models.KIND
+        spec = parse_job(doc["metadata"]["name"], doc.get("spec"))
+        assert spec.requested_workers() >= 1
+
+
+def test_example_shapes_match_their_promises():
+    by_name = {p.name: yaml.safe_load(p.read_text()) for p in EXAMPLES}
+    cpu = parse_job("cpu-job", by_name["cpu-job.yaml"]["spec"])
+    assert cpu.resources.gpus == 0 and cpu.requested_workers() == 2
+    gpu = parse_job("gpu-job", by_name["gpu-job.yaml"]["spec"])
+    assert gpu.resources.gpus == 8 and gpu.autoscaling.enabled and (gpu.workers.min, gpu.workers.max) == (1, 8)
+    assert gpu.checkpoint is not None and gpu.checkpoint.size is not None
+    demo = parse_job("autoscaling-demo", by_name["autoscaling-demo.yaml"]["spec"])
+    assert demo.resources.gpus == 0 and demo.autoscaling.enabled and (demo.workers.min, demo.workers.max) == (1, 4)
+    assert demo.checkpoint is not None and demo.checkpoint.size == "1Gi"
+    curve = json.loads(demo.args[demo.args.index("--pace-curve") + 1])
+    assert max(curve, key=curve.get) == "4" and curve["4"] - curve["3"] < 0.1 * curve["3"]  # saturates at 3
+    assert any(var.name == "LEPTON_MAX_STEPS" for var in demo.env)
