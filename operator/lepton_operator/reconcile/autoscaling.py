@@ -1,0 +1,213 @@
+"""The autoscaler loop: a kopf timer per LeptonJob with `spec.autoscaling.enabled`.
+
+Every `TIMER_SECONDS` the timer checks whether `spec.autoscaling.intervalSeconds` have
+passed for the job; if so, and the job is Running with no rescale under way, it
+
+1. measures the job's throughput in Prometheus (in a thread, with the client's timeout):
+   `sum(rate(lepton_trainer_samples_total{namespace, job_name, generation}[w]))`, where
+   `w` covers the current generation after its warm-up (so the value is the generation's
+   mean, less noisy the longer it runs), once at least `windowSeconds` have passed;
+2. records it as the observation for the current world size (`status.autoscaling.
+   observations`, latest per size) and in `status.throughput`; sets the condition
+   `MetricsUnavailable` (True with the error while data is missing, False once back);
+3. calls the pure policy (`scaling.policy.decide`), records `status.autoscaling.
+   lastDecision`, and when the target differs from the current size writes
+   `spec.workers.replicas` (as an HPA writes /scale) and posts an event with the reason.
+
+The operator core carries the rescale out (capacity-confirmed scale-up, new generation)
+and sets `status.autoscaling.backoffUntil` after a capacity failure; the policy honours
+it. This module writes only the status fields it owns: `autoscaling.observations`,
+`autoscaling.lastDecision`, `throughput`, and the `MetricsUnavailable` condition (the
+conditions list is rewritten with only that entry changed, and only when it changes).
+
+`plan_autoscale()` is the whole decision, pure and testable; the kopf handler is thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Optional, Union
+
+from lepton_operator.api.models import (
+    CONDITION_METRICS_UNAVAILABLE,
+    GROUP,
+    PLURAL,
+    REASON_METRICS_AVAILABLE,
+    REASON_METRICS_UNAVAILABLE,
+    VERSION,
+    Condition,
+    InvalidJob,
+    LeptonJobSpec,
+    LeptonJobStatus,
+    Observation,
+    parse_job,
+    parse_status,
+)
+from lepton_operator.scaling.policy import ScaleDecision, ScalingState, decide
+from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient, Sample
+
+# The timer's tick; the job's own interval (>= 5 s) is checked against the time elapsed.
+TIMER_SECONDS = 5.0
+# Longest rate window: beyond an hour the generation mean hardly changes.
+MAX_WINDOW_SECONDS = 3600
+
+
+@dataclass
+class AutoscalePlan:
+    """What one autoscaler pass writes: a status merge patch, maybe a new replica count, events."""
+
+    status_patch: dict = field(default_factory=dict)
+    replicas: Optional[int] = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    decision: Optional[ScaleDecision] = None
+
+
+def measurement_window(spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime) -> Optional[int]:
+    """Seconds of rate window covering this generation after warm-up; None while too young."""
+    if status.generation_start_time is None:
+        return None
+    settled = (now - status.generation_start_time).total_seconds() - spec.autoscaling.warmup_seconds
+    if settled < spec.autoscaling.window_seconds:
+        return None
+    return int(min(settled, MAX_WINDOW_SECONDS))
+
+
+def should_run(spec: LeptonJobSpec, status: LeptonJobStatus) -> bool:
+    """The autoscaler acts only on a Running job with no rescale under way."""
+    return (spec.autoscaling.enabled and not spec.suspend and status.phase == "Running"
+            and status.rescale is None and status.world_size > 0)
+
+
+def _condition_patch(status: LeptonJobStatus, unavailable: bool, message: str, now: datetime,
+                     observed_generation: Optional[int]) -> Optional[list]:
+    """The conditions list with MetricsUnavailable set, or None when it would not change."""
+    value = "True" if unavailable else "False"
+    reason = REASON_METRICS_UNAVAILABLE if unavailable else REASON_METRICS_AVAILABLE
+    current = next((c for c in status.conditions if c.type == CONDITION_METRICS_UNAVAILABLE), None)
+    if current is None and not unavailable:
+        return None  # never unavailable so far: nothing to say
+    if current is not None and current.status == value and current.message == message:
+        return None
+    new = Condition(
+        type=CONDITION_METRICS_UNAVAILABLE, status=value, reason=reason, message=message[:32768],
+        last_transition_time=now if current is None or current.status != value else current.last_transition_time,
+        observed_generation=observed_generation,
+    )
+    others = [c for c in status.conditions if c.type != CONDITION_METRICS_UNAVAILABLE]
+    return [c.to_k8s() for c in others] + [new.to_k8s()]
+
+
+def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union[Sample, MetricsError, None],
+                   now: datetime, observed_generation: Optional[int] = None) -> AutoscalePlan:
+    """One autoscaler pass, pure: record the measurement, decide, say what to write.
+
+    `measured` is the throughput of the current generation (a Sample), the error that
+    prevented measuring it, or None when the generation is too young to be measured.
+    """
+    plan = AutoscalePlan()
+    auto_patch: dict = {}
+    n = status.world_size
+    observations = list(status.autoscaling.observations)
+    if isinstance(measured, Sample):
+        observations = [o for o in observations if o.world_size != n]
+        observations.append(Observation(world_size=n, throughput=max(0.0, measured.value), measured_at=now))
+        observations.sort(key=lambda o: o.world_size)
+        auto_patch["observations"] = [o.to_k8s() for o in observations]
+        plan.status_patch["throughput"] = round(measured.value, 3)
+        conditions = _condition_patch(status, False, f"throughput {measured.value:.1f} samples/s at {n} workers",
+                                      now, observed_generation)
+    elif isinstance(measured, MetricsError):
+        conditions = _condition_patch(status, True, f"Prometheus: {measured}; holding {n} workers",
+                                      now, observed_generation)
+        if conditions is not None:
+            plan.events.append(("Warning", REASON_METRICS_UNAVAILABLE, str(measured)[:1024]))
+    else:
+        conditions = None
+    if conditions is not None:
+        plan.status_patch["conditions"] = conditions
+
+    # Without a fresh measurement the policy holds (it checks staleness itself).
+    decision = decide(observations, spec, ScalingState.from_status(status), now)
+    plan.decision = decision
+    last = status.autoscaling.last_decision
+    recorded = decision.to_model(now)
+    if last is None or last.target != recorded.target or last.reason != recorded.reason or decision.action != "hold":
+        auto_patch["lastDecision"] = recorded.to_k8s()
+    if auto_patch:
+        plan.status_patch["autoscaling"] = auto_patch
+    if decision.action != "hold" and decision.target != n and spec.workers.replicas != decision.target:
+        plan.replicas = decision.target
+        plan.events.append(("Normal", decision.reason, decision.message[:1024]))
+    return plan
+
+
+def measure(client: Optional[PrometheusClient], namespace: str, name: str, spec: LeptonJobSpec,
+            status: LeptonJobStatus, now: datetime) -> Union[Sample, MetricsError, None]:
+    """Query the current generation's throughput (blocking; run it in a thread)."""
+    window = measurement_window(spec, status, now)
+    if window is None:
+        return None
+    if client is None:
+        return MetricsError("connection", "no Prometheus URL configured (--prometheus-url)")
+    try:
+        return client.throughput(namespace, name, window, now=now.timestamp(), generation=status.worker_generation)
+    except MetricsError as exc:
+        return exc
+
+
+def client_from_config() -> Optional[PrometheusClient]:
+    """The Prometheus client for the operator's settings (`reconcile.config.CONFIG`)."""
+    from lepton_operator.reconcile.config import CONFIG
+
+    if not CONFIG.prometheus_url:
+        return None
+    return PrometheusClient(
+        CONFIG.prometheus_url,
+        timeout=CONFIG.prometheus_timeout,
+        token_file=CONFIG.prometheus_token_file,
+        ca_file=CONFIG.prometheus_ca_file,
+    )
+
+
+def _enabled(spec, **_) -> bool:
+    return bool(((spec or {}).get("autoscaling") or {}).get("enabled"))
+
+
+try:  # kopf is only needed by the running operator; the pure parts import without it
+    import kopf
+except ImportError:  # pragma: no cover
+    kopf = None
+
+if kopf is not None:
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_SECONDS, when=_enabled)
+    async def autoscale(body, spec, status, meta, name, namespace, patch, memo, logger, **_):
+        """Measure, decide and, if the size should change, write spec.workers.replicas."""
+        try:
+            job = parse_job(name, dict(spec))
+        except InvalidJob:
+            return  # the core marks the job Failed/InvalidSpec
+        st = parse_status(dict(status or {}))
+        if not should_run(job, st):
+            return
+        last = memo.get("autoscaler_last_run") if hasattr(memo, "get") else getattr(memo, "autoscaler_last_run", None)
+        mono = time.monotonic()
+        if last is not None and mono - last < job.autoscaling.interval_seconds - 0.5:
+            return
+        memo["autoscaler_last_run"] = mono
+        now = datetime.now(timezone.utc)
+        measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now)
+        plan = plan_autoscale(job, st, measured, now, observed_generation=meta.get("generation"))
+        for key, value in plan.status_patch.items():
+            patch.status[key] = value
+        if plan.replicas is not None:
+            patch.spec["workers"] = {"replicas": plan.replicas}
+        d = plan.decision
+        if d is not None and d.action != "hold":
+            logger.info(f"autoscaler: {d.reason}: {d.message}")
+        # kopf queues events for posting; the patch is applied when the handler returns.
+        for type_, reason, message in plan.events:
+            kopf.event(body, type=type_, reason=reason, message=message)
