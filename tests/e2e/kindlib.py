@@ -29,7 +29,7 @@ TRAINER_DOCKERFILE = ROOT / "trainer_image" / "Dockerfile"
 OPERATOR_NAMESPACE = "lepton-system"
 MONITORING_NAMESPACE = "lepton-monitoring"
 PROMETHEUS_URL = f"http://prometheus.{MONITORING_NAMESPACE}.svc:9090"
-RELEASE = "lepton"
+RELEASE = "lepton-operator"
 
 
 class CommandFailed(AssertionError):
