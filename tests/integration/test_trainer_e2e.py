@@ -235,3 +235,15 @@ def test_sigterm_checkpoint_then_resume_at_three_ranks(launch, tmp_path):
         seen += positions
     assert seen == list(range(max_steps * G))
     assert progress(text)[-1][0] == max_steps
+
+
+@pytest.mark.parametrize("code", [3, 137])
+def test_fail_at_step_sets_the_pod_exit_code(launch, code):
+    """One rank crashes: the pod reports that rank's code, not its peer's PEER_LOST."""
+    run = launch(f"fail{code}", ["--synthetic", "--max-steps", "50", "--fail-at-step", "5",
+                                 "--fail-rank", "1", "--fail-exit-code", str(code),
+                                 "--metrics-port", "0", "--global-batch-size", "4",
+                                 "--synthetic-samples-per-second", "200"],
+                 {"PET_NPROC_PER_NODE": "2"})
+    assert run.wait() == code, run.text()[-3000:]
+    assert "event=fail_injected step=5 rank=1" in run.text()

@@ -63,7 +63,9 @@ def test_bad_input_exits_2(argv, env):
 
 
 @pytest.mark.parametrize("codes,pod", [([0, 0], 0), ([143, 143], 143), ([170, 3], 3),
-                                       ([-9, 0], 137), ([0, -15], 143), ([170, 143], 170)])
+                                       ([-9, 0], 137), ([0, -15], 143), ([170, 143], 143),
+                                       ([170, 170], 170), ([170, -9], 137),
+                                       ([-15, 137], 137), ([143, 170, 200], 200)])
 def test_pod_exit_code_from_worker_codes(codes, pod):
     assert exitcodes.combine(codes) == pod
 

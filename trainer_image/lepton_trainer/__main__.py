@@ -61,6 +61,9 @@ def run_torchrun(argv: list[str]) -> int:
         return exitcodes.OK
     except ChildFailedError as exc:
         codes = [exc.failures[rank].exitcode for rank in sorted(exc.failures)]
+        _log(event="workers_failed",
+             codes=",".join(f"{rank}:{exc.failures[rank].exitcode}"
+                            for rank in sorted(exc.failures)))
         return exitcodes.combine(codes)
     except SignalException as exc:
         # The agent already forwarded the signal to the workers and waited for them.

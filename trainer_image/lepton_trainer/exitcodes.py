@@ -36,15 +36,16 @@ def is_permanent(code: int) -> bool:
 def combine(codes: list[int]) -> int:
     """Reduce the exit codes of a node's workers (rank order) to the pod's exit code.
 
-    A permanent failure anywhere wins (it is the root cause, and retrying would repeat it);
-    otherwise the first non-zero code. Negative codes (killed by signal N) become 128 + N,
-    the shell convention Kubernetes also uses.
+    A permanent failure anywhere wins (it is the root cause, and retrying would repeat it).
+    Among retryable codes, a rank's own failure (say 137, OOM-killed) beats STOPPED (143:
+    torchrun's agent SIGTERMs the surviving ranks once one failed) and PEER_LOST (the
+    survivors' collectives broke): those are consequences, not causes. Negative codes
+    (killed by signal N) become 128 + N, the shell convention Kubernetes also uses.
     """
     normalised = [128 - c if c < 0 else c for c in codes]
-    for code in normalised:
-        if is_permanent(code):
-            return code
-    for code in normalised:
-        if code != 0:
-            return code
+    for wanted in (is_permanent, lambda c: c not in (OK, STOPPED, PEER_LOST),
+                   lambda c: c == STOPPED, lambda c: c != OK):
+        for code in normalised:
+            if wanted(code):
+                return code
     return OK
