@@ -14,7 +14,7 @@ import sys
 
 SUBCOMMAND_MODULES = [
     "lepton_operator.localcluster.cli",  # local up|down|status|env|binaries
-    # "lepton_operator.reconcile.cli",   # run: the operator (kopf)       -- add here
+    "lepton_operator.reconcile.cli",  # run: the operator (kopf)
     "lepton_operator.api.crd_cli",       # crd: print, --write or --check the generated CRD
     "lepton_operator.scaling.simulate",  # simulate: autoscaling policy on a throughput curve
 ]

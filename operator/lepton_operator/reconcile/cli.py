@@ -1,0 +1,174 @@
+"""`lepton-operator run`: start the operator (kopf) with liveness and metrics endpoints.
+
+    lepton-operator run [--namespace NS ...] [--all-namespaces]
+                        [--liveness-port 8080] [--metrics-port 8081]
+                        [--prometheus-url URL] [--standalone] [--peering NAME] [--verbose]
+
+Credentials: in a pod, the ServiceAccount; elsewhere `KUBECONFIG` (or ~/.kube/config),
+through the Kubernetes client, for kopf and for the operator's own calls alike.
+
+Peering (RELIABILITY row 6): unless `--standalone`, replicas elect one active operator
+through kopf's peering objects (`crds/kopf-peering.yaml`): a `KopfPeering` named
+`--peering` (default `lepton-operator`) in each watched namespace, or a
+`ClusterKopfPeering` with `--all-namespaces`. The operator creates the peering object when
+it is missing (best effort: with RBAC that only allows patch, install it beforehand). With
+no peering CRD installed, kopf warns and runs standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Optional
+
+DEFAULT_PEERING = "lepton-operator"
+
+
+def add_parser(subparsers) -> None:
+    """Register `run` with the top-level CLI."""
+    p = subparsers.add_parser("run", help="run the operator (kopf)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; globs allowed as in kopf)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch the whole cluster")
+    p.add_argument("--liveness-port", type=int, default=8080,
+                   help="port of the /healthz liveness endpoint (0: none; default 8080)")
+    p.add_argument("--metrics-port", type=int, default=8081,
+                   help="port of the operator's own /metrics (0: none; default 8081)")
+    p.add_argument("--bind-address", default="0.0.0.0", help="address the endpoints listen on")
+    p.add_argument("--prometheus-url", default=os.environ.get("LEPTON_PROMETHEUS_URL"),
+                   help="Prometheus HTTP API base URL for autoscaling (env LEPTON_PROMETHEUS_URL)")
+    p.add_argument("--prometheus-timeout", type=float, default=5.0, help="seconds per Prometheus query")
+    p.add_argument("--prometheus-token-file", default=None, help="bearer token file for Prometheus")
+    p.add_argument("--prometheus-ca-file", default=None, help="CA bundle for Prometheus TLS")
+    p.add_argument("--resync-seconds", type=float, default=30.0,
+                   help="reconcile each job at least this often (safety net; default 30)")
+    peering = p.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true",
+                         help="no peering: this replica acts alone (single-replica installs, tests)")
+    peering.add_argument("--peering", default=DEFAULT_PEERING, metavar="NAME",
+                         help=f"kopf peering object name (default {DEFAULT_PEERING})")
+    p.add_argument("--priority", type=int, default=0, help="peering priority (highest active replica acts)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.set_defaults(func=run)
+
+
+def api_client_from_environment():
+    """A Kubernetes ApiClient from the in-cluster ServiceAccount or KUBECONFIG."""
+    from kubernetes import client, config
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()
+        return client.ApiClient()
+    return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+
+
+def make_settings(args):
+    """kopf settings: our own annotations/finalizer names, bounded watches, no log events."""
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    # kopf's bookkeeping lives in lepton.ai annotations, never in our status.
+    settings.persistence.finalizer = "lepton.ai/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lepton.ai")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="lepton.ai", key="last-handled-configuration"
+    )
+    # Handlers' log lines stay logs (the reconciler posts its own, deduplicated events);
+    # explicit kopf.event() calls (the autoscaler's) are still posted.
+    settings.posting.loggers = False
+    # A watch that stalls silently is cut and reconnected (RELIABILITY row 7).
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 75
+    settings.watching.connect_timeout = 10
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = 30
+    # Daemons are our per-job loops: cancel them quickly when a job goes.
+    settings.background.cancellation_polling = 5
+    return settings
+
+
+def ensure_peering_objects(api_client, name: str, namespaces: list[str], clusterwide: bool) -> bool:
+    """Create the kopf peering object(s) if missing; False when peering is unavailable.
+
+    Unavailable means the peering CRDs are not installed; RBAC that forbids creating
+    the object is tolerated (it may have been installed beforehand).
+    """
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    custom = client.CustomObjectsApi(api_client)
+    log = logging.getLogger("lepton_operator.peering")
+    body = {"metadata": {"name": name}}
+    try:
+        if clusterwide:
+            custom.create_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings",
+                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", **body},
+            )
+        for ns in namespaces:
+            if any(ch in ns for ch in "*?[!"):
+                continue  # a glob: nothing to create
+            custom.create_namespaced_custom_object(
+                "kopf.dev", "v1", ns, "kopfpeerings", {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", **body},
+            )
+    except ApiException as e:
+        if e.status == 404:
+            log.warning("kopf peering CRDs are not installed (crds/kopf-peering.yaml): running standalone")
+            return False
+        if e.status != 409:
+            log.warning(f"could not create peering object {name!r}: HTTP {e.status} {e.reason}")
+    return True
+
+
+def run(args) -> int:
+    """Start the operator and block until it stops (SIGTERM/SIGINT)."""
+    import kopf
+
+    from lepton_operator import metrics
+    from lepton_operator.reconcile import handlers
+    from lepton_operator.reconcile.config import configure
+    from lepton_operator.reconcile.kube import Kube
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("kubernetes").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    configure(
+        prometheus_url=args.prometheus_url,
+        prometheus_timeout=args.prometheus_timeout,
+        prometheus_token_file=args.prometheus_token_file,
+        prometheus_ca_file=args.prometheus_ca_file,
+        resync_seconds=args.resync_seconds,
+    )
+    clusterwide = bool(args.all_namespaces or not args.namespace)
+    api_client = api_client_from_environment()
+    handlers.set_kube(Kube(api_client))
+
+    @kopf.on.login()
+    def login(**kwargs) -> Optional[kopf.ConnectionInfo]:
+        return kopf.login_via_client(**kwargs)
+
+    standalone = args.standalone or not ensure_peering_objects(api_client, args.peering, args.namespace, clusterwide)
+    metrics.serve(args.metrics_port, args.bind_address)
+    liveness = f"http://{args.bind_address}:{args.liveness_port}/healthz" if args.liveness_port else None
+    logging.getLogger("lepton_operator").info(
+        f"starting: {'all namespaces' if clusterwide else 'namespaces ' + ', '.join(args.namespace)}, "
+        f"{'standalone' if standalone else 'peering ' + args.peering}, liveness {liveness}, "
+        f"metrics port {args.metrics_port}"
+    )
+    kopf.run(
+        settings=make_settings(args),
+        standalone=standalone,
+        peering_name=None if standalone else args.peering,
+        priority=args.priority,
+        liveness_endpoint=liveness,
+        clusterwide=clusterwide,
+        namespaces=args.namespace,
+    )
+    return 0

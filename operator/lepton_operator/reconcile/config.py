@@ -1,0 +1,40 @@
+"""Operator-wide settings that handlers read (set once by `lepton-operator run`).
+
+The autoscaling handlers (`reconcile/autoscaling.py`) read the Prometheus settings from
+`CONFIG`; tests and the CLI replace fields with `configure()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class OperatorConfig:
+    """Settings of one operator process."""
+
+    prometheus_url: Optional[str] = None
+    """Base URL of the Prometheus HTTP API (e.g. http://prometheus:9090); None: no autoscaling data."""
+    prometheus_timeout: float = 5.0
+    """Seconds a Prometheus query may take before it counts as unavailable."""
+    prometheus_token_file: Optional[str] = None
+    """File with a bearer token for Prometheus (re-read on every query, so rotation works)."""
+    prometheus_ca_file: Optional[str] = None
+    """CA bundle that signs Prometheus' TLS certificate."""
+    resync_seconds: float = 30.0
+    """Safety net: a job is reconciled at least this often even when nothing changed."""
+    debounce_seconds: float = 0.2
+    """A pass waits this long after a trigger, so a burst of pod events makes one pass."""
+
+
+CONFIG = OperatorConfig()
+
+
+def configure(**changes) -> OperatorConfig:
+    """Update the process-wide settings; return them."""
+    for key, value in changes.items():
+        if not hasattr(CONFIG, key):
+            raise AttributeError(f"unknown operator setting {key!r}")
+        setattr(CONFIG, key, value)
+    return CONFIG

@@ -1,0 +1,213 @@
+"""The only code that calls the Kubernetes API; it turns ApiException into domain errors.
+
+It speaks plain JSON dicts over the client's REST layer (`param_serialize` + `call_api`)
+rather than the typed API classes: the builders produce wire-form dicts, and a round
+trip through the client's generated models could drop or reshape fields it does not
+know. Calls are synchronous; the handlers run them with `asyncio.to_thread`.
+
+Error mapping (STYLE.md, house rule 4):
+- 409 AlreadyExists on a create of a deterministic name: success ("exists").
+- 404 on a delete: success (already gone).
+- 409 Conflict on the status write (resourceVersion precondition): `Conflict`, redo the pass.
+- 400/403/422: `PermanentApiError` with the server's message (RBAC, admission, schema).
+- anything else (5xx, 429, connection trouble, timeouts): `TransientApiError`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Optional
+from urllib.parse import quote
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds: a stuck call must not stall a job's loop
+
+_PATHS = {
+    "Pod": "/api/v1/namespaces/{ns}/pods",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "PersistentVolumeClaim": "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    "Event": "/api/v1/namespaces/{ns}/events",
+    KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
+}
+
+
+class ApiError(Exception):
+    """A failed API call; `status` is the HTTP status (0 for connection trouble)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+class TransientApiError(ApiError):
+    """Worth retrying soon: the server or the network had trouble."""
+
+
+class PermanentApiError(ApiError):
+    """Retrying the same request will fail the same way (RBAC, admission, invalid object)."""
+
+
+class Conflict(TransientApiError):
+    """The object changed since it was read: read again and redo the pass."""
+
+
+def _server_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason or e)
+
+
+def _error(e: Exception, what: str) -> ApiError:
+    if isinstance(e, ApiException):
+        message = f"{what}: HTTP {e.status}: {_server_message(e)}"
+        if e.status == 409:
+            return Conflict(message, 409)
+        if e.status in (400, 403, 422):
+            return PermanentApiError(message, e.status)
+        return TransientApiError(message, e.status or 0)
+    return TransientApiError(f"{what}: {type(e).__name__}: {e}", 0)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kube:
+    """JSON-in, JSON-out access to what the operator reads and writes."""
+
+    def __init__(self, api_client: client.ApiClient):
+        self.api = api_client
+
+    def request(self, method: str, path: str, body=None, query=None, content_type: Optional[str] = None) -> dict:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        params = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*params, _request_timeout=REQUEST_TIMEOUT)
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return json.loads(response.data) if response.data else {}
+
+    def _call(self, what: str, method: str, path: str, **kwargs) -> dict:
+        try:
+            return self.request(method, path, **kwargs)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise _error(e, what) from e
+
+    # --- jobs --------------------------------------------------------------------
+
+    def get_job(self, namespace: str, name: str) -> Optional[dict]:
+        """The job as stored now (None when it is gone)."""
+        path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
+        try:
+            return self._call(f"get {KIND} {namespace}/{name}", "GET", path)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def patch_job_status(self, namespace: str, name: str, resource_version: str, status_patch: dict) -> dict:
+        """Merge-patch the status subresource, only if the job is still at `resource_version`.
+
+        The precondition makes the pass's decision stick only when it was made on the
+        latest state: a concurrent write (a user's scale, the autoscaler) gives Conflict,
+        and the pass is redone on fresh data.
+        """
+        path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name) + "/status"
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status_patch}
+        return self._call(
+            f"patch {KIND} {namespace}/{name} status", "PATCH", path, body=body,
+            content_type="application/merge-patch+json",
+        )
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the job itself (TTL after finish); children follow by garbage collection."""
+        path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+                "preconditions": {"uid": uid}}
+        try:
+            self._call(f"delete {KIND} {namespace}/{name}", "DELETE", path, body=body)
+        except ApiError as e:
+            if e.status not in (404, 409):  # gone, or a different job of that name now
+                raise
+
+    # --- children ------------------------------------------------------------------
+
+    def create(self, obj: dict) -> str:
+        """Create a child; returns "created", or "exists" when the name is taken (409)."""
+        kind, meta = obj["kind"], obj["metadata"]
+        path = _PATHS[kind].format(ns=quote(meta["namespace"]))
+        try:
+            self._call(f"create {kind} {meta['namespace']}/{meta['name']}", "POST", path, body=obj)
+        except Conflict:
+            return "exists"
+        return "created"
+
+    def delete(self, namespace: str, kind: str, name: str, grace: Optional[int]) -> bool:
+        """Delete a child (returns False when it was already gone)."""
+        path = _PATHS[kind].format(ns=quote(namespace)) + "/" + quote(name)
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if grace is not None:
+            body["gracePeriodSeconds"] = int(grace)
+        try:
+            self._call(f"delete {kind} {namespace}/{name}", "DELETE", path, body=body)
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def exists(self, namespace: str, kind: str, name: str) -> bool:
+        path = _PATHS[kind].format(ns=quote(namespace)) + "/" + quote(name)
+        try:
+            self._call(f"get {kind} {namespace}/{name}", "GET", path)
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    # --- events --------------------------------------------------------------------
+
+    def post_event(self, job: dict, type_: str, reason: str, message: str, component: str = "lepton-operator") -> None:
+        """A core/v1 Event about the job (what `kubectl describe lj` shows)."""
+        meta = job["metadata"]
+        now = _now()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason[:128],
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._call(f"post event {reason} for {meta['namespace']}/{meta['name']}", "POST",
+                   _PATHS["Event"].format(ns=quote(meta["namespace"])), body=event)
