@@ -165,11 +165,14 @@ class WorkersSpec(ApiModel):
     initial: Optional[int] = Field(
         None, description="Workers of the first generation (default: `min`).", ge=1, le=MAX_WORKERS
     )
-    replicas: Optional[int] = Field(
-        None,
+    # Not Optional: a 1.20 apiserver answers GET /scale with a 500 when the spec replicas
+    # field is absent, so `kubectl scale` would fail on a fresh job. The CRD defaults it to
+    # 0, which means "not scaled yet: use `initial`".
+    replicas: int = Field(
+        0,
         description=(
             "Requested worker count, set by `kubectl scale lj/NAME --replicas=N` or by the autoscaler. "
-            "Clamped to [min, max]. Unset: `initial`."
+            "Clamped to [min, max]. 0 (the default): `initial`."
         ),
         ge=0,
         le=MAX_WORKERS,
@@ -370,7 +373,7 @@ class LeptonJobSpec(ApiModel):
 
     def requested_workers(self) -> int:
         """The worker count asked for now: `workers.replicas` (scale) or `initial`, clamped to [min, max]."""
-        wanted = self.workers.replicas if self.workers.replicas is not None else self.initial_workers
+        wanted = self.workers.replicas or self.initial_workers  # 0: not scaled yet
         return max(self.workers.min, min(self.workers.max, wanted))
 
 
