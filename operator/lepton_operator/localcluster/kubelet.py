@@ -23,8 +23,9 @@ Process mode
       ``$(VAR)`` references are expanded as Kubernetes does. A first word ``python`` or
       ``python3`` becomes ``sys.executable``, so the project's virtualenv runs it.
     * **Pod IP**: every pod gets its own loopback address, ``127.0.0.2``, ``127.0.0.3``,
-      ... (all of 127.0.0.0/8 answers on Linux; a second process-mode cluster in the same
-      Python process uses ``127.1.0.x``, and so on). It is assigned when the kubelet first
+      ... (all of 127.0.0.0/8 answers on Linux). Each process-mode cluster claims its own
+      second octet through an flock in ``$TMPDIR/lepton-localcluster-ip-blocks/`` (the
+      first gets ``127.0.x.y``, a concurrent second one ``127.1.x.y``, ...). It is assigned when the kubelet first
       sees the pod (before it is even scheduled), so a whole job's addresses are known
       early. Processes bind their ports to it (``status.podIP`` through the downward API).
     * **Environment**: a small base (PATH, HOME, LANG, LC_ALL, TZ, TMPDIR, PYTHONPATH,
@@ -80,6 +81,7 @@ Process mode
 from __future__ import annotations
 
 import base64
+import fcntl
 import datetime as dt
 import heapq
 import itertools
@@ -90,6 +92,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -103,7 +106,7 @@ from .storage import volume_dir
 
 MERGE = "application/merge-patch+json"
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
-_process_clusters = itertools.count()
+_IP_BLOCK_DIR = Path(tempfile.gettempdir()) / "lepton-localcluster-ip-blocks"
 
 
 def _now() -> str:
@@ -153,8 +156,9 @@ class SimulatedKubelet:
         self._timers: list = []
         self._seq = itertools.count()
         self._stop = threading.Event()
+        self._block_lock = None
         if mode == "process":
-            block = next(_process_clusters)
+            block = self._claim_ip_block()
             self._ips = (f"127.{block % 256}.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(2) if 0 < n & 255 < 255)
             self.hosts_mode = "etc-hosts" if hostsfile.writable() else "env"
         else:
@@ -162,6 +166,23 @@ class SimulatedKubelet:
             self.hosts_mode = "none"
         self._worker = threading.Thread(target=self._run, name="lepton-kubelet", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="lepton-kubelet-watch", daemon=True)
+
+    def _claim_ip_block(self) -> int:
+        """Claim a second octet N (pod IPs 127.N.x.y) no other live cluster on this host uses.
+
+        The claim is an flock on a file, held until this process exits or stop(): two
+        process-mode clusters (two test sessions, `local up` and a test) never share IPs."""
+        _IP_BLOCK_DIR.mkdir(parents=True, exist_ok=True)
+        for block in range(256):
+            f = open(_IP_BLOCK_DIR / f"{block}.lock", "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            self._block_lock = f
+            return block
+        raise RuntimeError(f"all 256 loopback IP blocks are in use ({_IP_BLOCK_DIR})")
 
     # ------------------------------------------------------------ public API
     def start(self) -> None:
@@ -181,6 +202,9 @@ class SimulatedKubelet:
                 hostsfile.remove_block(self.cluster_id)
             except OSError:
                 pass
+        if self._block_lock is not None:
+            self._block_lock.close()  # releases the IP block
+            self._block_lock = None
 
     def inject_exit(self, namespace: str, pod_name: str, exit_code: int, after_seconds: float = 0) -> None:
         """Make the pod's container exit with ``exit_code`` after ``after_seconds``."""
