@@ -216,6 +216,8 @@ def test_operator_args_cluster_wide(helm, tmp_path):
     assert "--all-namespaces" in args and "--namespace" not in args
     assert args[args.index("--prometheus-url") + 1] == "http://prom.monitoring.svc:9090"
     assert args[args.index("--metrics-port") + 1] == "8081"
+    assert args[args.index("--liveness-port") + 1] == "8080"
+    assert args[args.index("--peering") + 1] == "lepton-operator" and "--standalone" not in args
 
 
 def test_operator_args_per_watched_namespace(helm, tmp_path):
@@ -309,6 +311,30 @@ def test_namespaced_mode_uses_a_role_per_watched_namespace(helm, tmp_path):
     cluster_role = one(objects, "ClusterRole")
     assert grants(cluster_role["rules"]) == CRD_READ | NAMESPACE_READ
     assert one(objects, "ClusterRoleBinding")["roleRef"]["name"] == cluster_role["metadata"]["name"]
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a", "team-b"]], ids=["cluster", "namespaced"])
+def test_chart_creates_the_peering_objects_the_operator_joins(helm, tmp_path, watch):
+    """The operator may only patch peerings, so the chart must create the object it joins."""
+    objects = render(helm, tmp_path, {"watchNamespaces": watch})
+    if watch:
+        peerings = of_kind(objects, "KopfPeering")
+        assert sorted(p["metadata"]["namespace"] for p in peerings) == watch
+        assert not of_kind(objects, "ClusterKopfPeering")
+    else:
+        peerings = [one(objects, "ClusterKopfPeering")]
+        assert not of_kind(objects, "KopfPeering")
+    assert {p["metadata"]["name"] for p in peerings} == {"lepton-operator"}
+    assert {p["apiVersion"] for p in peerings} == {"kopf.dev/v1"}
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["cluster", "namespaced"])
+def test_without_peering_the_operator_is_standalone_and_gets_no_peering_rights(helm, tmp_path, watch):
+    objects = render(helm, tmp_path, {"watchNamespaces": watch, "peering": {"enabled": False, "name": "x"}})
+    args = _args(objects)
+    assert "--standalone" in args and "--peering" not in args
+    assert not of_kind(objects, "KopfPeering") and not of_kind(objects, "ClusterKopfPeering")
+    assert not {g for g, _, _ in grants(_all_rules(objects))} & {"kopf.dev"}
 
 
 def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):
