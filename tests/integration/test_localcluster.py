@@ -237,6 +237,7 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
     client_code = """
         import os, socket, time
         host = os.environ["PEER"]
+        print("peer", host, flush=True)
         for _ in range(100):
             try:
                 with socket.create_connection((host, 29400), timeout=1) as c:
@@ -250,7 +251,8 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
     """
     svc = {"hostname": "worker-0", "subdomain": "job-workers"}
     k8s.core.create_namespaced_pod(namespace, _pod("job-worker-0", env=DOWNWARD_ENV, command=_python(server_code), **svc))
-    peer_env = DOWNWARD_ENV + [{"name": "PEER", "value": f"worker-0.job-workers.{namespace}.svc.cluster.local"}]
+    # the short form, as a pod in the namespace would use it through its resolver search path
+    peer_env = DOWNWARD_ENV + [{"name": "PEER", "value": "worker-0.job-workers"}]
     k8s.core.create_namespaced_pod(namespace, _pod(
         "job-worker-1", env=peer_env, command=_python(client_code), hostname="worker-1", subdomain="job-workers"))
     server = _wait_phase(k8s, namespace, "job-worker-0", "Succeeded")
@@ -259,7 +261,12 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
     ip = server.status.pod_ip
     assert f"resolved {ip} hi from {ip}" in log
     if process_cluster.kubelet.hosts_mode == "etc-hosts":
-        assert socket.gethostbyname(f"worker-0.job-workers.{namespace}.svc") == ip
+        # the short name was qualified for this namespace; /etc/hosts resolves every form
+        assert f"peer worker-0.job-workers.{namespace}.svc.cluster.local" in log
+        for name in (f"worker-0.job-workers.{namespace}", f"worker-0.job-workers.{namespace}.svc"):
+            assert socket.gethostbyname(name) == ip
+    else:
+        assert f"peer {ip}" in log  # no writable /etc/hosts: the name was replaced by the IP
 
 
 def test_process_mode_volumes_map_to_host_dirs(process_cluster, k8s, namespace):
@@ -285,8 +292,8 @@ def test_process_mode_volumes_map_to_host_dirs(process_cluster, k8s, namespace):
 
 
 # ------------------------------------------------------------- nothing left behind
-def test_stop_leaves_no_process_behind(tmp_path):
-    with LocalCluster(nodes=[SimulatedNode("solo", gpus=1)], kubelet_mode="process") as cluster:
+def test_stop_leaves_no_process_behind(k8s_binaries):
+    with LocalCluster(nodes=[SimulatedNode("solo", gpus=1)], kubelet_mode="process", binaries=k8s_binaries) as cluster:
         core = client.CoreV1Api(cluster.api_client())
         core.create_namespace({"metadata": {"name": "leftovers"}})
         # a pod whose process starts a grandchild in a new session: only the marker finds it

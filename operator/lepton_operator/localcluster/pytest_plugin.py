@@ -4,6 +4,8 @@ Register with ``pytest_plugins = ["lepton_operator.localcluster.pytest_plugin"]`
 
 Fixtures:
 
+``k8s_binaries`` (session)
+    Directory with the four binaries (built into the cache on first use).
 ``local_cluster`` (session)
     A :class:`LocalCluster` in default kubelet mode (2 nodes x 8 GPUs).
 ``process_cluster`` (session)
@@ -66,9 +68,9 @@ def _unavailable(reason: str):
     pytest.skip(f"local control plane unavailable: {reason}")
 
 
-def _start_cluster(request, **kwargs) -> LocalCluster:
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+def _progress(config):
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
 
     def progress(line: str) -> None:
         # Building takes minutes the first time: show it even with output captured.
@@ -76,11 +78,24 @@ def _start_cluster(request, **kwargs) -> LocalCluster:
             with capture.global_and_fixture_disabled():
                 reporter.write_line(f"[localcluster] {line}")
 
+    return progress
+
+
+@pytest.fixture(scope="session")
+def k8s_binaries(request) -> Path:
+    """Directory with the control-plane binaries (built once if needed); fails under
+    CI=true, skips otherwise, when they cannot be had. Use it for extra LocalClusters."""
     try:
-        binaries = ensure_binaries(progress=progress, build=not _truthy(os.environ.get("LEPTON_K8S_NO_BUILD")))
+        return ensure_binaries(
+            progress=_progress(request.config), build=not _truthy(os.environ.get("LEPTON_K8S_NO_BUILD"))
+        )
     except BinariesUnavailable as e:
         _unavailable(str(e))
-    cluster = LocalCluster(binaries=binaries, progress=progress, **kwargs)
+
+
+def _start_cluster(request, **kwargs) -> LocalCluster:
+    binaries = request.getfixturevalue("k8s_binaries")
+    cluster = LocalCluster(binaries=binaries, progress=_progress(request.config), **kwargs)
     _started_clusters.append(cluster.cluster_id)
     try:
         cluster.start()
