@@ -11,7 +11,11 @@ Nothing outlives the cluster: the control plane runs in one process group, every
 gets ``PR_SET_PDEATHSIG`` (SIGKILL when the owning thread dies), and a small watchdog
 process kills everything carrying the cluster's environment marker (pods' children
 included) when the owner exits without ``stop()``, even by SIGKILL. ``stop()`` also runs
-at interpreter exit and, when no other handler is installed, on SIGTERM.
+at interpreter exit and, when no other handler is installed, on SIGTERM. Because the
+parent-death signal follows the *thread* that started a process, call ``start()`` from a
+thread that outlives the cluster (normally the main thread). Components that exit while
+the cluster runs are restarted (the 1.20 controller-manager exits when it loses the
+apiserver); :meth:`LocalCluster.restart_component` kills and restarts one on purpose.
 """
 
 from __future__ import annotations
@@ -90,6 +94,9 @@ class LocalCluster:
         self.provisioner: SimulatedProvisioner | None = None
         self.start_seconds: float | None = None
         self._procs: dict[str, subprocess.Popen] = {}
+        self._args: dict[str, list[str]] = {}
+        self._paused: set[str] = set()  # components restart_component() is handling
+        self._stopping = threading.Event()
         self._pgid: int | None = None
         self._watchdog: subprocess.Popen | None = None
         self._started = False
@@ -162,6 +169,7 @@ class LocalCluster:
             self.kubelet.start()
             self.provisioner = SimulatedProvisioner(self.api_client, self.workdir / "volumes")
             self.provisioner.start()
+            threading.Thread(target=self._supervise, name="lepton-supervisor", daemon=True).start()
         except BaseException:
             self.stop()
             raise
@@ -175,6 +183,7 @@ class LocalCluster:
             if not self._started:
                 return
             self._started = False
+        self._stopping.set()
         for sim in (self.provisioner, self.kubelet):
             if sim is not None:
                 try:
@@ -221,6 +230,31 @@ class LocalCluster:
         if self.kubelet:
             self.kubelet.node_names.discard(name)
 
+    def restart_component(self, name: str, downtime: float = 0.0) -> None:
+        """SIGKILL a control-plane component (``etcd``, ``kube-apiserver``,
+        ``kube-scheduler``, ``kube-controller-manager``), wait ``downtime`` seconds, start
+        it again with the same flags and ports, and wait until the apiserver is ready.
+        For fault tests: watches break, clients must reconnect."""
+        self._paused.add(name)
+        try:
+            proc = self._procs[name]
+            proc.kill()
+            proc.wait()
+            time.sleep(downtime)
+            self._spawn(name, self._args[name])
+            self._wait_apiserver(watch=(name, "kube-apiserver"))
+        finally:
+            self._paused.discard(name)
+
+    def _supervise(self) -> None:
+        # Like a kubelet restarting static pods: the 1.20 controller-manager and scheduler
+        # exit when they lose the apiserver, so restart whatever exits while we run.
+        while not self._stopping.wait(0.5):
+            for name, proc in list(self._procs.items()):
+                if proc.poll() is not None and name not in self._paused and not self._stopping.is_set():
+                    self.progress(f"{name} exited with {proc.returncode}; restarting it")
+                    self._spawn(name, self._args[name])
+
     def process_ids(self) -> dict[str, int]:
         """Pids of the control-plane processes by component name."""
         return {name: p.pid for name, p in self._procs.items()}
@@ -252,7 +286,8 @@ class LocalCluster:
         script = Path(__file__).with_name("watchdog.py")
         env = {k: v for k, v in os.environ.items() if k != procs.MARKER_ENV}
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-S", str(script), self.cluster_id],
+            [sys.executable, "-S", str(script), self.cluster_id]
+            + ([str(self.workdir)] if self._own_workdir else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -273,6 +308,7 @@ class LocalCluster:
             preexec_fn=procs.child_setup(pgid=self._pgid or 0),
         )
         log.close()
+        self._args[name] = args
         if self._pgid is None:
             self._pgid = proc.pid  # the first child leads the cluster's process group
         self._procs[name] = proc
@@ -284,9 +320,9 @@ class LocalCluster:
         except OSError:
             return ""
 
-    def _check_alive(self) -> None:
+    def _check_alive(self, names=None) -> None:
         for name, proc in self._procs.items():
-            if proc.poll() is not None:
+            if (names is None or name in names) and proc.poll() is not None:
                 raise ClusterStartError(
                     f"{name} exited with {proc.returncode}; log tail:\n{self._log_tail(name)}"
                 )
@@ -366,7 +402,7 @@ class LocalCluster:
         self.kubeconfig.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.kubeconfig.chmod(0o600)
 
-    def _wait_apiserver(self, timeout: float = 90.0) -> None:
+    def _wait_apiserver(self, timeout: float = 90.0, watch=None) -> None:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # only a readiness probe; clients verify the cert
@@ -376,7 +412,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            self._check_alive()
+            self._check_alive(watch)
             try:
                 with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
                     if resp.status == 200:

@@ -1,10 +1,11 @@
 """Clean up after a local cluster whose owner died without calling ``stop()``.
 
-Started by :class:`LocalCluster` as ``python watchdog.py <cluster id>`` in its own session,
+Started by :class:`LocalCluster` as ``python watchdog.py <cluster id> [<temp workdir>]`` in
+its own session,
 with stdin a pipe whose only writer is the owner. When the owner exits, however it
 exits (SIGKILL included), the pipe closes; the watchdog then SIGKILLs every process that
 carries the cluster's marker (control plane, pods and their children) and removes the
-cluster's /etc/hosts block. It imports only the standard library and its two siblings, so
+cluster's /etc/hosts block, and removes the cluster's temporary workdir. It imports only the standard library and its two siblings, so
 it starts fast and works while the package is half torn down.
 """
 
@@ -29,6 +30,10 @@ def main() -> None:
         hostsfile.remove_block(cluster_id)
     except OSError:
         pass
+    if len(sys.argv) > 2:
+        import shutil
+
+        shutil.rmtree(sys.argv[2], ignore_errors=True)
 
 
 if __name__ == "__main__":
