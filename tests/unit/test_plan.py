@@ -670,3 +670,47 @@ def test_condition_transition_time_changes_only_when_status_flips():
     w.step(10)
     assert get_condition(w.status, CONDITION_READY).last_transition_time == T0 + timedelta(seconds=20)
     assert ready.observed_generation == 1
+
+
+# ------------------------------------------------------------ the handler's write
+
+
+def test_status_patch_writes_changed_fields_only_and_never_the_autoscalers():
+    from lepton_operator.reconcile.handlers import status_patch
+
+    before = parse_status({
+        "phase": "Running", "restarts": 1, "throughput": 10.0,
+        "rescale": {"from": 2, "to": 3, "reason": "ManualScale", "stage": "Starting",
+                    "startedAt": "2026-01-01T00:00:00Z", "targetGeneration": 2},
+        "autoscaling": {"lastDecision": {"target": 3, "reason": "x", "time": "2026-01-01T00:00:00Z"}},
+    })
+    after = before.model_copy(deep=True)
+    after.rescale = None
+    after.restarts = 2
+    after.throughput = 99.0  # a stale copy must not overwrite the autoscaler's value
+    after.autoscaling.last_decision = None
+    assert status_patch(before, after) == {"rescale": None, "restarts": 2}
+    after.autoscaling.backoff_until = T0
+    assert status_patch(before, after)["autoscaling"] == {"backoffUntil": "2026-01-01T12:00:00Z"}
+    assert status_patch(before, before) == {}
+
+
+def test_event_recorder_and_watch_health():
+    from lepton_operator.reconcile import handlers
+
+    rec = handlers.EventRecorder(window=60)
+    assert rec.should_post(("uid", "Warning", "ForeignPod", "m"))
+    assert not rec.should_post(("uid", "Warning", "ForeignPod", "m"))
+    assert rec.should_post(("uid", "Warning", "ForeignPod", "other"))
+
+    health = handlers.WatchHealth()
+    key = ("ns", "job")
+    health.watched(key, "5")
+    health.compare(key, "5")
+    assert health.stale() == []
+    health.compare(key, "7")  # the API is ahead of what the watch delivered
+    health.lagging_since[key] -= handlers.WATCH_STALE_SECONDS + 1
+    assert health.stale() == ["ns/job"]
+    health.watched(key, "7")
+    health.compare(key, "7")
+    assert health.stale() == []
