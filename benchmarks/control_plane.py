@@ -1,0 +1,934 @@
+"""Control-plane benchmark: the LeptonJob operator next to Kubernetes' own Job controller.
+
+    .venv/bin/python benchmarks/control_plane.py [--ks 1,10,100] [--workers 8]
+        [--idle-seconds 40] [--api-jobs 5] [--churn-seconds 600] [--churn-jobs 10]
+        [--json out.json] [--markdown out.md] [--artifacts DIR]
+
+One local control plane (real etcd, kube-apiserver 1.20.2, scheduler and
+controller-manager; `lepton_operator.localcluster`) with enough simulated 8-GPU nodes for
+the largest K, the simulated kubelet in default mode (a bound pod is marked Running at
+once; nothing executes), and the operator (`python -m lepton_operator.cli run`) as a
+subprocess. What it measures:
+
+1. Latency, for each K: K `batch/v1` Jobs (`parallelism = completions = W`, the same
+   worker pod the operator builds) in namespace `bench-job`, then K LeptonJobs of W
+   workers (1 GPU each) in namespace `bench-lj`. The phases run one after the other, never
+   at once, so both controllers get the scheduler and the simulated kubelet to
+   themselves; each phase is cleaned up (all pods gone) before the next. A watch on the
+   namespace's pods stamps, on this machine's monotonic clock, when each pod is first
+   seen and first seen Running. Per job: create request -> all W pods exist, and -> all W
+   pods Running; p50/p99/max over jobs, and the total (first create -> last job done).
+2. Footprint: RSS and CPU time of the operator process (from /proc) sampled every
+   second; after each LeptonJob phase the K jobs are held idle for `--idle-seconds`
+   (RSS, CPU %); then `--churn-seconds` of create/delete cycles of `--churn-jobs` jobs:
+   RSS at the start/middle/end of the churn, measured at cycle boundaries (same state:
+   no jobs), and the least-squares slope.
+3. API cost: the operator runs as its own ServiceAccount (bound to cluster-admin) so the
+   apiserver's audit log (level Metadata, only that user) attributes every request it
+   sends. `--api-jobs` lifecycles of one job each (create -> all Running -> delete ->
+   gone), one after the other; requests per lifecycle by verb/resource, against the
+   protocol minimum (`minimum_requests()`). The apiserver's `apiserver_request_total`
+   (which has no client label in 1.20) is diffed over the same window as a cross-check
+   for `leptonjobs`, the one resource only the operator and this harness touch. Watches
+   are per connection, not per job, and are reported apart.
+
+Everything started here (cluster, operator) is stopped on exit, on an error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from lepton_operator.api.crd import crd_for_server
+from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, parse_job
+from lepton_operator.build import LABEL_JOB_NAME, JobRef, build_worker_pod
+from lepton_operator.localcluster import LocalCluster, SimulatedNode
+from lepton_operator.localcluster.procs import free_port
+from lepton_operator.localcluster.pytest_plugin import OperatorProcess
+
+NS_LJ = "bench-lj"
+NS_JOB = "bench-job"
+NS_SYSTEM = "bench-system"
+OPERATOR_SA = "lepton-operator"
+OPERATOR_USER = f"system:serviceaccount:{NS_SYSTEM}:{OPERATOR_SA}"
+GPUS_PER_NODE = 8
+BATCH_JOB_LABEL = "job-name"  # set by the Job controller on its pods
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ the cluster
+
+
+class AuditedCluster(LocalCluster):
+    """A LocalCluster whose apiserver writes an audit log of one user's requests.
+
+    The audit flags are appended where the apiserver is spawned (`_spawn`, LocalCluster's
+    single place for starting binaries); the policy logs only `audit_user`, at level
+    Metadata, once per request (ResponseComplete), so other clients pay nothing for it.
+    """
+
+    def __init__(self, *args, audit_user: str, admin_user: str = "admin", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.audit_user = audit_user
+        self.admin_user = admin_user
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def _spawn(self, name, args):
+        if name == "kube-apiserver":
+            policy = self.workdir / "audit-policy.yaml"
+            policy.write_text(yaml.safe_dump({
+                "apiVersion": "audit.k8s.io/v1",
+                "kind": "Policy",
+                "omitStages": ["RequestReceived", "ResponseStarted"],
+                "rules": [
+                    {"level": "Metadata", "users": [self.audit_user]},
+                    # Creates by the admin user (this harness, and the controller-manager,
+                    # which runs on the admin kubeconfig): the apiserver's own timestamps
+                    # for job create -> pod creates, for both controllers.
+                    {"level": "Metadata", "users": [self.admin_user], "verbs": ["create"],
+                     "resources": [{"group": "", "resources": ["pods"]}, {"group": "batch", "resources": ["jobs"]},
+                                   {"group": GROUP, "resources": [PLURAL]}]},
+                    {"level": "None"},
+                ],
+            }))
+            args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                    "--audit-log-maxsize=0", "--audit-log-format=json"]
+        return super()._spawn(name, args)
+
+
+def raw(api: client.ApiClient, method: str, path: str, body=None, query=None, content_type=None,
+        timeout=(5, 60), stream: bool = False):
+    """One request through the client's REST layer; JSON dict, or the raw response if `stream`."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = content_type or "application/json"
+    params = api.param_serialize(method=method, resource_path=path, query_params=list((query or {}).items()),
+                                 header_params=headers, body=body, auth_settings=["BearerToken"])
+    resp = api.call_api(*params, _request_timeout=timeout)
+    if stream:
+        return resp.response
+    resp.read()
+    if not 200 <= resp.status < 300:
+        raise ApiException(http_resp=resp)
+    if not resp.data:
+        return {}
+    try:
+        return json.loads(resp.data)
+    except ValueError:
+        return resp.data.decode(errors="replace")
+
+
+def install_crd(api: client.ApiClient) -> None:
+    """The LeptonJob CRD as generated for this server's version; wait until it is served."""
+    version = client.VersionApi(api).get_code().git_version
+    try:
+        client.ApiextensionsV1Api(api).create_custom_resource_definition(crd_for_server(version))
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            raw(api, "GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}")
+            return
+        except ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def operator_kubeconfig(cluster: LocalCluster, api: client.ApiClient, path: Path) -> Path:
+    """A kubeconfig for the operator's own identity (ServiceAccount, cluster-admin)."""
+    core = client.CoreV1Api(api)
+    for ns in (NS_SYSTEM, NS_LJ, NS_JOB):
+        try:
+            core.create_namespace({"metadata": {"name": ns}})
+        except ApiException as e:
+            if e.status != 409:
+                raise
+    try:
+        core.create_namespaced_service_account(NS_SYSTEM, {"metadata": {"name": OPERATOR_SA}})
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    try:
+        client.RbacAuthorizationV1Api(api).create_cluster_role_binding({
+            "metadata": {"name": "bench-lepton-operator"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": NS_SYSTEM}],
+        })
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    token = core.create_namespaced_service_account_token(
+        OPERATOR_SA, NS_SYSTEM, {"spec": {"expirationSeconds": 86400}}).status.token
+    cfg = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    cfg["users"] = [{"name": OPERATOR_SA, "user": {"token": token}}]
+    for ctx in cfg["contexts"]:
+        ctx["context"]["user"] = OPERATOR_SA
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def lepton_spec(workers: int) -> dict:
+    """A LeptonJob spec of `workers` 1-GPU workers, fixed size (no autoscaling)."""
+    return {
+        "image": "lepton-ai/lepton-trainer:0.1.0",
+        "workers": {"min": workers, "max": workers, "initial": workers},
+        "resources": {"gpus": 1},
+        "terminationGracePeriodSeconds": 1,
+    }
+
+
+def lepton_job(name: str, workers: int) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": lepton_spec(workers)}
+
+
+def batch_job(name: str, workers: int) -> dict:
+    """A batch/v1 Job running the same worker pod the operator builds (same container,
+    resources, env, security), `parallelism = completions = workers`."""
+    spec = parse_job(name, lepton_spec(workers))
+    pod = build_worker_pod(JobRef(name=name, namespace=NS_JOB, uid="00000000-0000-0000-0000-000000000000"),
+                           spec, 0, 1, workers)
+    pod_spec = dict(pod["spec"])
+    for field in ("hostname", "subdomain"):  # one Service identity per LeptonJob pod; none here
+        pod_spec.pop(field, None)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "parallelism": workers,
+            "completions": workers,
+            "backoffLimit": 0,
+            "template": {"metadata": {"labels": {"lepton.ai/bench": "job"}}, "spec": pod_spec},
+        },
+    }
+
+
+class Workload:
+    """How to create, list and delete one kind of job."""
+
+    def __init__(self, kind: str, namespace: str, pod_label: str, path: str, build):
+        self.kind, self.namespace, self.pod_label, self.path, self.build = kind, namespace, pod_label, path, build
+
+    def create(self, api, name: str, workers: int) -> None:
+        raw(api, "POST", self.path, body=self.build(name, workers))
+
+    def delete_all(self, api) -> None:
+        raw(api, "DELETE", self.path, body={"kind": "DeleteOptions", "apiVersion": "v1",
+                                            "propagationPolicy": "Background"})
+
+    def count(self, api) -> int:
+        return len(raw(api, "GET", self.path, query={"limit": "5000"}).get("items", []))
+
+
+LEPTON = Workload("LeptonJob", NS_LJ, LABEL_JOB_NAME, f"/apis/{GROUP}/{VERSION}/namespaces/{NS_LJ}/{PLURAL}", lepton_job)
+BATCH = Workload("Job", NS_JOB, BATCH_JOB_LABEL, f"/apis/batch/v1/namespaces/{NS_JOB}/jobs", batch_job)
+
+
+# ------------------------------------------------------------------ observation
+
+
+class PodWatch(threading.Thread):
+    """Watches one namespace's pods; stamps first-seen and first-Running times per pod.
+
+    Reads the watch stream as raw JSON lines: deserializing into the client's models
+    would make this thread, not the controllers, the bottleneck at 1000s of pods.
+    """
+
+    def __init__(self, api: client.ApiClient, namespace: str, job_label: str):
+        super().__init__(daemon=True, name=f"podwatch-{namespace}")
+        self.api, self.namespace, self.job_label = api, namespace, job_label
+        self.lock = threading.Lock()
+        self.pods: dict[str, dict] = {}  # uid -> {job, added, running}
+        self.live: set[str] = set()
+        self.ready = threading.Event()
+        self._halt = threading.Event()
+
+    def _see(self, type_: str, pod: dict, now: float) -> None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        with self.lock:
+            if type_ == "DELETED":
+                self.live.discard(uid)
+                return
+            self.live.add(uid)
+            rec = self.pods.get(uid)
+            if rec is None:
+                rec = self.pods[uid] = {"job": (meta.get("labels") or {}).get(self.job_label),
+                                        "added": now, "running": None}
+            if rec["running"] is None and (pod.get("status") or {}).get("phase") == "Running":
+                rec["running"] = now
+
+    def run(self) -> None:
+        path = f"/api/v1/namespaces/{self.namespace}/pods"
+        rv = None
+        while not self._halt.is_set():
+            try:
+                if rv is None:
+                    listing = raw(self.api, "GET", path)
+                    now = time.monotonic()
+                    with self.lock:
+                        self.live.clear()
+                    for pod in listing.get("items", []):
+                        self._see("ADDED", pod, now)
+                    rv = listing["metadata"]["resourceVersion"]
+                    self.ready.set()
+                resp = raw(self.api, "GET", path, stream=True, timeout=(5, 60),
+                           query={"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
+                                  "timeoutSeconds": "30"})
+                if resp.status != 200:
+                    rv = None
+                    time.sleep(0.5)
+                    continue
+                buf = b""
+                for chunk in resp.stream(65536, decode_content=True):
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        now = time.monotonic()
+                        obj = event.get("object") or {}
+                        if event.get("type") == "ERROR":
+                            rv = None  # 410 Gone: list again
+                            break
+                        rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                        if event.get("type") != "BOOKMARK":
+                            self._see(event["type"], obj, now)
+                    if self._halt.is_set() or rv is None:
+                        break
+                resp.release_conn()
+            except Exception as e:  # connection trouble: list again
+                if not self._halt.is_set():
+                    log(f"pod watch {self.namespace}: {type(e).__name__}: {e}; relisting")
+                    rv = None
+                    time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def snapshot(self) -> dict[str, list[dict]]:
+        """Pods seen so far, by job name."""
+        out: dict[str, list[dict]] = defaultdict(list)
+        with self.lock:
+            for rec in self.pods.values():
+                out[rec["job"]].append(dict(rec))
+        return out
+
+    def live_count(self) -> int:
+        with self.lock:
+            return len(self.live)
+
+
+class ProcSampler(threading.Thread):
+    """Samples a process's RSS (MiB) and CPU time (s) from /proc every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 1.0):
+        super().__init__(daemon=True, name="procsampler")
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic, rss MiB, cpu s)
+        self._halt = threading.Event()
+
+    @staticmethod
+    def read(pid: int) -> tuple[float, float]:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        with open(f"/proc/{pid}/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return rss_pages * PAGE_KB / 1024.0, cpu
+
+    def sample(self) -> tuple[float, float, float] | None:
+        try:
+            rss, cpu = self.read(self.pid)
+        except (OSError, IndexError, ValueError):
+            return None
+        s = (time.monotonic(), rss, cpu)
+        self.samples.append(s)
+        return s
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def window(self, t0: float, t1: float) -> list[tuple[float, float, float]]:
+        return [s for s in self.samples if t0 <= s[0] <= t1]
+
+
+def audit_offset(cluster: AuditedCluster) -> int:
+    try:
+        return cluster.audit_log.stat().st_size
+    except OSError:
+        return 0
+
+
+def audit_events(cluster: AuditedCluster, start: int, end: int | None = None, user: str | None = OPERATOR_USER) -> list[dict]:
+    """Audited requests of `user` (None: anyone) logged between two byte offsets of the audit log."""
+    try:
+        with open(cluster.audit_log, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(max(0, end - start))
+    except OSError:
+        return []
+    out = []
+    for line in data.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if (user is None or (ev.get("user") or {}).get("username") == user) and ev.get("stage") in ("ResponseComplete", "Panic"):
+            out.append(ev)
+    return out
+
+
+def request_key(ev: dict) -> str:
+    ref = ev.get("objectRef") or {}
+    resource = ref.get("resource") or ev.get("requestURI", "?").split("?")[0]
+    if ref.get("subresource"):
+        resource += "/" + ref["subresource"]
+    return f"{ev.get('verb')} {resource}"
+
+
+def _ts(stamp: str) -> float:
+    """Seconds since the epoch of an audit timestamp (RFC 3339 with microseconds)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def stage_breakdown(events: list[dict], workers: int) -> dict:
+    """Median seconds of each step from job create to its W-th pod create, by the
+    apiserver's clock (audit log): where a controller spends its time."""
+    per_job: dict[str, dict] = defaultdict(lambda: {"pods": []})
+    for ev in events:
+        ref = ev.get("objectRef") or {}
+        verb, res, sub, name = ev.get("verb"), ref.get("resource"), ref.get("subresource"), ref.get("name") or ""
+        t_in, t_out = _ts(ev["requestReceivedTimestamp"]), _ts(ev["stageTimestamp"])
+        if verb == "create" and res in (PLURAL, "jobs") and not sub:
+            name = name or (ev.get("responseObject") or {}).get("metadata", {}).get("name", "")
+            # Metadata level has no body; the name of a create is in the URI only for
+            # named creates, so fall back on the order of creates below.
+            per_job[name or f"?{len(per_job)}"]["create"] = t_in
+        elif verb == "create" and res == "pods" and not sub:
+            if "-worker-" in name:  # LeptonJob worker: <job>-worker-<i>
+                job = name.rsplit("-worker-", 1)[0]
+            else:  # Job controller: generateName <job>-<5 random>
+                m = re.match(r"^(.+)-[a-z0-9]{5}$", name)
+                job = m.group(1) if m else None
+            if job:
+                per_job[job]["pods"].append(t_out)
+        elif res == PLURAL and verb == "patch" and not sub:
+            per_job[name].setdefault("finalizer", t_out)
+        elif res == PLURAL and verb == "get":
+            per_job[name].setdefault("first_get", t_in)
+        elif res == PLURAL and verb == "patch" and sub == "status":
+            per_job[name].setdefault("first_status", t_out)
+    steps: dict[str, list[float]] = defaultdict(list)
+    for job in per_job.values():
+        pods = sorted(job["pods"])
+        t0 = job.get("create")
+        if t0 is None or len(pods) < workers:
+            continue
+        for key in ("finalizer", "first_get", "first_status"):
+            if key in job:
+                steps[f"create->{key}"].append(job[key] - t0)
+        steps["create->first pod"].append(pods[0] - t0)
+        steps["first pod->last pod"].append(pods[workers - 1] - pods[0])
+        steps["create->last pod"].append(pods[workers - 1] - t0)
+    return {k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in steps.items()}
+
+
+_METRIC_LINE = re.compile(r'^apiserver_request_total\{(.*)\} ([0-9.eE+-]+)$')
+
+
+def apiserver_request_totals(api: client.ApiClient) -> Counter:
+    """apiserver_request_total summed by (verb, resource/subresource)."""
+    text = raw(api, "GET", "/metrics")
+    totals: Counter = Counter()
+    for line in text.splitlines() if isinstance(text, str) else []:
+        m = _METRIC_LINE.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        res = labels.get("resource", "")
+        if labels.get("subresource"):
+            res += "/" + labels["subresource"]
+        totals[f"{labels.get('verb')} {res}"] += float(m.group(2))
+    return totals
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[max(0, min(len(v) - 1, math.ceil(q / 100 * len(v)) - 1))]
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MiB) points, in MiB per hour."""
+    if len(points) < 2:
+        return float("nan")
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return float("nan") if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den * 3600
+
+
+def minimum_requests(workers: int) -> dict[str, int]:
+    """The fewest requests one job's lifecycle (create -> Running -> delete) needs.
+
+    - 1 Service create (the headless Service the rendezvous names need);
+    - `workers` pod creates;
+    - 2 status writes: the first pass records the generation it started (intent before
+      action, so a restarted operator neither duplicates pods nor double-counts), and one
+      when every worker runs (phase Running);
+    - nothing on delete: children carry ownerReferences, the garbage collector removes
+      them; reads come from watches (shared by all jobs, not per job).
+    Events and kopf's finalizer are useful but not required, so they count against the 2x.
+    """
+    return {"create services": 1, "create pods": workers, "patch leptonjobs/status": 2}
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.W = args.workers
+        self.cluster: AuditedCluster | None = None
+        self.operator: OperatorProcess | None = None
+        self.sampler: ProcSampler | None = None
+        self.watches: dict[str, PodWatch] = {}
+        self.results: dict = {"args": vars(args), "latency": [], "idle": [], "api": {}, "churn": {},
+                              "create_phase_requests": []}
+
+    # --- setup / teardown --------------------------------------------------------
+
+    def start(self) -> None:
+        a = self.args
+        nodes_needed = math.ceil(max(a.ks) * self.W / GPUS_PER_NODE) + 1
+        nodes = [SimulatedNode(name=f"gpu-node-{i:04d}", gpus=GPUS_PER_NODE, pods=110) for i in range(nodes_needed)]
+        log(f"starting the local control plane with {nodes_needed} simulated nodes x {GPUS_PER_NODE} GPUs")
+        self.cluster = AuditedCluster(nodes=nodes, kubelet_mode="default", audit_user=OPERATOR_USER, progress=log)
+        self.cluster.start()
+        self.api = self.cluster.api_client()
+        install_crd(self.api)
+        kubeconfig = operator_kubeconfig(self.cluster, self.api, self.cluster.workdir / "operator.kubeconfig")
+        for wl in (LEPTON, BATCH):
+            w = PodWatch(self.cluster.api_client(), wl.namespace, wl.pod_label)
+            w.start()
+            w.ready.wait(30)
+            self.watches[wl.namespace] = w
+        self.metrics_port = free_port()
+        self.operator = OperatorProcess(
+            self.cluster, NS_LJ,
+            ["--standalone", "--liveness-port", "0", "--metrics-port", str(self.metrics_port)],
+            {"KUBECONFIG": str(kubeconfig)}, self.cluster.logs_dir / "operator.log",
+        )
+        self.sampler = ProcSampler(self.operator.pid, interval=1.0)
+        self.sampler.start()
+        # Warm-up (not measured): both controllers have their watches open and caches full.
+        for wl in (BATCH, LEPTON):
+            self.run_batch(wl, ["warmup"], timeout=120)
+            self.cleanup(wl)
+        time.sleep(2.0)
+        self.results["operator_rss_at_start_mib"] = self.sampler.sample()[1]  # warm, no jobs
+
+    def stop(self) -> None:
+        if self.sampler:
+            self.sampler.stop()
+        for w in self.watches.values():
+            w.stop()
+        if self.operator:
+            self.operator.stop()
+        if self.cluster and self.args.artifacts:
+            dest = Path(self.args.artifacts)
+            dest.mkdir(parents=True, exist_ok=True)
+            for src in (self.cluster.logs_dir / "operator.log", self.cluster.audit_log):
+                if src.exists():
+                    (dest / src.name).write_bytes(src.read_bytes())
+        if self.cluster:
+            self.cluster.stop()
+
+    # --- phases --------------------------------------------------------------------
+
+    def run_batch(self, wl: Workload, names: list[str], timeout: float) -> dict:
+        """Create jobs `names` of kind `wl`; wait until all their pods run; per-job timings."""
+        watch = self.watches[wl.namespace]
+        created: dict[str, float] = {}
+        for name in names:
+            created[name] = time.monotonic()
+            wl.create(self.api, name, self.W)
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = watch.snapshot()
+            done = sum(1 for n in names if sum(1 for p in snap.get(n, []) if p["running"]) >= self.W)
+            if done == len(names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        per_job = []
+        for name in names:
+            pods = snap.get(name, [])
+            added = sorted(p["added"] for p in pods)
+            running = sorted(p["running"] for p in pods if p["running"])
+            per_job.append({
+                "job": name,
+                "created_s": added[self.W - 1] - created[name] if len(added) >= self.W else None,
+                "running_s": running[self.W - 1] - created[name] if len(running) >= self.W else None,
+                "first_pod_s": added[0] - created[name] if added else None,
+                "t_create": created[name],
+                "t_all_created": added[self.W - 1] if len(added) >= self.W else None,
+                "t_all_running": running[self.W - 1] if len(running) >= self.W else None,
+            })
+        return {"jobs": per_job, "complete": done, "total": len(names)}
+
+    def cleanup(self, wl: Workload, timeout: float = 600) -> float:
+        """Delete every job of `wl` and wait until its pods and jobs are gone; seconds taken."""
+        t0 = time.monotonic()
+        wl.delete_all(self.api)
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.watches[wl.namespace].live_count() == 0 and wl.count(self.api) == 0:
+                break
+            time.sleep(0.25)
+        else:
+            log(f"cleanup of {wl.kind}s not finished after {timeout} s")
+        return time.monotonic() - t0
+
+    def latency_phase(self, wl: Workload, k: int) -> dict:
+        names = [f"{'lj' if wl is LEPTON else 'job'}-k{k}-{i:04d}" for i in range(k)]
+        timeout = 120 + 2.0 * k
+        log(f"{wl.kind}: creating {k} jobs of {self.W} workers")
+        load0 = os.getloadavg()[0]
+        a0 = audit_offset(self.cluster)
+        t_phase = time.monotonic()
+        run = self.run_batch(wl, names, timeout)
+        jobs = run["jobs"]
+        created = [j["created_s"] for j in jobs if j["created_s"] is not None]
+        running = [j["running_s"] for j in jobs if j["running_s"] is not None]
+        t_first = min(j["t_create"] for j in jobs)
+        t_all_created = [j["t_all_created"] for j in jobs if j["t_all_created"] is not None]
+        t_all_running = [j["t_all_running"] for j in jobs if j["t_all_running"] is not None]
+        row = {
+            "kind": wl.kind, "k": k, "workers": self.W, "complete": run["complete"],
+            "created_p50": pct(created, 50), "created_p99": pct(created, 99), "created_max": pct(created, 100),
+            "running_p50": pct(running, 50), "running_p99": pct(running, 99), "running_max": pct(running, 100),
+            "total_created": (max(t_all_created) - t_first) if len(t_all_created) == k else None,
+            "total_running": (max(t_all_running) - t_first) if len(t_all_running) == k else None,
+            "create_calls_s": max(j["t_create"] for j in jobs) - t_first,
+            "loadavg_1m": load0,
+        }
+        time.sleep(0.5)
+        try:
+            row["apiserver_steps"] = stage_breakdown(audit_events(self.cluster, a0, user=None), self.W)
+        except Exception as e:  # a diagnostic: never lose the run's figures over it
+            log(f"step breakdown failed: {type(e).__name__}: {e}")
+            row["apiserver_steps"] = {}
+        log(f"{wl.kind} K={k}: {run['complete']}/{k} complete; all pods created p50 {row['created_p50']:.2f}s "
+            f"p99 {row['created_p99']:.2f}s; running p50 {row['running_p50']:.2f}s p99 {row['running_p99']:.2f}s")
+        if wl is LEPTON:
+            time.sleep(1.0)  # let the last status writes land in the audit log
+            evs = audit_events(self.cluster, a0)
+            per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch", "list"))
+            self.results["create_phase_requests"].append(
+                {"k": k, "requests": sum(per.values()), "per_job": sum(per.values()) / k, "by_kind": dict(per)})
+            self.idle_phase(k, t_phase)
+        row["cleanup_s"] = self.cleanup(wl)
+        return row
+
+    def idle_phase(self, k: int, t_phase: float) -> None:
+        """Hold K running jobs for `--idle-seconds`: RSS, CPU %, requests per job per minute."""
+        secs = self.args.idle_seconds
+        if secs <= 0:
+            return
+        a0 = audit_offset(self.cluster)
+        s0 = self.sampler.sample()
+        time.sleep(secs)
+        s1 = self.sampler.sample()
+        evs = audit_events(self.cluster, a0)
+        reqs = [e for e in evs if e.get("verb") not in ("watch",)]
+        row = {
+            "k": k, "seconds": s1[0] - s0[0], "rss_mib": s1[1],
+            "rss_max_mib": max(s[1] for s in self.sampler.window(s0[0], s1[0])),
+            "rss_peak_phase_mib": max(s[1] for s in self.sampler.window(t_phase, s1[0])),
+            "cpu_percent": 100.0 * (s1[2] - s0[2]) / (s1[0] - s0[0]),
+            "requests_per_job_per_min": len(reqs) / k / ((s1[0] - s0[0]) / 60.0),
+            "by_kind": dict(Counter(request_key(e) for e in reqs)),
+        }
+        self.results["idle"].append(row)
+        log(f"idle K={k}: RSS {row['rss_mib']:.1f} MiB, CPU {row['cpu_percent']:.1f} %, "
+            f"{row['requests_per_job_per_min']:.2f} requests/job/min")
+
+    def api_phase(self) -> None:
+        """`--api-jobs` sequential lifecycles of one job; operator requests per lifecycle."""
+        n = self.args.api_jobs
+        if n <= 0:
+            return
+        log(f"API cost: {n} lifecycles (create -> Running -> delete -> gone)")
+        time.sleep(2.0)
+        m0 = apiserver_request_totals(self.api)
+        a0 = audit_offset(self.cluster)
+        t0 = time.monotonic()
+        for i in range(n):
+            self.run_batch(LEPTON, [f"api-{i}"], timeout=120)
+            self.cleanup(LEPTON)
+        time.sleep(2.0)  # requests in flight land in the log
+        elapsed = time.monotonic() - t0
+        a1 = audit_offset(self.cluster)
+        m1 = apiserver_request_totals(self.api)
+        evs = audit_events(self.cluster, a0, a1)
+        per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch",))
+        by_agent = Counter((e.get("userAgent") or "?").split(" ")[0] for e in evs if e.get("verb") != "watch")
+        codes = Counter(str((e.get("responseStatus") or {}).get("code")) for e in evs if e.get("verb") != "watch")
+        delta = {k: m1[k] - m0[k] for k in m1 if m1[k] - m0[k] > 0}
+        # The harness itself sends per lifecycle: 1 create, 1 deletecollection, and its
+        # cleanup polls (list) of leptonjobs; the rest of `leptonjobs` traffic is the operator's.
+        self.results["api"] = {
+            "lifecycles": n, "seconds": elapsed,
+            "per_lifecycle": {k: v / n for k, v in sorted(per.items())},
+            "total_per_lifecycle": sum(per.values()) / n,
+            "by_user_agent": {k: v / n for k, v in by_agent.items()},
+            "response_codes": dict(codes),
+            "minimum": minimum_requests(self.W),
+            "apiserver_request_total_delta_leptonjobs": {k: v for k, v in sorted(delta.items()) if "leptonjobs" in k},
+            "apiserver_request_total_delta_all": dict(sorted(delta.items())),
+        }
+        log(f"API cost: {sum(per.values()) / n:.1f} operator requests per lifecycle "
+            f"(minimum {sum(minimum_requests(self.W).values())})")
+
+    def churn_phase(self) -> None:
+        """Create/delete cycles for `--churn-seconds`; RSS at cycle boundaries."""
+        secs, c = self.args.churn_seconds, self.args.churn_jobs
+        if secs <= 0:
+            return
+        log(f"churn: cycles of {c} jobs for {secs} s")
+        t0 = time.monotonic()
+        boundary = [self.sampler.sample()]
+        cycles, incomplete = 0, 0
+        cycle_s = []
+        while time.monotonic() - t0 < secs:
+            tc = time.monotonic()
+            run = self.run_batch(LEPTON, [f"churn-{cycles}-{i}" for i in range(c)], timeout=120)
+            incomplete += run["total"] - run["complete"]
+            self.cleanup(LEPTON)
+            cycles += 1
+            cycle_s.append(time.monotonic() - tc)
+            boundary.append(self.sampler.sample())
+        boundary = [b for b in boundary if b]
+        pts = [(b[0] - t0, b[1]) for b in boundary]
+        mid = boundary[len(boundary) // 2]
+        all_pts = [(s[0] - t0, s[1]) for s in self.sampler.window(t0, boundary[-1][0])]
+        self.results["churn"] = {
+            "seconds": boundary[-1][0] - t0, "cycles": cycles, "jobs_per_cycle": c, "incomplete_jobs": incomplete,
+            "cycle_p50_s": pct(cycle_s, 50),
+            "rss_start_mib": boundary[0][1], "rss_mid_mib": mid[1], "rss_end_mib": boundary[-1][1],
+            "rss_max_mib": max(p[1] for p in all_pts) if all_pts else None,
+            "slope_boundaries_mib_per_h": slope_per_hour(pts),
+            "slope_all_samples_mib_per_h": slope_per_hour(all_pts),
+            "slope_second_half_mib_per_h": slope_per_hour(pts[len(pts) // 2:]),
+            "cpu_seconds": boundary[-1][2] - boundary[0][2],
+            "cpu_percent": 100.0 * (boundary[-1][2] - boundary[0][2]) / max(1e-9, boundary[-1][0] - boundary[0][0]),
+        }
+        ch = self.results["churn"]
+        log(f"churn: {cycles} cycles, RSS {ch['rss_start_mib']:.1f} -> {ch['rss_mid_mib']:.1f} -> "
+            f"{ch['rss_end_mib']:.1f} MiB, slope {ch['slope_boundaries_mib_per_h']:+.1f} MiB/h")
+
+    def reconcile_histogram(self) -> dict:
+        """The operator's own reconcile-duration histogram (sum, count) from its /metrics."""
+        import urllib.request
+
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        except Exception as e:
+            return {"error": str(e)}
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("lepton_operator_reconcile_duration_seconds_sum") or \
+               line.startswith("lepton_operator_reconcile_duration_seconds_count"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def run(self) -> dict:
+        self.results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+        self.start()
+        for k in self.args.ks:
+            for wl in (BATCH, LEPTON):
+                self.results["latency"].append(self.latency_phase(wl, k))
+            if not self.operator.running():
+                raise RuntimeError("the operator exited:\n" + self.operator.log_text()[-3000:])
+        self.api_phase()
+        self.churn_phase()
+        self.results["reconcile_histogram"] = self.reconcile_histogram()
+        self.results["operator_log_errors"] = [
+            line for line in self.operator.log_text().splitlines() if " ERROR " in line or "Traceback" in line][:20]
+        self.results["machine"]["loadavg_at_end"] = os.getloadavg()
+        return self.results
+
+
+# ------------------------------------------------------------------ report
+
+
+def fmt(v, nd=2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{nd}f}"
+
+
+def report(res: dict) -> str:
+    lines = []
+    lat = res["latency"]
+    lines.append("### Latency: create -> all W pods created / all W pods Running (seconds)\n")
+    lines.append("| K | controller | done | created p50 | created p99 | created total | running p50 | running p99 | running total | load 1m |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in lat:
+        lines.append(f"| {r['k']} | {r['kind']} | {r['complete']}/{r['k']} | {fmt(r['created_p50'])} | "
+                     f"{fmt(r['created_p99'])} | {fmt(r['total_created'])} | {fmt(r['running_p50'])} | "
+                     f"{fmt(r['running_p99'])} | {fmt(r['total_running'])} | {fmt(r['loadavg_1m'], 1)} |")
+    lines.append("\n### Ratio LeptonJob / Job (lower is better for the operator; target created p50 & total <= 1.5 at K=100)\n")
+    lines.append("| K | created p50 | created p99 | created total | running p50 | running p99 | running total |")
+    lines.append("|---|---|---|---|---|---|---|")
+    by = {(r["kind"], r["k"]): r for r in lat}
+    for k in sorted({r["k"] for r in lat}):
+        lj, jb = by.get(("LeptonJob", k)), by.get(("Job", k))
+        if not lj or not jb:
+            continue
+
+        def ratio(key):
+            a, b = lj.get(key), jb.get(key)
+            return fmt(a / b) if a is not None and b and not math.isnan(a) and not math.isnan(b) else "-"
+
+        lines.append(f"| {k} | {ratio('created_p50')} | {ratio('created_p99')} | {ratio('total_created')} | "
+                     f"{ratio('running_p50')} | {ratio('running_p99')} | {ratio('total_running')} |")
+    lines.append("\n### Where the time goes: steps from job create to its W-th pod create, apiserver clock (audit log), p50 / p99 seconds\n")
+    steps = sorted({k for r in lat for k in (r.get("apiserver_steps") or {})})
+    lines.append("| K | controller | " + " | ".join(steps) + " |")
+    lines.append("|---|---|" + "---|" * len(steps))
+    for r in lat:
+        st = r.get("apiserver_steps") or {}
+        cells = [f"{fmt(st[k]['p50'])} / {fmt(st[k]['p99'])}" if k in st else "-" for k in steps]
+        lines.append(f"| {r['k']} | {r['kind']} | " + " | ".join(cells) + " |")
+    if res["idle"]:
+        lines.append("\n### Operator footprint holding K jobs idle\n")
+        lines.append("| K | RSS MiB (idle) | RSS max MiB (idle) | RSS peak MiB (create + idle) | CPU % idle (1 core = 100) | requests/job/min idle | window s |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in res["idle"]:
+            lines.append(f"| {r['k']} | {fmt(r['rss_mib'], 1)} | {fmt(r['rss_max_mib'], 1)} | {fmt(r.get('rss_peak_phase_mib'), 1)} | {fmt(r['cpu_percent'], 1)} | "
+                         f"{fmt(r['requests_per_job_per_min'], 2)} | {fmt(r['seconds'], 0)} |")
+        pts = [(r["k"], r.get("rss_peak_phase_mib", r["rss_max_mib"])) for r in res["idle"]]
+        if len(pts) >= 2:
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            mx, my = statistics.fmean(xs), statistics.fmean(ys)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            a = my - b * mx
+            lines.append(f"\nLinear fit of peak RSS: RSS(K) = {a:.1f} MiB + {b * 1024:.1f} KiB x K -> "
+                         f"K=1000: {a + b * 1000:.0f} MiB (operator RSS at start: {fmt(res.get('operator_rss_at_start_mib'), 1)} MiB)")
+    if res["create_phase_requests"]:
+        lines.append("\n### Operator requests per job while K jobs start (create -> all Running; audit log)\n")
+        lines.append("| K | requests/job | by kind (total) |")
+        lines.append("|---|---|---|")
+        for r in res["create_phase_requests"]:
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(r["by_kind"].items()))
+            lines.append(f"| {r['k']} | {fmt(r['per_job'], 1)} | {kinds} |")
+    api = res.get("api") or {}
+    if api:
+        minimum = sum(api["minimum"].values())
+        lines.append(f"\n### API cost per job lifecycle (create -> Running -> delete -> gone; {api['lifecycles']} lifecycles; audit log, operator's identity)\n")
+        lines.append("| request | per lifecycle | protocol minimum |")
+        lines.append("|---|---|---|")
+        keys = sorted(set(api["per_lifecycle"]) | set(api["minimum"]))
+        for k in keys:
+            lines.append(f"| {k} | {fmt(api['per_lifecycle'].get(k, 0.0), 1)} | {api['minimum'].get(k, 0)} |")
+        total = api["total_per_lifecycle"]
+        lines.append(f"| **total** | **{fmt(total, 1)}** | **{minimum}** (ratio {fmt(total / minimum)}; target <= 2) |")
+        lines.append(f"\nBy client: {', '.join(f'{k}: {fmt(v, 1)}' for k, v in api['by_user_agent'].items())}; "
+                     f"response codes: {api['response_codes']}.")
+        lines.append(f"apiserver_request_total delta for leptonjobs over the window (all clients, harness included): "
+                     f"{ {k: int(v) for k, v in api['apiserver_request_total_delta_leptonjobs'].items()} }")
+    ch = res.get("churn") or {}
+    if ch:
+        lines.append(f"\n### Churn: {ch['cycles']} cycles of {ch['jobs_per_cycle']} jobs in {fmt(ch['seconds'], 0)} s "
+                     f"(cycle p50 {fmt(ch['cycle_p50_s'], 1)} s, incomplete jobs {ch['incomplete_jobs']})\n")
+        lines.append("| RSS start MiB | RSS middle MiB | RSS end MiB | RSS max MiB | slope (cycle ends) MiB/h | slope (2nd half) MiB/h | slope (all samples) MiB/h | CPU % |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append(f"| {fmt(ch['rss_start_mib'], 1)} | {fmt(ch['rss_mid_mib'], 1)} | {fmt(ch['rss_end_mib'], 1)} | "
+                     f"{fmt(ch['rss_max_mib'], 1)} | {fmt(ch['slope_boundaries_mib_per_h'], 1)} | "
+                     f"{fmt(ch['slope_second_half_mib_per_h'], 1)} | {fmt(ch['slope_all_samples_mib_per_h'], 1)} | {fmt(ch['cpu_percent'], 1)} |")
+    hist = res.get("reconcile_histogram") or {}
+    if hist:
+        lines.append(f"\nOperator reconcile passes: {hist}")
+    m = res.get("machine", {})
+    lines.append(f"\nMachine: {m.get('cpus')} CPUs, load average at start {m.get('loadavg_at_start')}, "
+                 f"at end {m.get('loadavg_at_end')}.")
+    if res.get("operator_log_errors"):
+        lines.append("\nOperator log errors (first 20):\n```\n" + "\n".join(res["operator_log_errors"]) + "\n```")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ks", default="1,10,100", help="comma-separated job counts (default 1,10,100)")
+    p.add_argument("--workers", type=int, default=8, help="workers (pods, 1 GPU each) per job (default 8)")
+    p.add_argument("--idle-seconds", type=float, default=40, help="hold each K idle this long (default 40; > the 30 s resync)")
+    p.add_argument("--api-jobs", type=int, default=5, help="lifecycles for the API-cost phase (default 5; 0 skips)")
+    p.add_argument("--churn-seconds", type=float, default=600, help="create/delete churn duration (default 600; 0 skips)")
+    p.add_argument("--churn-jobs", type=int, default=10, help="jobs per churn cycle (default 10)")
+    p.add_argument("--json", help="write the raw results here")
+    p.add_argument("--markdown", help="write the tables here")
+    p.add_argument("--artifacts", help="copy the operator log and the audit log here before the cluster goes")
+    args = p.parse_args(argv)
+    args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    bench = Bench(args)
+    try:
+        res = bench.run()
+    finally:
+        bench.stop()
+    text = report(res)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
