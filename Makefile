@@ -44,4 +44,4 @@ kind-e2e: ## kind end-to-end suite (creates a cluster, or reuses $LEPTON_KIND_CL
 	$(PY) -m pytest -m kind tests/e2e -rs -v
 
 bench: ## benchmarks (operator latency, scale, memory; autoscaling policy)
-	$(PY) -m pytest benchmarks -rs -v
+	$(PY) benchmarks/autoscale.py && $(PY) benchmarks/control_plane.py $(BENCH_ARGS)
