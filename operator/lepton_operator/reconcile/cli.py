@@ -101,25 +101,34 @@ def ensure_peering_objects(api_client, name: str, namespaces: list[str], cluster
 
     custom = client.CustomObjectsApi(api_client)
     log = logging.getLogger("lepton_operator.peering")
-    body = {"metadata": {"name": name}}
-    try:
-        if clusterwide:
-            custom.create_cluster_custom_object(
-                "kopf.dev", "v1", "clusterkopfpeerings",
-                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", **body},
-            )
-        for ns in namespaces:
-            if any(ch in ns for ch in "*?[!"):
-                continue  # a glob: nothing to create
-            custom.create_namespaced_custom_object(
-                "kopf.dev", "v1", ns, "kopfpeerings", {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", **body},
-            )
-    except ApiException as e:
-        if e.status == 404:
-            log.warning("kopf peering CRDs are not installed (crds/kopf-peering.yaml): running standalone")
-            return False
-        if e.status != 409:
-            log.warning(f"could not create peering object {name!r}: HTTP {e.status} {e.reason}")
+    targets = [(None, "clusterkopfpeerings", "ClusterKopfPeering")] if clusterwide else []
+    # A glob names no single namespace: nothing to create there.
+    targets += [(ns, "kopfpeerings", "KopfPeering") for ns in namespaces if not any(ch in ns for ch in "*?[!")]
+    for namespace, plural, kind in targets:
+        # Read before creating: with the chart's RBAC the object exists and the operator
+        # may not create it, and the apiserver checks `create` before it notices a 409.
+        try:
+            if namespace is None:
+                custom.get_cluster_custom_object("kopf.dev", "v1", plural, name)
+            else:
+                custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, plural, name)
+            continue
+        except ApiException as e:
+            if e.status != 404:
+                log.warning(f"could not read {kind} {name!r}: HTTP {e.status} {e.reason}")
+                continue
+        body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
+        try:
+            if namespace is None:
+                custom.create_cluster_custom_object("kopf.dev", "v1", plural, body)
+            else:
+                custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, plural, body)
+        except ApiException as e:
+            if e.status == 404:
+                log.warning("kopf peering CRDs are not installed (crds/kopf-peering.yaml): running standalone")
+                return False
+            if e.status != 409:
+                log.warning(f"could not create {kind} {name!r}: HTTP {e.status} {e.reason}")
     return True
 
 
