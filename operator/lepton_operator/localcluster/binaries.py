@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -148,7 +150,8 @@ def _help_text(reason: str) -> str:
     )
 
 
-def _run(cmd: list[str], progress: Progress, cwd: Path | None = None, env: dict | None = None) -> int:
+def _run(cmd: list[str], progress: Progress, cwd: Path | None = None, env: dict | None = None,
+         heartbeat: float = 15.0) -> int:
     """Run a command, streaming its output lines to ``progress``; return the exit code."""
     progress("$ " + " ".join(cmd))
     proc = subprocess.Popen(
@@ -161,11 +164,26 @@ def _run(cmd: list[str], progress: Progress, cwd: Path | None = None, env: dict 
         text=True,
         errors="replace",
     )
-    try:
-        assert proc.stdout is not None
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
         for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    started = time.monotonic()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=heartbeat)
+            except queue.Empty:
+                # Go links for minutes without a word: say we are alive.
+                progress(f"  ... still running ({time.monotonic() - started:.0f} s)")
+                continue
+            if line is None:
+                return proc.wait()
             progress("  " + line.rstrip())
-        return proc.wait()
     except BaseException:
         # Interrupted (Ctrl-C): don't leave make or apt running behind us.
         proc.kill()
