@@ -27,6 +27,8 @@ def status(**extra):
 
 def test_window_covers_the_generation_after_warm_up():
     assert measurement_window(SPEC, status(), NOW) == 90
+    assert measurement_window(SPEC, status(), NOW, reporting_since=NOW - timedelta(seconds=30)) == 30
+    assert measurement_window(SPEC, status(), NOW, reporting_since=NOW - timedelta(seconds=5)) is None
     young = status(generationStartTime=(NOW - timedelta(seconds=15)).strftime("%Y-%m-%dT%H:%M:%SZ"))
     assert measurement_window(SPEC, young, NOW) is None
     assert should_run(SPEC, status()) and not should_run(SPEC, status(phase="Rescaling"))

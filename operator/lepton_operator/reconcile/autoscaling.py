@@ -5,8 +5,9 @@ passed for the job; if so, and the job is Running with no rescale under way, it
 
 1. measures the job's throughput in Prometheus (in a thread, with the client's timeout):
    `sum(rate(lepton_trainer_samples_total{namespace, job_name, generation}[w]))`, where
-   `w` covers the current generation after its warm-up (so the value is the generation's
-   mean, less noisy the longer it runs), once at least `windowSeconds` have passed;
+   `w` covers the current generation after its warm-up and after all its workers began
+   reporting (so the value is the generation's mean, less noisy the longer it runs),
+   once at least `windowSeconds` have passed;
 2. records it as the observation for the current world size (`status.autoscaling.
    observations`, latest per size) and in `status.throughput`; sets the condition
    `MetricsUnavailable` (True with the error while data is missing, False once back);
@@ -65,11 +66,20 @@ class AutoscalePlan:
     decision: Optional[ScaleDecision] = None
 
 
-def measurement_window(spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime) -> Optional[int]:
-    """Seconds of rate window covering this generation after warm-up; None while too young."""
+def measurement_window(spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime,
+                       reporting_since: Optional[datetime] = None) -> Optional[int]:
+    """Seconds of rate window inside this generation after its warm-up (and after all its
+    workers began reporting, when known); None while that is shorter than `windowSeconds`.
+
+    A window reaching back before the series existed would make Prometheus' rate()
+    under-report (it extrapolates over the missing part), so the window never does.
+    """
     if status.generation_start_time is None:
         return None
-    settled = (now - status.generation_start_time).total_seconds() - spec.autoscaling.warmup_seconds
+    start = status.generation_start_time + timedelta(seconds=spec.autoscaling.warmup_seconds)
+    if reporting_since is not None and reporting_since > start:
+        start = reporting_since
+    settled = (now - start).total_seconds()
     if settled < spec.autoscaling.window_seconds:
         return None
     return int(min(settled, MAX_WINDOW_SECONDS))
@@ -145,16 +155,34 @@ def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union
 
 
 def measure(client: Optional[PrometheusClient], namespace: str, name: str, spec: LeptonJobSpec,
-            status: LeptonJobStatus, now: datetime) -> Union[Sample, MetricsError, None]:
-    """Query the current generation's throughput (blocking; run it in a thread)."""
-    window = measurement_window(spec, status, now)
-    if window is None:
+            status: LeptonJobStatus, now: datetime, memo: dict) -> Union[Sample, MetricsError, None]:
+    """Query the current generation's throughput (blocking; run it in a thread).
+
+    `memo` (per job, kept by the handler) remembers when every worker of the generation
+    was first seen reporting; the rate window starts no earlier than that.
+    """
+    if status.generation_start_time is None or now < status.generation_start_time + timedelta(
+            seconds=spec.autoscaling.warmup_seconds):
         return None
     if client is None:
         return MetricsError("connection", "no Prometheus URL configured (--prometheus-url)")
+    generation = status.worker_generation
+    key = f"reporting_since_g{generation}"
     try:
-        return client.throughput(namespace, name, window, now=now.timestamp(), generation=status.worker_generation)
+        if key not in memo:
+            reporting = client.reporting_workers(namespace, name, now=now.timestamp(), generation=generation)
+            if reporting < status.world_size:
+                return None  # still starting: not an outage
+            for old in [k for k in memo if k.startswith("reporting_since_g")]:
+                del memo[old]
+            memo[key] = now
+        window = measurement_window(spec, status, now, memo[key])
+        if window is None:
+            return None
+        return client.throughput(namespace, name, window, now=now.timestamp(), generation=generation)
     except MetricsError as exc:
+        if exc.kind == "empty" and key not in memo:
+            return None  # no worker of this generation reports yet
         return exc
 
 
@@ -199,7 +227,8 @@ if kopf is not None:
             return
         memo["autoscaler_last_run"] = mono
         now = datetime.now(timezone.utc)
-        measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now)
+        state = memo.setdefault("autoscaler", {})
+        measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now, state)
         plan = plan_autoscale(job, st, measured, now, observed_generation=meta.get("generation"))
         for key, value in plan.status_patch.items():
             patch.status[key] = value
