@@ -107,9 +107,12 @@ class AuditedCluster(LocalCluster):
                     # Creates by the admin user (this harness, and the controller-manager,
                     # which runs on the admin kubeconfig): the apiserver's own timestamps
                     # for job create -> pod creates, for both controllers.
+                    # Pods at level Request: the Job controller's have generateName, and
+                    # only the body (ownerReferences) says which Job a pod belongs to.
+                    {"level": "Request", "users": [self.admin_user], "verbs": ["create"],
+                     "resources": [{"group": "", "resources": ["pods"]}]},
                     {"level": "Metadata", "users": [self.admin_user], "verbs": ["create"],
-                     "resources": [{"group": "", "resources": ["pods"]}, {"group": "batch", "resources": ["jobs"]},
-                                   {"group": GROUP, "resources": [PLURAL]}]},
+                     "resources": [{"group": "batch", "resources": ["jobs"]}, {"group": GROUP, "resources": [PLURAL]}]},
                     {"level": "None"},
                 ],
             }))
@@ -191,6 +194,37 @@ def operator_kubeconfig(cluster: LocalCluster, api: client.ApiClient, path: Path
     path.write_text(yaml.safe_dump(cfg))
     path.chmod(0o600)
     return path
+
+
+# A what-if (--what-if-threads N): the operator as shipped, but its blocking API calls
+# (`asyncio.to_thread` in reconcile/handlers.py) run on N threads instead of asyncio's
+# default min(32, cpus + 4), and the client keeps N connections. Operator code is
+# unchanged; this previews the fix proposed in RESULTS.md.
+WHAT_IF_BOOT = """
+import asyncio, concurrent.futures, contextvars, functools, os, sys
+N = int(os.environ["LEPTON_BENCH_THREADS"])
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=N, thread_name_prefix="api")
+async def _to_thread(func, /, *args, **kwargs):
+    ctx = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_pool, functools.partial(ctx.run, func, *args, **kwargs))
+asyncio.to_thread = _to_thread
+from kubernetes.client import configuration as _c
+_init = _c.Configuration.__init__
+def _patched(self, *a, **k):
+    _init(self, *a, **k)
+    self.connection_pool_maxsize = N
+_c.Configuration.__init__ = _patched
+from lepton_operator.cli import main
+sys.exit(main())
+"""
+
+
+class WhatIfOperator(OperatorProcess):
+    """The operator started through WHAT_IF_BOOT (see above)."""
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", WHAT_IF_BOOT, "run", "--namespace", self.namespace, *self.args]
 
 
 # ------------------------------------------------------------------ workloads
@@ -413,12 +447,17 @@ def audit_events(cluster: AuditedCluster, start: int, end: int | None = None, us
     return out
 
 
+WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
+
+
 def request_key(ev: dict) -> str:
+    """`verb resource[/subresource]`, with ` (409)` for a create that found the name taken."""
     ref = ev.get("objectRef") or {}
     resource = ref.get("resource") or ev.get("requestURI", "?").split("?")[0]
     if ref.get("subresource"):
         resource += "/" + ref["subresource"]
-    return f"{ev.get('verb')} {resource}"
+    code = (ev.get("responseStatus") or {}).get("code")
+    return f"{ev.get('verb')} {resource}" + (f" ({code})" if code == 409 else "")
 
 
 def _ts(stamp: str) -> float:
@@ -437,16 +476,13 @@ def stage_breakdown(events: list[dict], workers: int) -> dict:
         verb, res, sub, name = ev.get("verb"), ref.get("resource"), ref.get("subresource"), ref.get("name") or ""
         t_in, t_out = _ts(ev["requestReceivedTimestamp"]), _ts(ev["stageTimestamp"])
         if verb == "create" and res in (PLURAL, "jobs") and not sub:
-            name = name or (ev.get("responseObject") or {}).get("metadata", {}).get("name", "")
-            # Metadata level has no body; the name of a create is in the URI only for
-            # named creates, so fall back on the order of creates below.
-            per_job[name or f"?{len(per_job)}"]["create"] = t_in
+            per_job[name]["create"] = t_in
         elif verb == "create" and res == "pods" and not sub:
             if "-worker-" in name:  # LeptonJob worker: <job>-worker-<i>
                 job = name.rsplit("-worker-", 1)[0]
-            else:  # Job controller: generateName <job>-<5 random>
-                m = re.match(r"^(.+)-[a-z0-9]{5}$", name)
-                job = m.group(1) if m else None
+            else:  # Job controller: generateName, the owner is in the body
+                owners = ((ev.get("requestObject") or {}).get("metadata") or {}).get("ownerReferences") or []
+                job = owners[0].get("name") if owners else None
             if job:
                 per_job[job]["pods"].append(t_out)
         elif res == PLURAL and verb == "patch" and not sub:
@@ -455,13 +491,17 @@ def stage_breakdown(events: list[dict], workers: int) -> dict:
             per_job[name].setdefault("first_get", t_in)
         elif res == PLURAL and verb == "patch" and sub == "status":
             per_job[name].setdefault("first_status", t_out)
+            if (ev.get("responseStatus") or {}).get("code") == 200:
+                per_job[name].setdefault("first_status_ok", t_out)
+        elif res == "services" and verb == "create" and name.endswith("-workers"):
+            per_job[name[: -len("-workers")]].setdefault("service", t_out)
     steps: dict[str, list[float]] = defaultdict(list)
     for job in per_job.values():
         pods = sorted(job["pods"])
         t0 = job.get("create")
         if t0 is None or len(pods) < workers:
             continue
-        for key in ("finalizer", "first_get", "first_status"):
+        for key in ("finalizer", "first_get", "first_status", "first_status_ok", "service"):
             if key in job:
                 steps[f"create->{key}"].append(job[key] - t0)
         steps["create->first pod"].append(pods[0] - t0)
@@ -557,10 +597,16 @@ class Bench:
             w.ready.wait(30)
             self.watches[wl.namespace] = w
         self.metrics_port = free_port()
-        self.operator = OperatorProcess(
+        env = {"KUBECONFIG": str(kubeconfig)}
+        factory = OperatorProcess
+        if self.args.what_if_threads:
+            factory = WhatIfOperator
+            env["LEPTON_BENCH_THREADS"] = str(self.args.what_if_threads)
+            log(f"what-if: operator API calls on {self.args.what_if_threads} threads")
+        self.operator = factory(
             self.cluster, NS_LJ,
             ["--standalone", "--liveness-port", "0", "--metrics-port", str(self.metrics_port)],
-            {"KUBECONFIG": str(kubeconfig)}, self.cluster.logs_dir / "operator.log",
+            env, self.cluster.logs_dir / "operator.log",
         )
         self.sampler = ProcSampler(self.operator.pid, interval=1.0)
         self.sampler.start()
@@ -664,7 +710,7 @@ class Bench:
         log(f"{wl.kind} K={k}: {run['complete']}/{k} complete; all pods created p50 {row['created_p50']:.2f}s "
             f"p99 {row['created_p99']:.2f}s; running p50 {row['running_p50']:.2f}s p99 {row['running_p99']:.2f}s")
         if wl is LEPTON:
-            time.sleep(1.0)  # let the last status writes land in the audit log
+            row["settle_s"] = self.wait_settled()
             evs = audit_events(self.cluster, a0)
             per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch", "list"))
             self.results["create_phase_requests"].append(
@@ -672,6 +718,24 @@ class Bench:
             self.idle_phase(k, t_phase)
         row["cleanup_s"] = self.cleanup(wl)
         return row
+
+    def wait_settled(self, quiet: float = 5.0, timeout: float = 300.0) -> float:
+        """Wait until the operator has sent no write for `quiet` seconds (reads are its
+        periodic resync); return the seconds it kept writing after this call."""
+        t0 = time.monotonic()
+        offset = audit_offset(self.cluster)
+        last_write = t0
+        while time.monotonic() - t0 < timeout:
+            time.sleep(0.5)
+            end = audit_offset(self.cluster)
+            if any(e.get("verb") in WRITE_VERBS for e in audit_events(self.cluster, offset, end)):
+                last_write = time.monotonic()
+            offset = end
+            if time.monotonic() - last_write >= quiet:
+                break
+        else:
+            log(f"the operator still writes after {timeout} s")
+        return last_write - t0
 
     def idle_phase(self, k: int, t_phase: float) -> None:
         """Hold K running jobs for `--idle-seconds`: RSS, CPU %, requests per job per minute."""
@@ -683,7 +747,7 @@ class Bench:
         time.sleep(secs)
         s1 = self.sampler.sample()
         evs = audit_events(self.cluster, a0)
-        reqs = [e for e in evs if e.get("verb") not in ("watch",)]
+        reqs = [e for e in evs if e.get("verb") not in ("watch", "list")]
         row = {
             "k": k, "seconds": s1[0] - s0[0], "rss_mib": s1[1],
             "rss_max_mib": max(s[1] for s in self.sampler.window(s0[0], s1[0])),
@@ -714,9 +778,12 @@ class Bench:
         a1 = audit_offset(self.cluster)
         m1 = apiserver_request_totals(self.api)
         evs = audit_events(self.cluster, a0, a1)
-        per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch",))
-        by_agent = Counter((e.get("userAgent") or "?").split(" ")[0] for e in evs if e.get("verb") != "watch")
-        codes = Counter(str((e.get("responseStatus") or {}).get("code")) for e in evs if e.get("verb") != "watch")
+        # list/watch are per connection (kopf's watches, shared by every job), not per job.
+        per_job = [e for e in evs if e.get("verb") not in ("watch", "list")]
+        per = Counter(request_key(e) for e in per_job)
+        by_agent = Counter((e.get("userAgent") or "?").split(" ")[0] for e in per_job)
+        codes = Counter(str((e.get("responseStatus") or {}).get("code")) for e in per_job)
+        connection_level = Counter(request_key(e) for e in evs if e.get("verb") in ("watch", "list"))
         delta = {k: m1[k] - m0[k] for k in m1 if m1[k] - m0[k] > 0}
         # The harness itself sends per lifecycle: 1 create, 1 deletecollection, and its
         # cleanup polls (list) of leptonjobs; the rest of `leptonjobs` traffic is the operator's.
@@ -726,6 +793,7 @@ class Bench:
             "total_per_lifecycle": sum(per.values()) / n,
             "by_user_agent": {k: v / n for k, v in by_agent.items()},
             "response_codes": dict(codes),
+            "connection_level_in_window": dict(connection_level),
             "minimum": minimum_requests(self.W),
             "apiserver_request_total_delta_leptonjobs": {k: v for k, v in sorted(delta.items()) if "leptonjobs" in k},
             "apiserver_request_total_delta_all": dict(sorted(delta.items())),
@@ -817,12 +885,12 @@ def report(res: dict) -> str:
     lines = []
     lat = res["latency"]
     lines.append("### Latency: create -> all W pods created / all W pods Running (seconds)\n")
-    lines.append("| K | controller | done | created p50 | created p99 | created total | running p50 | running p99 | running total | load 1m |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| K | controller | done | created p50 | created p99 | created total | running p50 | running p99 | running total | operator writes on after all Running (s) | delete all -> all gone (s) | load 1m |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in lat:
         lines.append(f"| {r['k']} | {r['kind']} | {r['complete']}/{r['k']} | {fmt(r['created_p50'])} | "
                      f"{fmt(r['created_p99'])} | {fmt(r['total_created'])} | {fmt(r['running_p50'])} | "
-                     f"{fmt(r['running_p99'])} | {fmt(r['total_running'])} | {fmt(r['loadavg_1m'], 1)} |")
+                     f"{fmt(r['running_p99'])} | {fmt(r['total_running'])} | {fmt(r.get('settle_s'), 1)} | {fmt(r.get('cleanup_s'), 1)} | {fmt(r['loadavg_1m'], 1)} |")
     lines.append("\n### Ratio LeptonJob / Job (lower is better for the operator; target created p50 & total <= 1.5 at K=100)\n")
     lines.append("| K | created p50 | created p99 | created total | running p50 | running p99 | running total |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -839,7 +907,11 @@ def report(res: dict) -> str:
         lines.append(f"| {k} | {ratio('created_p50')} | {ratio('created_p99')} | {ratio('total_created')} | "
                      f"{ratio('running_p50')} | {ratio('running_p99')} | {ratio('total_running')} |")
     lines.append("\n### Where the time goes: steps from job create to its W-th pod create, apiserver clock (audit log), p50 / p99 seconds\n")
-    steps = sorted({k for r in lat for k in (r.get("apiserver_steps") or {})})
+    order = ["create->finalizer", "create->first_get", "create->first_status", "create->first_status_ok",
+             "create->service", "create->first pod",
+             "first pod->last pod", "create->last pod"]
+    present = {k for r in lat for k in (r.get("apiserver_steps") or {})}
+    steps = [k for k in order if k in present]
     lines.append("| K | controller | " + " | ".join(steps) + " |")
     lines.append("|---|---|" + "---|" * len(steps))
     for r in lat:
@@ -862,7 +934,7 @@ def report(res: dict) -> str:
             lines.append(f"\nLinear fit of peak RSS: RSS(K) = {a:.1f} MiB + {b * 1024:.1f} KiB x K -> "
                          f"K=1000: {a + b * 1000:.0f} MiB (operator RSS at start: {fmt(res.get('operator_rss_at_start_mib'), 1)} MiB)")
     if res["create_phase_requests"]:
-        lines.append("\n### Operator requests per job while K jobs start (create -> all Running; audit log)\n")
+        lines.append("\n### Operator requests per job while K jobs start (create -> all Running -> operator quiet; audit log; (409) = create of a pod that already existed)\n")
         lines.append("| K | requests/job | by kind (total) |")
         lines.append("|---|---|---|")
         for r in res["create_phase_requests"]:
@@ -911,6 +983,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-jobs", type=int, default=5, help="lifecycles for the API-cost phase (default 5; 0 skips)")
     p.add_argument("--churn-seconds", type=float, default=600, help="create/delete churn duration (default 600; 0 skips)")
     p.add_argument("--churn-jobs", type=int, default=10, help="jobs per churn cycle (default 10)")
+    p.add_argument("--what-if-threads", type=int, default=0,
+                   help="experiment: run the operator's API calls on this many threads (see WHAT_IF_BOOT)")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--artifacts", help="copy the operator log and the audit log here before the cluster goes")
