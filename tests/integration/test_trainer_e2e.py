@@ -26,7 +26,7 @@ import torch
 from lepton_trainer.data import GlobalSampler, load_corpus
 from lepton_trainer.schedule import lr_at
 
-pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(900)]
 
 GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 TINY = ["--log-every-seconds", "0.3", "--global-batch-size", "32", "--micro-batch-size", "8"]
@@ -56,7 +56,7 @@ class Launcher:
     def text(self) -> str:
         return self.log_path.read_text()
 
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 400) -> re.Match:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(pattern, self.text(), re.M)
@@ -68,7 +68,7 @@ class Launcher:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for /{pattern}/:\n" + self.text()[-3000:])
 
-    def wait(self, timeout: float = 180) -> int:
+    def wait(self, timeout: float = 400) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
