@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from lepton_operator.localcluster import LocalCluster, SimulatedNode, marked_processes
 from lepton_operator.localcluster.procs import pid_alive

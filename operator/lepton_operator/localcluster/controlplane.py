@@ -21,7 +21,6 @@ apiserver); :meth:`LocalCluster.restart_component` kills and restarts one on pur
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import secrets
 import shutil
@@ -468,7 +467,3 @@ class LocalCluster:
             "cluster_id": self.cluster_id,
         }
 
-
-def read_json(path: Path) -> dict:
-    """Read a JSON file (small helper for the CLI state file)."""
-    return json.loads(Path(path).read_text())
