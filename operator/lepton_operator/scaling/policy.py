@@ -13,11 +13,16 @@ The rules, in the order they are checked (ARCHITECTURE.md, "Autoscaling policy")
 2. Scale down by one step ("the last step did not pay") when the throughput gained per
    added worker between the largest measured size below the current one and the current
    size is below `efficiency_threshold` x the per-worker throughput of that smaller size.
-3. Scale up by `step` while the last step paid off. The gain of the next step is the
-   measured one when that size was seen before (a size known not to pay is never tried
-   again), otherwise the last step's gain per worker (curves are concave: the next step
-   is assumed no better than the last); with no smaller size measured, linear scaling is
-   assumed (there is nothing to learn from without trying).
+3. Scale up, in whole `step`s, while the last step paid off. How far: Amdahl's law
+   `T(n) = n / (a + b*n)` is fitted to every measured size, and the job grows to the
+   largest size whose last `step` workers are still expected to add `efficiency_threshold`
+   x per-worker throughput, at most `GROWTH_FACTOR` x the current size per rescale (with
+   one size measured, linear scaling is assumed, so the first step is the largest allowed).
+   Measured sizes count as measured; between two measured sizes of rising throughput the
+   line through them is used. A size the autoscaler stepped back from, or a size measured
+   not to pay, is not tried again; when a larger size was measured slower, the search
+   goes halfway (the peak may lie between). A capacity backoff caps the size below the
+   one that could not be placed.
 4. Every rescale is priced: it costs (mean measured downtime, or a default) x current
    throughput in lost samples, and a scale-up goes ahead only when the expected gain
    over the horizon pays for it.
