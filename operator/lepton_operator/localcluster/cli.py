@@ -145,12 +145,10 @@ def cmd_serve(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: done.set())
-    trainer = [sys.executable, "-m", "lepton_trainer"]
     cluster = LocalCluster(
         workdir=workdir,
         nodes=default_nodes(args.nodes, args.gpus),
         kubelet_mode=args.mode,
-        image_commands={"lepton-ai/lepton-trainer:0.1.0": trainer, "lepton-trainer": trainer},
         progress=_progress,
     )
     try:

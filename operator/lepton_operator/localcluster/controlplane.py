@@ -37,6 +37,8 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config
 
+from lepton_operator.api.models import DEFAULT_TRAINER_IMAGE
+
 from . import hostsfile, procs
 from .binaries import ensure_binaries
 from .kubelet import SimulatedKubelet
@@ -46,6 +48,12 @@ from .storage import SimulatedProvisioner
 
 class ClusterStartError(RuntimeError):
     """A control-plane component did not come up; the message holds its log tail."""
+
+
+# Process mode: the trainer image's entrypoint, run from this interpreter (the venv).
+TRAINER_IMAGE_COMMANDS = {
+    image: [sys.executable, "-m", "lepton_trainer"] for image in (DEFAULT_TRAINER_IMAGE, "lepton-trainer")
+}
 
 
 class LocalCluster:
@@ -81,7 +89,7 @@ class LocalCluster:
         self.workdir = Path(workdir) if workdir else None
         self.nodes = list(nodes) if nodes is not None else default_nodes()
         self.kubelet_mode = kubelet_mode
-        self.image_commands = dict(image_commands or {})
+        self.image_commands = dict(TRAINER_IMAGE_COMMANDS if image_commands is None else image_commands)
         self.binaries = Path(binaries) if binaries else None
         self.deletion_grace_cap = deletion_grace_cap
         self.progress = progress or (lambda line: None)
@@ -106,6 +114,11 @@ class LocalCluster:
     def logs_dir(self) -> Path:
         """Directory with the control-plane logs and (process mode) pod logs."""
         return self.workdir / "logs"
+
+    @property
+    def ca_file(self) -> Path:
+        """CA certificate of the apiserver's serving certificate (self-signed)."""
+        return self.workdir / "pki" / "apiserver.crt"
 
     def pod_log_path(self, namespace: str, pod_name: str) -> Path:
         """Log file of a pod's process (process mode)."""
@@ -391,7 +404,7 @@ class LocalCluster:
             "clusters": [
                 {
                     "name": "lepton-local",
-                    "cluster": {"server": self.server, "certificate-authority": str(self.workdir / "pki" / "apiserver.crt")},
+                    "cluster": {"server": self.server, "certificate-authority": str(self.ca_file)},
                 }
             ],
             "users": [{"name": "admin", "user": {"token": self.token}}],

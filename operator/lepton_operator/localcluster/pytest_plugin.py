@@ -54,7 +54,6 @@ from . import procs
 from .binaries import BinariesUnavailable, ensure_binaries
 from .controlplane import LocalCluster
 
-TRAINER_IMAGES = ("lepton-ai/lepton-trainer:0.1.0", "lepton-trainer")
 _started_clusters: list[str] = []
 
 
@@ -116,12 +115,7 @@ def local_cluster(request):
 @pytest.fixture(scope="session")
 def process_cluster(request):
     """Session-wide local cluster whose pods run as local processes."""
-    trainer = [sys.executable, "-m", "lepton_trainer"]
-    cluster = _start_cluster(
-        request,
-        kubelet_mode="process",
-        image_commands={image: trainer for image in TRAINER_IMAGES},
-    )
+    cluster = _start_cluster(request, kubelet_mode="process")
     yield cluster
     cluster.stop()
 
