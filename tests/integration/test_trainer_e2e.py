@@ -146,7 +146,7 @@ def test_two_nodes_c10d_rendezvous_metrics_increase_and_loss_falls(launch, tmp_p
               "LEPTON_METRICS_PORT": str(metrics_port), "LEPTON_JOB_NAME": "e2e",
               "LEPTON_CHECKPOINT_DIR": str(tmp_path / "ck")}
     addrs = ["127.0.0.2", "127.0.0.3"]
-    nodes = [launch(f"node{i}", [*TINY, "--max-steps", "300"],
+    nodes = [launch(f"node{i}", [*TINY, "--max-steps", "200"],
                     {**common, "PET_RDZV_CONF": f"is_host={int(i == 0)}", "POD_IP": addrs[i],
                      "LEPTON_WORKER_INDEX": str(i)}) for i in range(2)]
     for node in nodes:
@@ -173,7 +173,7 @@ def test_two_nodes_c10d_rendezvous_metrics_increase_and_loss_falls(launch, tmp_p
     for node in nodes:
         assert node.wait() == 0, node.text()[-3000:]
     losses = progress(nodes[0].text())
-    assert losses[-1][0] == 300 and losses[-1][1] < losses[0][1] - 0.3, losses
+    assert losses[-1][0] == 200 and losses[-1][1] < losses[0][1] - 0.3, losses
     assert "world=2" in nodes[1].text()  # both pods log progress
 
 
