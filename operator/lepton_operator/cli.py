@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "lepton_operator.reconcile.cli",  # run: the operator (kopf)
     "lepton_operator.api.crd_cli",       # crd: print, --write or --check the generated CRD
     "lepton_operator.scaling.simulate",  # simulate: autoscaling policy on a throughput curve
+    "lepton_operator.api.reference",     # reference: the LeptonJob field reference (README)
     "lepton_operator.demo",              # demo: a LeptonJob end to end on the local control plane
 ]
 

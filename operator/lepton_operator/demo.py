@@ -38,7 +38,8 @@ class Sample:
 
     t: float
     world_size: int
-    throughput: float | None
+    throughput: float | None  # live, from Prometheus (short window)
+    measured: float | None  # what the autoscaler recorded in status (after warm-up)
     step: int | None
     loss: float | None
     phase: str
@@ -91,7 +92,8 @@ def _bar(done: int | None, total: int | None, width: int = 30) -> str:
 
 def _render(job_name: str, status: dict, progress: Progress, elapsed: float) -> str:
     st = parse_status(status)
-    tput = f"{st.throughput:7.1f}" if st.throughput is not None else "      -"
+    live = progress.samples[-1].throughput if progress.samples else None
+    tput = f"{live:7.1f}" if live is not None else "      -"
     step = f"{progress.last_step}/{progress.total_steps}" if progress.last_step is not None else "-"
     loss = f"{progress.last_loss:.3f}" if progress.last_loss is not None else "-"
     return (
@@ -110,8 +112,13 @@ def write_plot(progress: Progress, rescales: list[dict], path: Path, title: str)
 
     ts = [s.t for s in progress.samples]
     fig, ax1 = plt.subplots(figsize=(10, 5))
-    ax1.plot(ts, [s.throughput if s.throughput is not None else float("nan") for s in progress.samples],
-             color="tab:blue", label="throughput (samples/s)")
+    nan = float("nan")
+    ax1.plot(ts, [s.throughput if s.throughput is not None else nan for s in progress.samples],
+             color="tab:blue", label="throughput, live (samples/s)")
+    ax1.plot(ts, [s.measured if s.measured is not None else nan for s in progress.samples],
+             color="tab:green", linestyle=":", label="throughput the autoscaler measured")
+    ax1.set_ylim(bottom=0)
+    ax1.legend(loc="lower right", fontsize=8)
     ax1.set_xlabel("seconds since the job was applied")
     ax1.set_ylabel("samples/s", color="tab:blue")
     ax2 = ax1.twinx()
@@ -121,7 +128,7 @@ def write_plot(progress: Progress, rescales: list[dict], path: Path, title: str)
     for r in rescales:
         ax1.axvline(r["t"], color="grey", linestyle="--", linewidth=0.8)
         ax1.annotate(f"{r['from']}->{r['to']} {r['reason']}", (r["t"], 0), rotation=90, fontsize=7,
-                     xytext=(2, 4), textcoords="offset points", va="bottom")
+                     xytext=(3, 6), textcoords="offset points", va="bottom", ha="left")
     ax1.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -189,8 +196,22 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _live_throughput(prom_client, namespace: str, job_name: str) -> float | None:
+    """Whole-job samples/s over the last 10 s, or None while Prometheus has no data."""
+    from lepton_operator.scaling.prometheus import MetricsError
+
+    try:
+        return prom_client.throughput(namespace, job_name, 10, now=time.time()).value
+    except MetricsError:
+        return None
+
+
 def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> int:
     from kubernetes import client
+
+    from lepton_operator.scaling.prometheus import PrometheusClient
+
+    prom_client = PrometheusClient(prom.url, timeout=2)
 
     custom = client.CustomObjectsApi(api)
     manifest.setdefault("metadata", {})["namespace"] = args.namespace
@@ -218,7 +239,8 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
             progress.total_steps = total or progress.total_steps
             if progress.first_loss is None:
                 progress.first_loss = loss
-        progress.samples.append(Sample(elapsed, st.world_size, st.throughput, step, loss, st.phase or "-"))
+        live = _live_throughput(prom_client, args.namespace, job_name)
+        progress.samples.append(Sample(elapsed, st.world_size, live, st.throughput, step, loss, st.phase or "-"))
         for record in st.rescale_history:
             key = f"{record.time.isoformat()}-{record.from_}-{record.to}"
             if key not in known_rescale_times:
