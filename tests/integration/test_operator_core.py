@@ -487,3 +487,27 @@ def test_metrics_and_liveness_endpoints(kube, k8s, namespace, run_operator):
     assert "lepton_operator_reconcile_duration_seconds_count" in text
     health = urllib.request.urlopen(f"http://127.0.0.1:{lport}/healthz", timeout=5)
     assert health.status == 200
+
+
+# ------------------------------------------------------------------ row 7
+
+
+def test_operator_converges_after_the_apiserver_restarts(kube, k8s, local_cluster, namespace, run_operator):
+    """Kill the apiserver for a few seconds under a running operator: its watches break;
+    changes made after the restart (a scale, a pod deleted by hand) must still be acted on."""
+    op = run_operator(*FAST)
+    create_job(kube, namespace, job_body("survivor"))
+    wait(k8s, running(kube, namespace, "survivor", 2, 1), 40, "Running", op)
+
+    local_cluster.restart_component("kube-apiserver", downtime=3)
+
+    scale = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/survivor/scale"
+    kube.request("PATCH", scale, body={"spec": {"replicas": 3}}, content_type="application/merge-patch+json")
+    wait(k8s, running(kube, namespace, "survivor", 3, 2), 90, "3 workers in generation 2 after the restart", op)
+    k8s.core.delete_namespaced_pod("survivor-worker-2", namespace)
+    # A lost worker of a running generation starts a new one (reason WorkerLost).
+    wait(k8s, running(kube, namespace, "survivor", 3, 3), 60, "generation 3 after a pod was deleted", op)
+    assert op.running(), op.log_text()[-3000:]
+    assert sorted(pods(kube, namespace, "survivor", include_terminating=False)) == [
+        f"survivor-worker-{i}" for i in range(3)
+    ]

@@ -64,6 +64,14 @@ def _server_message(e: ApiException) -> str:
         return str(e.reason or e)
 
 
+def _not_found_name(e: ApiException) -> Optional[str]:
+    """The object name in a NotFound Status body (absent when the resource type is unknown)."""
+    try:
+        return (json.loads(e.body).get("details") or {}).get("name")
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def _error(e: Exception, what: str) -> ApiError:
     if isinstance(e, ApiException):
         message = f"{what}: HTTP {e.status}: {_server_message(e)}"
@@ -115,11 +123,15 @@ class Kube:
         """The job as stored now (None when it is gone)."""
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
         try:
-            return self._call(f"get {KIND} {namespace}/{name}", "GET", path)
-        except ApiError as e:
-            if e.status == 404:
+            return self.request("GET", path)
+        except ApiException as e:
+            # A 404 means "gone" only when it names the object: a restarting apiserver
+            # answers 404 for the whole resource until it has loaded the CRDs again.
+            if e.status == 404 and _not_found_name(e) == name:
                 return None
-            raise
+            raise _error(e, f"get {KIND} {namespace}/{name}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _error(e, f"get {KIND} {namespace}/{name}") from e
 
     def patch_job_status(self, namespace: str, name: str, resource_version: str, status_patch: dict) -> dict:
         """Merge-patch the status subresource, only if the job is still at `resource_version`.
