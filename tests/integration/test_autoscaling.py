@@ -196,7 +196,7 @@ def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
     prom.start()
     operator = None
     try:
-        operator = run_operator("--prometheus-url", prom.url)
+        operator = run_operator("--prometheus-url", prom.url, "--metrics-port", "0", "--liveness-port", "0")
         k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _job("knee", 1, 6, PACE_CURVE))
 
         def at_knee():
@@ -243,8 +243,8 @@ def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster,
     prom.start()
     operator = None
     try:
-        operator = run_operator("--prometheus-url", prom.url)
-        body = _job("capped", 1, 6, linear, gpus=gpus_per_worker, rendezvous_port=29500)
+        operator = run_operator("--prometheus-url", prom.url, "--metrics-port", "0", "--liveness-port", "0")
+        body = _job("capped", 1, 6, linear, gpus=1, rendezvous_port=29500)
         body["spec"]["workers"]["initial"] = 3
         body["spec"]["nodeSelector"] = {"lepton.ai/test-pool": namespace}
         k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
@@ -258,6 +258,10 @@ def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster,
         st = _poll(refused, 240, 2, message=f"InsufficientCapacity\n{operator.log_text()[-3000:]}")
         assert st["worldSize"] == 3 and st["workerGeneration"] == generation
         assert st["autoscaling"].get("backoffUntil")
+        time.sleep(20)  # in backoff: the running generation stays untouched
+        st = _status(k8s, namespace, "capped")
+        assert st["worldSize"] == 3 and st["workerGeneration"] == generation and st["phase"] == "Running"
+        assert k8s.events(namespace, "capped", "InsufficientCapacity")
     finally:
         if operator is not None:
             operator.stop()
