@@ -260,7 +260,17 @@ class AutoscalingSpec(ApiModel):
     warmup_seconds: int = Field(
         60, description="Seconds after a generation starts whose throughput is ignored.", ge=0, le=3600
     )
-    step: int = Field(1, description="Workers added or removed per rescale.", ge=1, le=64)
+    step: int = Field(
+        1,
+        description=(
+            "Granularity of rescales: the worker count moves in multiples of this. A scale-up may "
+            "take several steps at once (at most 4x the current size) when the throughput curve "
+            "fitted to the sizes measured so far says every step pays; a scale-down returns to the "
+            "largest smaller size measured."
+        ),
+        ge=1,
+        le=64,
+    )
     efficiency_threshold: float = Field(
         0.5,
         description=(
