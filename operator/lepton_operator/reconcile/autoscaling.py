@@ -212,31 +212,52 @@ except ImportError:  # pragma: no cover
 if kopf is not None:
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_SECONDS, when=_enabled)
-    async def autoscale(body, spec, status, meta, name, namespace, patch, memo, logger, **_):
+    async def autoscale(spec, name, namespace, memo, logger, **_):
         """Measure, decide and, if the size should change, write spec.workers.replicas."""
-        try:
-            job = parse_job(name, dict(spec))
-        except InvalidJob:
-            return  # the core marks the job Failed/InvalidSpec
-        st = parse_status(dict(status or {}))
-        if not should_run(job, st):
-            return
-        last = memo.get("autoscaler_last_run") if hasattr(memo, "get") else getattr(memo, "autoscaler_last_run", None)
+        from lepton_operator.reconcile.handlers import get_kube
+        from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
+
+        last = memo.get("autoscaler_last_run")
         mono = time.monotonic()
-        if last is not None and mono - last < job.autoscaling.interval_seconds - 0.5:
+        interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", TIMER_SECONDS)
+        if last is not None and mono - last < interval - 0.5:
             return
-        memo["autoscaler_last_run"] = mono
-        now = datetime.now(timezone.utc)
-        state = memo.setdefault("autoscaler", {})
-        measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now, state)
-        plan = plan_autoscale(job, st, measured, now, observed_generation=meta.get("generation"))
-        for key, value in plan.status_patch.items():
-            patch.status[key] = value
-        if plan.replicas is not None:
-            patch.spec["workers"] = {"replicas": plan.replicas}
+        kube = get_kube()
+        try:
+            # Fresh, not kopf's cached body: the core may have just started a rescale, and
+            # the status write below is conditional on exactly this version.
+            body = await asyncio.to_thread(kube.get_job, namespace, name)
+            if body is None:
+                return
+            try:
+                job = parse_job(name, body.get("spec") or {})
+            except InvalidJob:
+                return  # the core marks the job Failed/InvalidSpec
+            st = parse_status(body.get("status"))
+            if not should_run(job, st):
+                return
+            memo["autoscaler_last_run"] = mono
+            now = datetime.now(timezone.utc)
+            state = memo.setdefault("autoscaler", {})
+            measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now, state)
+            plan = plan_autoscale(job, st, measured, now, observed_generation=body["metadata"].get("generation"))
+            version = body["metadata"]["resourceVersion"]
+            if plan.status_patch:
+                written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, plan.status_patch)
+                version = written["metadata"]["resourceVersion"]
+            if plan.replicas is not None:
+                await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, plan.replicas)
+        except Conflict:
+            memo["autoscaler_last_run"] = None  # the job changed under us: decide again next tick
+            return
+        except (TransientApiError, PermanentApiError) as e:
+            logger.warning(f"autoscaler: {e}")
+            return
         d = plan.decision
         if d is not None and d.action != "hold":
             logger.info(f"autoscaler: {d.reason}: {d.message}")
-        # kopf queues events for posting; the patch is applied when the handler returns.
-        for type_, reason, message in plan.events:
-            kopf.event(body, type=type_, reason=reason, message=message)
+        for type_, reason, message in plan.events:  # after the writes succeeded
+            try:
+                await asyncio.to_thread(kube.post_event, body, type_, reason, message)
+            except (TransientApiError, PermanentApiError) as e:
+                logger.warning(f"autoscaler: could not post event {reason}: {e}")

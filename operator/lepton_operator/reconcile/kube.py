@@ -147,6 +147,16 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
+    def patch_job_replicas(self, namespace: str, name: str, resource_version: str, replicas: int) -> dict:
+        """Set `spec.workers.replicas` (what an HPA writes through /scale), only if the job
+        is still at `resource_version`."""
+        path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
+        body = {"metadata": {"resourceVersion": resource_version}, "spec": {"workers": {"replicas": replicas}}}
+        return self._call(
+            f"patch {KIND} {namespace}/{name} replicas", "PATCH", path, body=body,
+            content_type="application/merge-patch+json",
+        )
+
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job itself (TTL after finish); children follow by garbage collection."""
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
