@@ -83,6 +83,12 @@ def _latest_step(log_path: Path) -> tuple[int | None, int | None, float | None]:
     return None, None, None
 
 
+def _reason_text(record) -> str:
+    """`Reason: message`, without the reason twice when the message starts with it."""
+    message = record.message or ""
+    return message if message.startswith(record.reason) else f"{record.reason}: {message}".rstrip(": ")
+
+
 def _bar(done: int | None, total: int | None, width: int = 30) -> str:
     if not done or not total:
         return "[" + " " * width + "]"
@@ -220,7 +226,6 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
 
     progress = Progress()
     seen_rescales: list[dict] = []
-    known_rescale_times: set[str] = set()
     start = time.monotonic()
     interactive = sys.stdout.isatty()
     last_print = 0.0
@@ -241,13 +246,9 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
                 progress.first_loss = loss
         live = _live_throughput(prom_client, args.namespace, job_name)
         progress.samples.append(Sample(elapsed, st.world_size, live, st.throughput, step, loss, st.phase or "-"))
-        for record in st.rescale_history:
-            key = f"{record.time.isoformat()}-{record.from_}-{record.to}"
-            if key not in known_rescale_times:
-                known_rescale_times.add(key)
-                seen_rescales.append({"t": elapsed, "from": record.from_, "to": record.to, "reason": record.reason,
-                                      "message": record.message, "downtime": record.downtime_seconds})
-                print(f"\n** rescale {record.from_} -> {record.to}: {record.reason} {record.message}", flush=True)
+        for record in st.rescale_history[len(seen_rescales):]:
+            seen_rescales.append({"t": elapsed, "from": record.from_, "to": record.to, "reason": record.reason})
+            print(f"\n** rescale {record.from_} -> {record.to}: {_reason_text(record)}", flush=True)
         line = _render(job_name, status, progress, elapsed)
         if interactive:
             print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(0), end="", flush=True)
@@ -268,8 +269,8 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
     print(f"    final world size {st.world_size}, generations {st.worker_generation}, restarts {st.restarts}")
     for record in st.rescale_history:
         downtime = f"{record.downtime_seconds:.1f}s" if record.downtime_seconds is not None else "?"
-        print(f"    rescale {record.from_} -> {record.to} at {record.time:%H:%M:%S}: {record.reason}, "
-              f"downtime {downtime}. {record.message}")
+        print(f"    rescale {record.from_} -> {record.to} at {record.time:%H:%M:%S}, downtime {downtime}: "
+              f"{_reason_text(record)}")
     if progress.first_loss is not None:
         print(f"    loss {progress.first_loss:.3f} -> {progress.last_loss:.3f} at step {progress.last_step}")
     for obs in st.autoscaling.observations:
