@@ -206,7 +206,7 @@ def test_defaults_are_filled_in_by_the_server(custom, namespace):
     assert spec["image"] == "lepton-ai/lepton-trainer:0.1.0"
     assert spec["workers"] == {"min": 1, "max": 1, "replicas": 0}  # 0: not scaled yet
     assert spec["resources"] == {"gpus": 0}
-    assert spec["autoscaling"]["enabled"] is False and spec["restart"] == {"maxRestarts": 3}
+    assert spec["autoscaling"]["enabled"] is False and spec["restart"] == {"maxRestarts": 3, "backoffSeconds": 10}
     # and what the server stored is what the operator reads
     assert parse_job("defaults", spec) == parse_job("defaults", {})
 

@@ -75,7 +75,7 @@ def job_body(name: str, **spec) -> dict:
         "workers": {"min": 1, "max": 4, "initial": 2},
         "resources": {"gpus": 1},
         "terminationGracePeriodSeconds": 1,
-        "restart": {"maxRestarts": 3},
+        "restart": {"maxRestarts": 3, "backoffSeconds": 1},  # 1, 2, 4 s: exercised, yet fast
     }
     base.update(spec)
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": base}
@@ -436,7 +436,8 @@ def test_hostile_spec_is_rejected_or_failed_creating_nothing(kube, k8s, namespac
     st = wait(k8s, lambda: (s := status(kube, namespace, name)).get("phase") == "Failed" and s, 30, "Failed", op)
     cond = condition(st, "InvalidSpec")
     assert cond["status"] == "True" and cond["reason"] == "InvalidSpec" and needle in cond["message"]
-    assert events(kube, namespace, name, "InvalidSpec")
+    # Events are posted after the status write: give the operator a moment.
+    wait(k8s, lambda: events(kube, namespace, name, "InvalidSpec"), 10, "an InvalidSpec event", op)
     time.sleep(1)
     assert pods(kube, namespace, name) == {}
     assert not kube.exists(namespace, "Service", f"{name}-workers")

@@ -49,7 +49,7 @@ def base_spec(**overrides) -> dict:
         "workers": {"min": 1, "max": 4, "initial": 2},
         "resources": {"gpus": 1},
         "terminationGracePeriodSeconds": 5,
-        "restart": {"maxRestarts": 2},
+        "restart": {"maxRestarts": 2, "backoffSeconds": 0},
         "autoscaling": {"capacityTimeoutSeconds": 120, "capacityBackoffSeconds": 600},
     }
     spec.update(overrides)
@@ -390,6 +390,25 @@ def test_retryable_exit_starts_a_new_generation_and_counts_the_restart_exactly_o
     assert (w.status.last_rescale.from_, w.status.last_rescale.to) == (2, 2)
 
 
+def test_restarts_back_off_exponentially_before_the_new_generation():
+    w = running_world(base_spec(restart={"maxRestarts": 3, "backoffSeconds": 10}))
+    w.exit("job-worker-1", 137)
+    w.step()
+    w.reap()
+    p = w.step(1)  # old generation gone after 1 s: 9 s of the first backoff left
+    assert w.created_pods() == [] and p.requeue_after == pytest.approx(9)
+    assert "backs off" in w.status.message and w.status.worker_generation == 1
+    w.step(9)
+    assert w.status.worker_generation == 2 and w.created_pods() == ["job-worker-0", "job-worker-1"]
+    w.settle(2)
+    w.exit("job-worker-0", 137)  # the second restart waits twice as long
+    w.step()
+    w.reap()
+    assert w.step(19).creates == [] and w.status.restarts == 2
+    w.step(1)
+    assert w.status.worker_generation == 3
+
+
 def test_a_replayed_failure_pass_does_not_double_count():
     """Operator killed after the status write: the next pass starts from the written status."""
     w = running_world()
@@ -422,7 +441,7 @@ def test_permanent_exit_fails_the_job_naming_worker_and_code():
 
 
 def test_spent_restart_budget_fails_the_job():
-    w = running_world(base_spec(restart={"maxRestarts": 1}))
+    w = running_world(base_spec(restart={"maxRestarts": 1, "backoffSeconds": 0}))
     w.exit("job-worker-0", 143)
     w.step()
     w.reap()

@@ -235,6 +235,26 @@ class RestartSpec(ApiModel):
         ge=0,
         le=1000,
     )
+    backoff_seconds: int = Field(
+        10,
+        description=(
+            "Wait before the new generation of a restart: this long after the first failure, "
+            "doubling with each restart up to 300 s (the Job controller's backoff). 0: no wait."
+        ),
+        ge=0,
+        le=3600,
+    )
+
+
+# Cap of the exponential restart backoff, as the Job controller's (6 min there).
+MAX_RESTART_BACKOFF_SECONDS = 300
+
+
+def restart_backoff_seconds(restart: RestartSpec, restarts: int) -> float:
+    """Seconds between a failure and the new generation of restart number `restarts` (1-based)."""
+    if restart.backoff_seconds == 0 or restarts < 1:
+        return 0.0
+    return float(min(MAX_RESTART_BACKOFF_SECONDS, restart.backoff_seconds * 2 ** (restarts - 1)))
 
 
 class Toleration(ApiModel):

@@ -77,6 +77,7 @@ from lepton_operator.api.models import (
     LeptonJobStatus,
     RescaleInProgress,
     RescaleRecord,
+    restart_backoff_seconds,
 )
 from lepton_operator.build import (
     LABEL_GENERATION,
@@ -699,6 +700,15 @@ class _Pass:
         if others:
             s.message = f"{r.reason}: waiting for {len(others)} worker(s) of the old generation to stop"
             return self.plan
+        if r.reason in (REASON_WORKER_RESTART, REASON_WORKER_LOST):
+            # Back off before a restart's new generation, so a cause that lasts a while (a
+            # port still held, a node rebooting) does not spend the whole budget at once.
+            backoff = timedelta(seconds=restart_backoff_seconds(self.spec.restart, s.restarts))
+            wait = _seconds(r.started_at + backoff - self.now)
+            if wait > 0:
+                s.message = f"{r.reason}: restart {s.restarts} backs off; generation {r.target_generation} in {wait:.0f}s"
+                self.plan.requeue(wait)
+                return self.plan
         # The added workers of a scale-up already exist: create only the others.
         if not self.start_generation(r.target_generation, r.to, skip_indices=set(keep)):
             return self.plan
