@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -142,23 +141,19 @@ def write_plot(progress: Progress, rescales: list[dict], path: Path, title: str)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from kubernetes import client, utils
-
-    from lepton_operator.api.crd import crd_for_server
     from lepton_operator.localcluster import LocalCluster, ensure_binaries
+    from lepton_operator.localcluster.crds import install_crds
     from lepton_operator.localcluster.prometheus import LocalPrometheus
 
     manifest = yaml.safe_load(args.example.read_text())
     job_name = manifest["metadata"]["name"]
-    print(f"==> control plane binaries", flush=True)
+    print("==> control plane binaries", flush=True)
     ensure_binaries(progress=lambda msg: print(f"    {msg}", flush=True))
 
     with LocalCluster(workdir=args.workdir, kubelet_mode="process") as cluster:
         print(f"==> local control plane up at {cluster.server} (kubeconfig {cluster.kubeconfig})", flush=True)
         api = cluster.api_client()
-        ext = client.ApiextensionsV1Api(api)
-        ext.create_custom_resource_definition(crd_for_server("1.20"))
-        _wait_for_crd(ext)
+        install_crds(api)
         prom_dir = Path(cluster.workdir) / "prometheus"
         with LocalPrometheus(cluster.server, cluster.token, str(cluster.ca_file), prom_dir) as prom:
             print(f"==> Prometheus at {prom.url}", flush=True)
@@ -168,16 +163,6 @@ def run_demo(args: argparse.Namespace) -> int:
             finally:
                 _stop(operator)
                 print("==> stopping the operator, Prometheus and the control plane", flush=True)
-
-
-def _wait_for_crd(ext, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        crd = ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
-        if any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])):
-            return
-        time.sleep(0.2)
-    raise RuntimeError("the LeptonJob CRD did not become Established")
 
 
 def _start_operator(cluster, prometheus_url: str) -> subprocess.Popen:

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from lepton_operator.api.models import API_VERSION, CONDITION_METRICS_UNAVAILABLE, GROUP, KIND, PLURAL, VERSION
+from lepton_operator.localcluster.crds import install_crds
 from lepton_operator.localcluster.procs import free_port
 from lepton_operator.localcluster.prometheus import LocalPrometheus, prometheus_binary
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient
@@ -131,28 +132,7 @@ KNEE = 4
 @pytest.fixture(scope="session")
 def crds(process_cluster):
     """The LeptonJob CRD as for this server's version, installed once."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    from lepton_operator.api.crd import crd_for_server
-
-    api = process_cluster.api_client()
-    crd = crd_for_server(client.VersionApi(api).get_code().git_version)
-    try:
-        client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-    custom = client.CustomObjectsApi(api)
-    deadline = time.monotonic() + 30
-    while True:  # served once Established
-        try:
-            custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-            return api
-        except ApiException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    install_crds(process_cluster.api_client())
 
 
 def _job(name, lo, hi, curve, gpus=0, rendezvous_port=None):

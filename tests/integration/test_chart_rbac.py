@@ -26,6 +26,7 @@ from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
+from lepton_operator.localcluster.crds import install_crds
 from lepton_operator.localcluster.pytest_plugin import OperatorProcess
 
 pytestmark = pytest.mark.integration
@@ -95,23 +96,7 @@ def delete_cluster_scoped(api_client, objects: list[dict]) -> None:
 def ensure_crds(k8s) -> None:
     """The chart's CRDs (LeptonJob, kopf peering), installed by an admin as helm would:
     the operator itself may only read CRDs."""
-    from lepton_operator.api.crd import build_crd
-
-    crds = [build_crd(), *yaml.safe_load_all((ROOT / "crds" / "kopf-peering.yaml").read_text())]
-    for crd in crds:
-        try:
-            k8s.apiext.create_custom_resource_definition(crd)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-
-    def established(name):
-        crd = k8s.apiext.read_custom_resource_definition(name)
-        return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))
-
-    for crd in crds:
-        name = crd["metadata"]["name"]
-        k8s.wait_for(lambda: established(name), timeout=30, message=f"CRD {name} to be established")
+    install_crds(k8s.api_client)
 
 
 def service_account_kubeconfig(cluster, k8s, namespace: str, service_account: str, path: Path) -> Path:

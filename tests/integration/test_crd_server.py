@@ -9,7 +9,6 @@ are (names, hostname/subdomain, env, security context, volumes).
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import subprocess
@@ -29,40 +28,9 @@ from lepton_operator.build import (
     selector_string,
 )
 
+from lepton_operator.localcluster.crds import install_crd
+
 pytestmark = pytest.mark.integration
-
-
-def install_crd(api_client, crd: dict) -> None:
-    """Create or replace a CRD and wait until it is Established and served."""
-    ext = client.ApiextensionsV1Api(api_client)
-    name = crd["metadata"]["name"]
-    try:
-        ext.create_custom_resource_definition(crd)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-        body = copy.deepcopy(crd)
-        body["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(name).metadata.resource_version
-        ext.replace_custom_resource_definition(name, body)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status = ext.read_custom_resource_definition(name).status
-        if any(c.type == "Established" and c.status == "True" for c in (status.conditions or [])):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"CRD {name} not Established")
-    group, version, plural = crd["spec"]["group"], crd["spec"]["versions"][0]["name"], crd["spec"]["names"]["plural"]
-    custom = client.CustomObjectsApi(api_client)
-    deadline = time.monotonic() + 30
-    while True:  # discovery lags Established by a moment
-        try:
-            custom.list_cluster_custom_object(group, version, plural)
-            return
-        except ApiException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,16 @@ deletions finish fast (the kubelet also caps them at 2 s).
 
 from __future__ import annotations
 
-import copy
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from lepton_operator.api.crd import crd_for_server
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from lepton_operator.build import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, MANAGED_BY
+from lepton_operator.localcluster.crds import install_crds
 from lepton_operator.localcluster.procs import free_port
 from lepton_operator.reconcile.kube import Kube
 
@@ -33,34 +30,11 @@ FAST = ("--standalone", "--liveness-port", "0", "--metrics-port", "0", "--resync
 # ------------------------------------------------------------------ fixtures, helpers
 
 
-def _install(api_client, crd: dict) -> None:
-    ext = client.ApiextensionsV1Api(api_client)
-    try:
-        ext.create_custom_resource_definition(crd)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-    group, version, plural = crd["spec"]["group"], crd["spec"]["versions"][0]["name"], crd["spec"]["names"]["plural"]
-    custom = client.CustomObjectsApi(api_client)
-    deadline = time.monotonic() + 30
-    while True:  # served once Established and in discovery
-        try:
-            custom.list_cluster_custom_object(group, version, plural)
-            return
-        except ApiException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
 def crds(local_cluster):
     """The LeptonJob CRD (as for this server's version) and kopf's peering CRDs."""
     api = local_cluster.api_client()
-    version = client.VersionApi(api).get_code().git_version
-    _install(api, crd_for_server(version))
-    for crd in yaml.safe_load_all((ROOT / "crds" / "kopf-peering.yaml").read_text()):
-        _install(api, crd)
+    install_crds(api)
     return api
 
 

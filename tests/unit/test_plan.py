@@ -366,7 +366,7 @@ def test_requested_size_is_clamped_to_min_max():
 def test_retryable_exit_starts_a_new_generation_and_counts_the_restart_exactly_once():
     w = running_world()
     w.exit("job-worker-1", 137)
-    p = w.step()
+    w.step()
     assert w.status.restarts == 1
     assert w.status.rescale.reason == REASON_WORKER_RESTART
     assert w.status.rescale.target_generation == 2

@@ -543,7 +543,7 @@ class SimulatedKubelet:
 
     # -------------------------------------------------------- process mode
     def _spawn(self, pod: _Pod, obj: dict) -> None:
-        spec, meta = obj["spec"], obj["metadata"]
+        spec = obj["spec"]
         container = spec["containers"][0]
         command = container.get("command") or self._image_command(container.get("image", ""))
         if not command:
