@@ -857,6 +857,7 @@ class Bench:
     def run(self) -> dict:
         self.results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
+        self.results["operator_version"] = operator_version()
         self.start()
         for k in self.args.ks:
             for wl in (BATCH, LEPTON):
@@ -870,6 +871,21 @@ class Bench:
             line for line in self.operator.log_text().splitlines() if " ERROR " in line or "Traceback" in line][:20]
         self.results["machine"]["loadavg_at_end"] = os.getloadavg()
         return self.results
+
+
+def operator_version() -> str:
+    """The commit the operator runs from, and whether its code differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "operator/"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" + uncommitted changes in operator/" if dirty else "")
 
 
 # ------------------------------------------------------------------ report
@@ -968,6 +984,7 @@ def report(res: dict) -> str:
     if hist:
         lines.append(f"\nOperator reconcile passes: {hist}")
     m = res.get("machine", {})
+    lines.append(f"\nOperator code: {res.get('operator_version', 'unknown')}.")
     lines.append(f"\nMachine: {m.get('cpus')} CPUs, load average at start {m.get('loadavg_at_start')}, "
                  f"at end {m.get('loadavg_at_end')}.")
     if res.get("operator_log_errors"):
