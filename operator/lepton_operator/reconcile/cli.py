@@ -18,8 +18,10 @@ no peering CRD installed, kopf warns and runs standalone.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 DEFAULT_PEERING = "lepton-operator"
@@ -51,18 +53,30 @@ def add_parser(subparsers) -> None:
     peering.add_argument("--peering", default=DEFAULT_PEERING, metavar="NAME",
                          help=f"kopf peering object name (default {DEFAULT_PEERING})")
     p.add_argument("--priority", type=int, default=0, help="peering priority (highest active replica acts)")
+    p.add_argument("--api-threads", type=int, default=DEFAULT_API_THREADS,
+                   help="threads (and pooled connections) for API and Prometheus calls")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=run)
 
 
-def api_client_from_environment():
-    """A Kubernetes ApiClient from the in-cluster ServiceAccount or KUBECONFIG."""
+# Concurrent API calls: the sync client runs in threads (asyncio.to_thread), and the
+# default executor has only min(32, cores + 4) of them, which serialised many jobs'
+# passes behind each other (benchmarks/RESULTS.md).
+DEFAULT_API_THREADS = 32
+
+
+def api_client_from_environment(pool_size: int = DEFAULT_API_THREADS):
+    """A Kubernetes ApiClient from the in-cluster ServiceAccount or KUBECONFIG, with a
+    connection pool as large as the number of threads that use it."""
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config()
-        return client.ApiClient()
-    return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 def make_settings(args):
@@ -156,8 +170,14 @@ def run(args) -> int:
         resync_seconds=args.resync_seconds,
     )
     clusterwide = bool(args.all_namespaces or not args.namespace)
-    api_client = api_client_from_environment()
+    api_client = api_client_from_environment(args.api_threads)
     handlers.set_kube(Kube(api_client))
+
+    @kopf.on.startup()
+    async def api_threads(**_) -> None:
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=args.api_threads, thread_name_prefix="lepton-api")
+        )
 
     @kopf.on.login()
     def login(**kwargs) -> Optional[kopf.ConnectionInfo]:

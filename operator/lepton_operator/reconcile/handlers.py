@@ -314,13 +314,20 @@ async def reconcile_job(namespace: str, name: str, uid: str, indexes: dict, logg
                 logger.info(f"deleted {kind} {child} (grace {grace})")
         except PermanentApiError as e:
             refused.append(str(e))
-    for obj in result.creates:
+    async def create(obj: dict) -> None:
         try:
             outcome = await asyncio.to_thread(kube.create, obj)
             if outcome == "created":
                 logger.info(f"created {obj['kind']} {obj['metadata']['name']}")
         except PermanentApiError as e:
             refused.append(str(e))
+
+    # Concurrently: a generation's workers are independent objects (the executor's size
+    # bounds how many calls are in flight).
+    outcomes = await asyncio.gather(*(create(obj) for obj in result.creates), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome  # transient trouble: the loop retries the pass (creates are idempotent)
 
     events = list(result.events) + [("Warning", "ApiRequestRefused", text) for text in refused]
     for type_, reason, message in events:
@@ -394,6 +401,8 @@ async def reconcile_loop(namespace, name, uid, stopped, logger, pods_by_job, ser
                 failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
                 logger.exception(f"reconcile pass failed, retrying in {delay:.1f}s")
+            if delay == 0.0:
+                continue  # a conflict: redo at once (kopf's finalizer write races the first pass)
             timeout = CONFIG.resync_seconds if delay is None else min(delay, CONFIG.resync_seconds)
             await _wait(trigger, timeout)
             await asyncio.sleep(CONFIG.debounce_seconds)
