@@ -68,11 +68,6 @@ def _exporter_pod(name, job, generation, rate, world):
     }
 
 
-def _ca_file(cluster):
-    ca = cluster.workdir / "pki" / "apiserver.crt"
-    return str(ca) if ca.exists() else None
-
-
 def _poll(fn, timeout, interval=1.0, message="condition"):
     deadline = time.monotonic() + timeout
     last = None
@@ -92,7 +87,7 @@ def test_prometheus_scrapes_workers_with_the_labels_the_autoscaler_queries(proce
     for i in range(2):
         k8s.core.create_namespaced_pod(namespace, _exporter_pod(f"demo-worker-{i}", "demo", 1, 50, 2))
     k8s.core.create_namespaced_pod(namespace, _exporter_pod("other-worker-0", "other", 1, 1000, 1))
-    prom = LocalPrometheus(process_cluster.server, process_cluster.token, _ca_file(process_cluster), tmp_path / "prom")
+    prom = LocalPrometheus(process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom")
     try:
         prom.start()
         client = PrometheusClient(prom.url, timeout=3)
@@ -167,7 +162,7 @@ def _condition(status, type_):
 def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
         process_cluster, crds, k8s, namespace, run_operator, tmp_path):
     _need_prometheus()
-    prom = LocalPrometheus(process_cluster.server, process_cluster.token, _ca_file(process_cluster), tmp_path / "prom")
+    prom = LocalPrometheus(process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom")
     prom.start()
     operator = None
     try:
@@ -212,7 +207,7 @@ def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster,
     node = SimulatedNode(name=f"cap3-{namespace}"[:63], gpus=3, labels={"lepton.ai/test-pool": namespace})
     process_cluster.add_node(node)
     linear = {str(n): 40 * n for n in range(1, 7)}
-    prom = LocalPrometheus(process_cluster.server, process_cluster.token, _ca_file(process_cluster), tmp_path / "prom")
+    prom = LocalPrometheus(process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom")
     prom.start()
     operator = None
     try:

@@ -13,8 +13,6 @@ Two modes, each matching how the chart runs the operator:
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -40,19 +38,6 @@ JOB = "rbac"
 # peering rules are exercised too.
 OPERATOR_ARGS = ("--liveness-port", "0", "--metrics-port", "0", "--resync-seconds", "5")
 POD_LABEL = f"lepton.ai/job-name={JOB}"
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    spec = importlib.util.spec_from_file_location("lepton_helm_installer", ROOT / "scripts" / "helm.py")
-    installer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(installer)
-    try:
-        return installer.ensure_helm()
-    except installer.HelmUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"helm is required in CI and could not be installed: {exc}")
-        pytest.skip(f"helm unavailable: {exc}")
 
 
 def render_rbac(helm: str, release: str, namespace: str, values: list[str]) -> list[dict]:

@@ -11,9 +11,7 @@ skip with the reason, except under CI=true, where they fail.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -28,24 +26,6 @@ CHART = ROOT / "charts" / "lepton-operator"
 RELEASE = "lj"
 RELEASE_NS = "lepton-system"
 FULLNAME = "lj-lepton-operator"
-
-
-def _load_helm_installer():
-    spec = importlib.util.spec_from_file_location("lepton_helm_installer", ROOT / "scripts" / "helm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    installer = _load_helm_installer()
-    try:
-        return installer.ensure_helm()
-    except installer.HelmUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"helm is required in CI and could not be installed: {exc}")
-        pytest.skip(f"helm unavailable: {exc}")
 
 
 def _helm(helm: str, *args: str) -> subprocess.CompletedProcess:
