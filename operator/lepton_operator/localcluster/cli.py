@@ -136,6 +136,7 @@ def cmd_up(args) -> int:
 def cmd_serve(args) -> int:
     """Own a LocalCluster until SIGTERM/SIGINT (the process behind `local up`)."""
     from .controlplane import LocalCluster
+    from .crds import install_crds
     from .nodes import default_nodes
 
     state_dir = _state_dir(args)
@@ -153,6 +154,9 @@ def cmd_serve(args) -> int:
     )
     try:
         cluster.start()
+        # Ready for `kubectl apply -f examples/...`: the LeptonJob CRD as this 1.20 server
+        # takes it (kubectl's own check rejects the CEL rules there) and kopf's peering CRDs.
+        install_crds(cluster.api_client())
         state = {"pid": os.getpid(), **cluster.describe()}
         tmp = state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
