@@ -153,7 +153,7 @@ def test_job_creates_gpu_workers_service_and_status(kube, k8s, namespace, run_op
     svc = kube.request("GET", f"/api/v1/namespaces/{namespace}/services/train-workers")
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert events(kube, namespace, "train", "WorkersReady")
+    wait(k8s, lambda: events(kube, namespace, "train", "WorkersReady"), 10, "WorkersReady event", op)
     # kopf's bookkeeping stays out of status.
     assert "kopf" not in get_job(kube, namespace, "train").get("status", {})
 
@@ -286,7 +286,7 @@ def test_scale_up_without_capacity_leaves_the_running_generation(kube, k8s, name
         return condition(s, "Rescaling").get("reason") == "InsufficientCapacity" and s
     st = wait(k8s, refused, 40, "InsufficientCapacity", op)
     assert st["worldSize"] == 2 and st["workerGeneration"] == 1 and st["autoscaling"]["backoffUntil"]
-    assert events(kube, namespace, "big", "InsufficientCapacity")
+    wait(k8s, lambda: events(kube, namespace, "big", "InsufficientCapacity"), 10, "the event, posted after status", op)
     wait(k8s, lambda: "big-worker-2" not in pods(kube, namespace, "big"), 20, "the added worker removed", op)
     time.sleep(3)  # backoff: no new attempt, old workers untouched
     now = {n: p["metadata"]["uid"] for n, p in pods(kube, namespace, "big").items()}

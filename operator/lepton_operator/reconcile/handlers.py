@@ -216,6 +216,52 @@ async def claims_by_job(namespace, name, labels, **_):
     return {(namespace, job): name} if job else {}
 
 
+class Expectations:
+    """Pods this operator created or deleted that its index has not shown yet.
+
+    The index follows a watch, so for a moment after a create it lacks the new pod and
+    after a delete it still shows the old one without a deletionTimestamp. A pass in that
+    moment would create or delete again (409s and 404s, or a 409 on a name just freed).
+    Like Kubernetes' own controllers, remember what was done and overlay it on the index
+    until the watch catches up, or `ttl` passes (the API, not memory, is the truth).
+    """
+
+    def __init__(self, ttl: float = 15.0):
+        self.ttl = ttl
+        self._created: dict[tuple, dict[str, tuple[float, dict]]] = {}
+        self._deleted: dict[tuple, dict[str, float]] = {}
+
+    def created(self, key: tuple, pod: dict) -> None:
+        self._created.setdefault(key, {})[pod["metadata"]["name"]] = (time.monotonic(), pod)
+
+    def deleted(self, key: tuple, name: str) -> None:
+        self._deleted.setdefault(key, {})[name] = time.monotonic()
+
+    def overlay(self, key: tuple, pods: list[dict], now_text: str) -> list[dict]:
+        """`pods` from the index, with expected creations added and deletions marked."""
+        fresh = time.monotonic() - self.ttl
+        seen = {p["metadata"]["name"]: p for p in pods}
+        created = {n: v for n, v in self._created.get(key, {}).items() if v[0] > fresh and n not in seen}
+        deleted = {n: t for n, t in self._deleted.get(key, {}).items()
+                   if t > fresh and n in seen and not seen[n]["metadata"].get("deletionTimestamp")}
+        self._created[key], self._deleted[key] = created, deleted
+        out = []
+        for pod in pods:
+            if pod["metadata"]["name"] in deleted:
+                pod = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": now_text}}
+            out.append(pod)
+        for _, body in created.values():
+            out.append({**body, "status": {"phase": "Pending"}})
+        return out
+
+    def forget(self, key: tuple) -> None:
+        self._created.pop(key, None)
+        self._deleted.pop(key, None)
+
+
+EXPECTED = Expectations()
+
+
 # ------------------------------------------------------------------ triggers
 
 
@@ -293,10 +339,10 @@ async def reconcile_job(namespace: str, name: str, uid: str, indexes: dict, logg
         spec = e
     status = parse_status(body.get("status"))
     key = (namespace, name)
-    pods = [dict(p) for p in indexes["pods_by_job"].get(key, [])]
+    now = datetime.now(timezone.utc)
+    pods = EXPECTED.overlay(key, [dict(p) for p in indexes["pods_by_job"].get(key, [])], now.isoformat())
     service_exists = service_name(name) in set(indexes["services_by_job"].get(key, []))
     pvc_exists = checkpoint_pvc_name(name) in set(indexes["claims_by_job"].get(key, []))
-    now = datetime.now(timezone.utc)
 
     result: Plan = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now)
 
@@ -312,6 +358,8 @@ async def reconcile_job(namespace: str, name: str, uid: str, indexes: dict, logg
         try:
             if await asyncio.to_thread(kube.delete, namespace, kind, child, grace):
                 logger.info(f"deleted {kind} {child} (grace {grace})")
+            if kind == "Pod":
+                EXPECTED.deleted(key, child)
         except PermanentApiError as e:
             refused.append(str(e))
     async def create(obj: dict) -> None:
@@ -319,6 +367,8 @@ async def reconcile_job(namespace: str, name: str, uid: str, indexes: dict, logg
             outcome = await asyncio.to_thread(kube.create, obj)
             if outcome == "created":
                 logger.info(f"created {obj['kind']} {obj['metadata']['name']}")
+                if obj["kind"] == "Pod":
+                    EXPECTED.created(key, obj)
         except PermanentApiError as e:
             refused.append(str(e))
 
@@ -409,6 +459,7 @@ async def reconcile_loop(namespace, name, uid, stopped, logger, pods_by_job, ser
     finally:
         TRIGGERS.drop(namespace, name)
         WATCH.forget((namespace, name))
+        EXPECTED.forget((namespace, name))
 
 
 # The autoscaling engineer's handlers register with the same (default) kopf registry.
