@@ -141,6 +141,19 @@ def write_plot(progress: Progress, rescales: list[dict], path: Path, title: str)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; Ctrl-C (or SIGTERM) stops it, and everything it started, at any point."""
+    # A shell that starts us in the background ignores SIGINT for us: take it back, and
+    # treat SIGTERM the same way, so the `with` blocks below always tear down.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run_demo(args)
+    except KeyboardInterrupt:
+        print("\n==> interrupted: everything the demo started has been stopped", flush=True)
+        return 130
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     from lepton_operator.localcluster import LocalCluster, ensure_binaries
     from lepton_operator.localcluster.crds import install_crds
     from lepton_operator.localcluster.prometheus import LocalPrometheus
