@@ -25,7 +25,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+from lepton_operator.localcluster.procs import free_port
 
 
 def _event(text: str, name: str, field: str = "t") -> float:
@@ -51,7 +46,7 @@ class Generation:
     """The launchers (pods) of one generation."""
 
     def __init__(self, tmp: Path, gen: int, nodes: int, args: list[str]):
-        port = _free_port()
+        port = free_port("0.0.0.0")
         self.logs = [tmp / f"g{gen}-w{i}.log" for i in range(nodes)]
         self.procs = []
         self.spawned = time.time()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import socket
 import statistics
 import tempfile
 import threading
@@ -31,14 +30,9 @@ import urllib.request
 
 import torch
 
+from lepton_operator.localcluster.procs import free_port
 from lepton_trainer.config import parse_args
 from lepton_trainer.train import DistEnv, Trainer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SHARES: list[float] = []  # extra-work share of each full run
@@ -67,7 +61,7 @@ def measure(full: bool, steps: int, every: int, extra: list[str]) -> tuple[float
     with tempfile.TemporaryDirectory() as ck:
         argv = ["--max-steps", str(steps), "--checkpoint-every-steps", str(every),
                 "--metrics-addr", "127.0.0.1", "--metrics-port",
-                str(_free_port() if full else 0), "--checkpoint-dir", ck if full else "",
+                str(free_port() if full else 0), "--checkpoint-dir", ck if full else "",
                 *extra]
         cfg = parse_args(argv, {})
         trainer = Trainer(cfg, DistEnv(), metrics=full, checkpoints=full)

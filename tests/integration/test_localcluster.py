@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client
 
 from lepton_operator.localcluster import LocalCluster, SimulatedNode, marked_processes
-from lepton_operator.localcluster.procs import pid_alive
+from lepton_operator.localcluster.procs import free_port, pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -227,7 +227,7 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
         import os, socket
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: no TIME_WAIT clash
-        s.bind((os.environ["POD_IP"], 29400))
+        s.bind((os.environ["POD_IP"], int(os.environ["PORT"])))
         s.listen()
         conn, _ = s.accept()
         conn.sendall(b"hi from " + os.environ["POD_IP"].encode())
@@ -239,7 +239,7 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
         print("peer", host, flush=True)
         for _ in range(100):
             try:
-                with socket.create_connection((host, 29400), timeout=1) as c:
+                with socket.create_connection((host, int(os.environ["PORT"])), timeout=1) as c:
                     print("resolved", socket.gethostbyname(host) if not host[0].isdigit() else host,
                           c.recv(100).decode())
                     break
@@ -249,9 +249,11 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
             raise SystemExit(5)
     """
     svc = {"hostname": "worker-0", "subdomain": "job-workers"}
-    k8s.core.create_namespaced_pod(namespace, _pod("job-worker-0", env=DOWNWARD_ENV, command=_python(server_code), **svc))
+    # Not a fixed port: the pods are processes of this machine, where others may listen.
+    port_env = DOWNWARD_ENV + [{"name": "PORT", "value": str(free_port())}]
+    k8s.core.create_namespaced_pod(namespace, _pod("job-worker-0", env=port_env, command=_python(server_code), **svc))
     # the short form, as a pod in the namespace would use it through its resolver search path
-    peer_env = DOWNWARD_ENV + [{"name": "PEER", "value": "worker-0.job-workers"}]
+    peer_env = port_env + [{"name": "PEER", "value": "worker-0.job-workers"}]
     k8s.core.create_namespaced_pod(namespace, _pod(
         "job-worker-1", env=peer_env, command=_python(client_code), hostname="worker-1", subdomain="job-workers"))
     server = _wait_phase(k8s, namespace, "job-worker-0", "Succeeded")

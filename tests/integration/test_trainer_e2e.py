@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lepton_operator.localcluster.procs import free_port
 from lepton_trainer.data import GlobalSampler, load_corpus
 from lepton_trainer.schedule import lr_at
 
@@ -30,12 +30,6 @@ pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(900)]
 
 GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 TINY = ["--log-every-seconds", "0.3", "--global-batch-size", "32", "--micro-batch-size", "8"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
 
 
 class Launcher:
@@ -139,7 +133,7 @@ def test_two_local_ranks_loss_falls(launch, tmp_path):
 
 
 def test_two_nodes_c10d_rendezvous_metrics_increase_and_loss_falls(launch, tmp_path):
-    rdzv, metrics_port = free_port(), free_port()
+    rdzv, metrics_port = free_port("0.0.0.0"), free_port("0.0.0.0")
     common = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d",
               "PET_RDZV_ENDPOINT": f"127.0.0.1:{rdzv}", "PET_RDZV_ID": "e2e-uid-g4",
               "PET_MAX_RESTARTS": "0", "LEPTON_GENERATION": "4", "LEPTON_WORLD_SIZE": "2",

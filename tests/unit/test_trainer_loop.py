@@ -1,13 +1,13 @@
 """The training loop in-process at world size 1 (no torchrun), and the metrics module."""
 
 import re
-import socket
 import time
 import urllib.request
 
 import pytest
 import torch
 
+from lepton_operator.localcluster.procs import free_port
 from lepton_trainer import exitcodes
 from lepton_trainer.config import parse_args
 from lepton_trainer.metrics import TrainerMetrics
@@ -60,9 +60,7 @@ def test_no_checkpoint_dir_is_logged(capsys):
 
 
 def test_metrics_endpoint_serves_the_contract_names():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     metrics = TrainerMetrics()
     metrics.set_membership(3, 7)
     metrics.serve("127.0.0.1", port)
