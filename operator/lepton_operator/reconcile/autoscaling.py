@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Optional, Union
 
+import kopf
+
 from lepton_operator.api.models import (
     CONDITION_METRICS_UNAVAILABLE,
     GROUP,
@@ -204,60 +206,54 @@ def _enabled(spec, **_) -> bool:
     return bool(((spec or {}).get("autoscaling") or {}).get("enabled"))
 
 
-try:  # kopf is only needed by the running operator; the pure parts import without it
-    import kopf
-except ImportError:  # pragma: no cover
-    kopf = None
 
-if kopf is not None:
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_SECONDS, when=_enabled)
+async def autoscale(spec, name, namespace, memo, logger, **_):
+    """Measure, decide and, if the size should change, write spec.workers.replicas."""
+    from lepton_operator.reconcile.handlers import get_kube
+    from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_SECONDS, when=_enabled)
-    async def autoscale(spec, name, namespace, memo, logger, **_):
-        """Measure, decide and, if the size should change, write spec.workers.replicas."""
-        from lepton_operator.reconcile.handlers import get_kube
-        from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
-
-        last = memo.get("autoscaler_last_run")
-        mono = time.monotonic()
-        interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", TIMER_SECONDS)
-        if last is not None and mono - last < interval - 0.5:
+    last = memo.get("autoscaler_last_run")
+    mono = time.monotonic()
+    interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", TIMER_SECONDS)
+    if last is not None and mono - last < interval - 0.5:
+        return
+    kube = get_kube()
+    try:
+        # Fresh, not kopf's cached body: the core may have just started a rescale, and
+        # the status write below is conditional on exactly this version.
+        body = await asyncio.to_thread(kube.get_job, namespace, name)
+        if body is None:
             return
-        kube = get_kube()
         try:
-            # Fresh, not kopf's cached body: the core may have just started a rescale, and
-            # the status write below is conditional on exactly this version.
-            body = await asyncio.to_thread(kube.get_job, namespace, name)
-            if body is None:
-                return
-            try:
-                job = parse_job(name, body.get("spec") or {})
-            except InvalidJob:
-                return  # the core marks the job Failed/InvalidSpec
-            st = parse_status(body.get("status"))
-            if not should_run(job, st):
-                return
-            memo["autoscaler_last_run"] = mono
-            now = datetime.now(timezone.utc)
-            state = memo.setdefault("autoscaler", {})
-            measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now, state)
-            plan = plan_autoscale(job, st, measured, now, observed_generation=body["metadata"].get("generation"))
-            version = body["metadata"]["resourceVersion"]
-            if plan.status_patch:
-                written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, plan.status_patch)
-                version = written["metadata"]["resourceVersion"]
-            if plan.replicas is not None:
-                await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, plan.replicas)
-        except Conflict:
-            memo["autoscaler_last_run"] = None  # the job changed under us: decide again next tick
+            job = parse_job(name, body.get("spec") or {})
+        except InvalidJob:
+            return  # the core marks the job Failed/InvalidSpec
+        st = parse_status(body.get("status"))
+        if not should_run(job, st):
             return
+        memo["autoscaler_last_run"] = mono
+        now = datetime.now(timezone.utc)
+        state = memo.setdefault("autoscaler", {})
+        measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now, state)
+        plan = plan_autoscale(job, st, measured, now, observed_generation=body["metadata"].get("generation"))
+        version = body["metadata"]["resourceVersion"]
+        if plan.status_patch:
+            written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, plan.status_patch)
+            version = written["metadata"]["resourceVersion"]
+        if plan.replicas is not None:
+            await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, plan.replicas)
+    except Conflict:
+        memo["autoscaler_last_run"] = None  # the job changed under us: decide again next tick
+        return
+    except (TransientApiError, PermanentApiError) as e:
+        logger.warning(f"autoscaler: {e}")
+        return
+    d = plan.decision
+    if d is not None and d.action != "hold":
+        logger.info(f"autoscaler: {d.reason}: {d.message}")
+    for type_, reason, message in plan.events:  # after the writes succeeded
+        try:
+            await asyncio.to_thread(kube.post_event, body, type_, reason, message)
         except (TransientApiError, PermanentApiError) as e:
-            logger.warning(f"autoscaler: {e}")
-            return
-        d = plan.decision
-        if d is not None and d.action != "hold":
-            logger.info(f"autoscaler: {d.reason}: {d.message}")
-        for type_, reason, message in plan.events:  # after the writes succeeded
-            try:
-                await asyncio.to_thread(kube.post_event, body, type_, reason, message)
-            except (TransientApiError, PermanentApiError) as e:
-                logger.warning(f"autoscaler: could not post event {reason}: {e}")
+            logger.warning(f"autoscaler: could not post event {reason}: {e}")

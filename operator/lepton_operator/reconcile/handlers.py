@@ -462,9 +462,5 @@ async def reconcile_loop(namespace, name, uid, stopped, logger, pods_by_job, ser
         EXPECTED.forget((namespace, name))
 
 
-# The autoscaling engineer's handlers register with the same (default) kopf registry.
-try:  # pragma: no cover - depends on a module another engineer owns
-    from lepton_operator.reconcile import autoscaling  # noqa: F401
-except ImportError as _e:
-    if getattr(_e, "name", None) != "lepton_operator.reconcile.autoscaling":
-        raise
+# The autoscaler's timer registers with the same (default) kopf registry.
+from lepton_operator.reconcile import autoscaling  # noqa: E402, F401
