@@ -5,7 +5,7 @@
         [--json out.json] [--markdown out.md] [--artifacts DIR]
 
 One local control plane (real etcd, kube-apiserver 1.20.2, scheduler and
-controller-manager; `lepton_operator.localcluster`) with enough simulated 8-GPU nodes for
+controller-manager; `lepton_localcluster`) with enough simulated 8-GPU nodes for
 the largest K, the simulated kubelet in default mode (a bound pod is marked Running at
 once; nothing executes), and the operator (`python -m lepton_operator.cli run`) as a
 subprocess. What it measures:
@@ -55,10 +55,10 @@ from kubernetes.client.rest import ApiException
 
 from lepton_operator.api.crd import crd_for_server
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, parse_job
-from lepton_operator.build import LABEL_JOB_NAME, JobRef, build_worker_pod
-from lepton_operator.localcluster import LocalCluster, SimulatedNode
-from lepton_operator.localcluster.procs import free_port
-from lepton_operator.localcluster.pytest_plugin import OperatorProcess
+from lepton_operator.desired import LABEL_JOB_NAME, JobRef, build_worker_pod
+from lepton_localcluster import LocalCluster, SimulatedNode
+from lepton_localcluster.procs import free_port
+from lepton_localcluster.pytest_plugin import OperatorProcess
 
 NS_LJ = "bench-lj"
 NS_JOB = "bench-job"

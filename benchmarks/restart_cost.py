@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lepton_operator.localcluster.procs import free_port
+from lepton_localcluster.procs import free_port
 
 
 def _event(text: str, name: str, field: str = "t") -> float:

@@ -30,7 +30,7 @@ import urllib.request
 
 import torch
 
-from lepton_operator.localcluster.procs import free_port
+from lepton_localcluster.procs import free_port
 from lepton_trainer.config import parse_args
 from lepton_trainer.train import DistEnv, Trainer
 

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/lepton-operator demo "$@"
+exec .venv/bin/lepton-local demo "$@"

@@ -2,7 +2,7 @@
 # Idempotent setup for development and CI (Debian 12, root, no stdin needed):
 #   1. apt packages the local control plane needs (only those missing);
 #   2. the virtualenv .venv with torch (pinned: a bare `torch` pulls a multi-GB CUDA
-#      build) and this project with its test extra;
+#      build), this project with its test extra, and localcluster/ (dev tooling);
 #   3. the Kubernetes 1.20.2 control-plane binaries, built once (about 5 minutes on
 #      2 cores) into ~/.cache/lepton-operator/k8s-v1.20.2/ or reused from there
 #      (or from $KUBEBUILDER_ASSETS).
@@ -60,10 +60,10 @@ else
   log "installing torch==$TORCH_VERSION"
   "${PIP[@]}" install -q "torch==$TORCH_VERSION"
 fi
-log "installing the project (editable) with its test extra"
-"${PIP[@]}" install -q -e "$ROOT[test]"
+log "installing the operator (editable, test extra) and the local cluster tooling (editable)"
+"${PIP[@]}" install -q -e "$ROOT[test]" -e "$ROOT/localcluster"
 
 # --- 3. control-plane binaries ---------------------------------------------------------
 log "control-plane binaries (build or reuse)"
-"$VENV/bin/lepton-operator" local binaries
+"$VENV/bin/lepton-local" binaries
 log "done; run the tests with: $VENV/bin/python -m pytest"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["lepton_operator.localcluster.pytest_plugin"]
+pytest_plugins = ["lepton_localcluster.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,10 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = [
-    "lepton_operator.localcluster.cli",  # local up|down|status|env|binaries
     "lepton_operator.reconcile.cli",  # run: the operator (kopf)
     "lepton_operator.api.crd_cli",       # crd: print, --write or --check the generated CRD
     "lepton_operator.scaling.simulate",  # simulate: autoscaling policy on a throughput curve
     "lepton_operator.api.reference",     # reference: the LeptonJob field reference (README)
-    "lepton_operator.demo",              # demo: a LeptonJob end to end on the local control plane
 ]
 
 

@@ -17,9 +17,9 @@ import time
 import pytest
 
 from lepton_operator.api.models import API_VERSION, CONDITION_METRICS_UNAVAILABLE, GROUP, KIND, PLURAL, VERSION
-from lepton_operator.localcluster.crds import install_crds
-from lepton_operator.localcluster.procs import free_port
-from lepton_operator.localcluster.prometheus import LocalPrometheus, prometheus_binary
+from lepton_localcluster.crds import install_crds
+from lepton_localcluster.procs import free_port
+from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient
 
 pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(600)]
@@ -201,7 +201,7 @@ def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster,
                                                                  tmp_path):
     """GPUs for 3 workers, a curve that wants 6: the job stays at 3, untouched, and says why."""
     _need_prometheus()
-    from lepton_operator.localcluster import SimulatedNode
+    from lepton_localcluster import SimulatedNode
 
     # A node of its own with GPUs for exactly 3 one-GPU workers; the job may run nowhere else.
     node = SimulatedNode(name=f"cap3-{namespace}"[:63], gpus=3, labels={"lepton.ai/test-pool": namespace})

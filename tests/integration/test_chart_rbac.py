@@ -24,8 +24,8 @@ from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
-from lepton_operator.localcluster.crds import install_crds
-from lepton_operator.localcluster.pytest_plugin import OperatorProcess
+from lepton_localcluster.crds import install_crds
+from lepton_localcluster.pytest_plugin import OperatorProcess
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from lepton_operator.api.crd import build_crd, crd_for_server
 from lepton_operator.api.models import API_VERSION, CRD_NAME, GROUP, KIND, MAX_JOB_NAME_LENGTH, PLURAL, VERSION, parse_job
-from lepton_operator.build import (
+from lepton_operator.desired import (
     JobRef,
     build_checkpoint_pvc,
     build_service,
@@ -28,7 +28,7 @@ from lepton_operator.build import (
     selector_string,
 )
 
-from lepton_operator.localcluster.crds import install_crd
+from lepton_localcluster.crds import install_crd
 
 pytestmark = pytest.mark.integration
 

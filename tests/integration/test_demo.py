@@ -1,4 +1,4 @@
-"""README command 1 stays true: `lepton-operator demo` runs a job to success end to end.
+"""README command 1 stays true: `lepton-local demo` runs a job to success end to end.
 
 The demo's own example takes about 5 minutes; this runs the same code path (its own
 local control plane in process mode, Debian's Prometheus, the operator, live progress,
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_operator.localcluster.prometheus import prometheus_binary
+from lepton_localcluster.prometheus import prometheus_binary
 
 pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(600)]
 
@@ -30,7 +30,7 @@ def test_demo_trains_a_job_to_success_and_writes_its_plot(tmp_path):
         pytest.skip(reason)
     plot = tmp_path / "demo.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "lepton_operator.cli", "demo", "--example", str(ROOT / "examples" / "cpu-job.yaml"),
+        [sys.executable, "-m", "lepton_localcluster.cli", "demo", "--example", str(ROOT / "examples" / "cpu-job.yaml"),
          "--plot", str(plot), "--timeout", "400"],
         capture_output=True, text=True, timeout=500, start_new_session=True,
     )

@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 from kubernetes import client
 
-from lepton_operator.localcluster import LocalCluster, SimulatedNode, marked_processes
-from lepton_operator.localcluster.procs import free_port, pid_alive
+from lepton_localcluster import LocalCluster, SimulatedNode, marked_processes
+from lepton_localcluster.procs import free_port, pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

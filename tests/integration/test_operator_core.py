@@ -16,9 +16,9 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from lepton_operator.build import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, MANAGED_BY
-from lepton_operator.localcluster.crds import install_crds
-from lepton_operator.localcluster.procs import free_port
+from lepton_operator.desired import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, MANAGED_BY
+from lepton_localcluster.crds import install_crds
+from lepton_localcluster.procs import free_port
 from lepton_operator.reconcile.kube import Kube
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lepton_operator.localcluster.procs import free_port
+from lepton_localcluster.procs import free_port
 from lepton_trainer.data import GlobalSampler, load_corpus
 from lepton_trainer.schedule import lr_at
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from lepton_operator.api.models import MAX_JOB_NAME_LENGTH, MAX_WORKERS, parse_job
-from lepton_operator.build import (
+from lepton_operator.desired import (
     CONTAINER_NAME,
     GPU_RESOURCE,
     LABEL_GENERATION,

@@ -432,7 +432,7 @@ def _sd_label(pod_label: str) -> str:
 def test_scrape_configs_follow_the_worker_pod_builders(helm, tmp_path):
     """The PodMonitor and the e2e Prometheus select and label trainer pods by the names the
     builders put on them, so a renamed label or port fails here, not in a cluster."""
-    from lepton_operator.build import (
+    from lepton_operator.desired import (
         LABEL_GENERATION,
         LABEL_JOB_NAME,
         LABEL_MANAGED_BY,

@@ -35,7 +35,7 @@ from lepton_operator.api.models import (
     parse_job,
     parse_status,
 )
-from lepton_operator.build import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, JobRef
+from lepton_operator.desired import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, JobRef
 from lepton_operator.reconcile.plan import REASON_FOREIGN_POD, REASON_NAME_TAKEN, get_condition, plan
 
 pytestmark = pytest.mark.unit

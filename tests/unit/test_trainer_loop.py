@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 import torch
 
-from lepton_operator.localcluster.procs import free_port
+from lepton_localcluster.procs import free_port
 from lepton_trainer import exitcodes
 from lepton_trainer.config import parse_args
 from lepton_trainer.metrics import TrainerMetrics

@@ -54,7 +54,7 @@ from lepton_operator.api.models import (
     parse_job,
     parse_status,
 )
-from lepton_operator.build import (
+from lepton_operator.desired import (
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
     MANAGED_BY,

@@ -79,7 +79,7 @@ from lepton_operator.api.models import (
     RescaleRecord,
     restart_backoff_seconds,
 )
-from lepton_operator.build import (
+from lepton_operator.desired import (
     LABEL_GENERATION,
     LABEL_WORKER_INDEX,
     JobRef,

@@ -4,7 +4,7 @@ Queries are built here and nowhere else, so that every one of them quotes label 
 as PromQL string literals, matches with `=` (never `=~`) and pins `namespace`.
 
 Labels the scrape configuration must give the trainer's series (see
-`lepton_operator.localcluster.prometheus.scrape_config`, which the Helm chart docs reuse):
+`lepton_operator.scaling.scrape.scrape_config`, which the Helm chart docs reuse):
 
 - `namespace`: the pod's namespace (`__meta_kubernetes_namespace`);
 - `pod`: the pod's name (`__meta_kubernetes_pod_name`);

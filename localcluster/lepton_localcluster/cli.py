@@ -1,10 +1,12 @@
-"""``lepton-operator local ...``: run the local control plane for people and the demo.
+"""``lepton-local``: the local control plane for people, the demo and the tests.
 
-``local up`` starts a detached supervisor process that owns a :class:`LocalCluster` and
+Development only: the operator never imports this package, and its image does not hold it.
+
+``lepton-local up`` starts a detached supervisor process that owns a :class:`LocalCluster` and
 records it in ``<state dir>/state.json`` (state dir: ``$LEPTON_LOCAL_DIR`` or
-``~/.lepton/local``); ``local env`` prints the ``KUBECONFIG`` export for kubectl;
-``local status`` shows it; ``local down`` stops it (SIGTERM to the supervisor, which
-stops every process of the cluster). ``local binaries`` builds or reuses the binaries.
+``~/.lepton/local``); ``env`` prints the ``KUBECONFIG`` export for kubectl;
+``status`` shows it; ``down`` stops it (SIGTERM to the supervisor, which
+stops every process of the cluster). ``binaries`` builds; ``demo`` runs a LeptonJob end to end (``lepton_localcluster.demo``). or reuses the binaries.
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ from .binaries import BinariesUnavailable, ensure_binaries, import_binaries
 
 
 def default_state_dir() -> Path:
-    """Where ``local up`` keeps its state, kubeconfig and logs."""
+    """Where ``lepton-local up`` keeps its state, kubeconfig and logs."""
     return Path(os.environ.get("LEPTON_LOCAL_DIR", Path.home() / ".lepton" / "local")).expanduser()
 
 
-def add_parser(subparsers) -> None:
-    """Register ``local`` and its subcommands."""
-    local = subparsers.add_parser("local", help="local Kubernetes control plane with simulated GPU nodes")
-    local.add_argument("--state-dir", type=Path, default=None, help="default: $LEPTON_LOCAL_DIR or ~/.lepton/local")
-    sub = local.add_subparsers(dest="local_command", metavar="ACTION")
-    local.set_defaults(func=lambda args: (local.print_help(), 2)[1])
+def build_parser() -> argparse.ArgumentParser:
+    """``lepton-local`` and its subcommands."""
+    from . import demo
+
+    parser = argparse.ArgumentParser(
+        prog="lepton-local", description="Local Kubernetes control plane with simulated GPU nodes (development only)."
+    )
+    parser.add_argument("--state-dir", type=Path, default=None, help="default: $LEPTON_LOCAL_DIR or ~/.lepton/local")
+    sub = parser.add_subparsers(dest="local_command", metavar="COMMAND")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
     up = sub.add_parser("up", help="start the local cluster in the background")
     up.add_argument("--nodes", type=int, default=2, help="simulated nodes (default 2)")
@@ -53,12 +59,20 @@ def add_parser(subparsers) -> None:
 
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show the local cluster and its nodes").set_defaults(func=cmd_status)
-    sub.add_parser("env", help="print the KUBECONFIG export (eval \"$(lepton-operator local env)\")").set_defaults(func=cmd_env)
+    sub.add_parser("env", help="print the KUBECONFIG export (eval \"$(lepton-local env)\")").set_defaults(func=cmd_env)
 
     binaries = sub.add_parser("binaries", help="build or reuse the control-plane binaries; print their directory")
     binaries.add_argument("--from", dest="source", type=Path, help="import already built kube binaries from DIR")
     binaries.add_argument("--no-build", action="store_true", help="fail instead of building")
     binaries.set_defaults(func=cmd_binaries)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lepton-local`` script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 def _state_dir(args) -> Path:
@@ -109,7 +123,7 @@ def cmd_up(args) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_path = state_dir / "serve.log"
-    cmd = [sys.executable, "-m", "lepton_operator.cli", "local", "--state-dir", str(state_dir), "serve",
+    cmd = [sys.executable, "-m", "lepton_localcluster.cli", "--state-dir", str(state_dir), "serve",
            "--nodes", str(args.nodes), "--gpus", str(args.gpus), "--mode", args.mode]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -196,7 +210,7 @@ def cmd_env(args) -> int:
     """Print the KUBECONFIG export for the running cluster."""
     state = _read_state(_state_dir(args))
     if not state:
-        print("no local cluster is running (start one with `lepton-operator local up`)", file=sys.stderr)
+        print("no local cluster is running (start one with `lepton-local up`)", file=sys.stderr)
         return 1
     print(f"export KUBECONFIG={state['kubeconfig']}")
     return 0
@@ -227,3 +241,7 @@ def cmd_status(args) -> int:
         print(f"apiserver not answering: {e}")
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """pytest fixtures for the local control plane.
 
-Register with ``pytest_plugins = ["lepton_operator.localcluster.pytest_plugin"]``.
+Register with ``pytest_plugins = ["lepton_localcluster.pytest_plugin"]``.
 
 Fixtures:
 

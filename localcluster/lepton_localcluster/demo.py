@@ -1,4 +1,4 @@
-"""`lepton-operator demo`: the whole loop on one machine, no cluster needed.
+"""`lepton-local demo`: the whole loop on one machine, no cluster needed.
 
 Starts the local control plane (real apiserver, etcd, scheduler, controller-manager) with
 simulated GPU nodes whose kubelet runs pods as local processes, Debian's Prometheus
@@ -154,9 +154,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from lepton_operator.localcluster import LocalCluster, ensure_binaries
-    from lepton_operator.localcluster.crds import install_crds
-    from lepton_operator.localcluster.prometheus import LocalPrometheus
+    from lepton_localcluster import LocalCluster, ensure_binaries
+    from lepton_localcluster.crds import install_crds
+    from lepton_localcluster.prometheus import LocalPrometheus
 
     manifest = yaml.safe_load(args.example.read_text())
     job_name = manifest["metadata"]["name"]
@@ -213,7 +213,7 @@ def _live_throughput(prom_client, namespace: str, job_name: str) -> float | None
 def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> int:
     from kubernetes import client
 
-    from lepton_operator.localcluster.procs import free_port
+    from lepton_localcluster.procs import free_port
     from lepton_operator.scaling.prometheus import PrometheusClient
 
     prom_client = PrometheusClient(prom.url, timeout=2)

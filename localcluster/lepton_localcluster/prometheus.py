@@ -9,12 +9,10 @@ is rejected as an unknown field), so the local setup bridges it: a small HTTP se
 discovery endpoint in this process lists the pods from the apiserver and hands them to
 Prometheus' `http_sd_configs` with the very `__meta_kubernetes_pod_*` labels Kubernetes
 SD would produce. The relabelling rules are therefore the same ones a cluster's
-Prometheus uses with `kubernetes_sd_configs` (`scrape_config()`).
-It runs on a free loopback port, in its own process group, with PR_SET_PDEATHSIG, and is
-stopped on exit. `scrape_config()` is the scrape job text, reusable in a cluster's own
-Prometheus (the Helm chart docs copy it): it yields the labels the autoscaler's queries
-use, `namespace`, `pod`, `job_name` (pod label `lepton.ai/job-name`) and `generation`
-(pod label `lepton.ai/generation`).
+Prometheus uses with `kubernetes_sd_configs` (`lepton_operator.scaling.scrape`, which
+yields the labels the autoscaler's queries use: `namespace`, `pod`, `job_name` and
+`generation`). It runs on a free loopback port, in its own process group, with
+PR_SET_PDEATHSIG, and is stopped on exit.
 
     with LocalPrometheus(cluster.server, cluster.token, ca_file, workdir) as prom:
         PrometheusClient(prom.url).throughput(...)
@@ -38,10 +36,10 @@ from typing import Optional
 
 import yaml
 
-from lepton_operator.localcluster.procs import MARKER_ENV, child_setup, free_port
+from lepton_operator.scaling.scrape import SCRAPE_JOB, relabel_configs, scrape_timeout
+from lepton_localcluster.procs import MARKER_ENV, child_setup, free_port
 
 PROMETHEUS_BINARY = os.environ.get("LEPTON_PROMETHEUS_BINARY", "/usr/bin/prometheus")
-SCRAPE_JOB = "lepton-trainer"
 
 
 def prometheus_binary() -> Optional[str]:
@@ -49,61 +47,6 @@ def prometheus_binary() -> Optional[str]:
     if os.path.isfile(PROMETHEUS_BINARY) and os.access(PROMETHEUS_BINARY, os.X_OK):
         return PROMETHEUS_BINARY
     return shutil.which("prometheus")
-
-
-def scrape_config(api_server: Optional[str] = None, token_file: Optional[str] = None,
-                  ca_file: Optional[str] = None, insecure_skip_verify: bool = False,
-                  namespaces: Optional[list[str]] = None, scrape_interval: str = "15s") -> dict:
-    """The scrape job for LeptonJob workers (a `scrape_configs` entry).
-
-    In a cluster, leave `api_server`/`token_file`/`ca_file` unset: Prometheus then uses its
-    in-cluster service account. The relabelling keeps pods annotated
-    `prometheus.io/scrape: "true"`, scrapes `<podIP>:<prometheus.io/port>` at
-    `prometheus.io/path` (default /metrics), and sets the labels `namespace`, `pod`,
-    `job_name` and `generation` that `scaling.prometheus` queries rely on.
-    """
-    sd: dict = {"role": "pod"}
-    if api_server:
-        sd["api_server"] = api_server
-        if token_file:
-            sd["authorization"] = {"type": "Bearer", "credentials_file": token_file}
-        tls: dict = {}
-        if ca_file:
-            tls["ca_file"] = ca_file
-        if insecure_skip_verify:
-            tls["insecure_skip_verify"] = True
-        if tls:
-            sd["tls_config"] = tls
-    if namespaces:
-        sd["namespaces"] = {"names": list(namespaces)}
-    return {
-        "job_name": SCRAPE_JOB,
-        "scrape_interval": scrape_interval,
-        "scrape_timeout": _timeout(scrape_interval),
-        "kubernetes_sd_configs": [sd],
-        "relabel_configs": relabel_configs(),
-    }
-
-
-def relabel_configs() -> list[dict]:
-    """Keep annotated running pods; scrape podIP:port; label namespace, pod, job_name, generation."""
-    return [
-        {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "regex": "true",
-         "action": "keep"},
-        {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Pending|Succeeded|Failed", "action": "drop"},
-        {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "regex": "(.+)",
-         "target_label": "__metrics_path__", "replacement": "$1"},
-        {"source_labels": ["__meta_kubernetes_pod_ip", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
-         "regex": "(.+);([0-9]+)", "target_label": "__address__", "replacement": "$1:$2"},
-        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        {"source_labels": ["__meta_kubernetes_pod_label_lepton_ai_job_name"], "target_label": "job_name"},
-        {"source_labels": ["__meta_kubernetes_pod_label_lepton_ai_generation"], "target_label": "generation"},
-    ]
-
-
-def _timeout(interval: str) -> str:
-    return interval if _seconds(interval) <= 10 else "10s"
 
 
 def _meta_name(key: str) -> str:
@@ -177,11 +120,6 @@ class _PodDiscovery:
         self.server.server_close()
 
 
-def _seconds(duration: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
-    return float(duration[:-1]) * units[duration[-1]]
-
-
 class LocalPrometheus:
     """Debian's Prometheus, scraping pods found through a (local) kube-apiserver."""
 
@@ -215,7 +153,7 @@ class LocalPrometheus:
         job = {
             "job_name": SCRAPE_JOB,
             "scrape_interval": self.scrape_interval,
-            "scrape_timeout": _timeout(self.scrape_interval),
+            "scrape_timeout": scrape_timeout(self.scrape_interval),
             # Debian's build has no kubernetes_sd_configs: the bridge serves the same labels.
             "http_sd_configs": [{"url": self._discovery.url, "refresh_interval": self.scrape_interval}],
             "relabel_configs": relabel_configs(),
