@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the trainer needs torch: pip install -e '.[trainer]'")
 
 from lepton_localcluster.procs import free_port
 from lepton_trainer.data import GlobalSampler, load_corpus

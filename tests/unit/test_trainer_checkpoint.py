@@ -3,7 +3,8 @@
 import os
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="trainer tests need torch: pip install -e '.[trainer]'")
 
 from lepton_trainer import checkpoint
 from lepton_trainer.checkpoint import CheckpointStore, CheckpointTimer

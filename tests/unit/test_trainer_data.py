@@ -2,6 +2,8 @@
 
 import pytest
 
+pytest.importorskip("torch", reason="trainer tests need torch: pip install -e '.[trainer]'")
+
 from lepton_trainer.data import ByteBlocks, GlobalSampler, load_corpus, rank_slice
 
 pytestmark = pytest.mark.unit

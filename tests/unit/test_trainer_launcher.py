@@ -5,7 +5,6 @@ import pytest
 from lepton_trainer import exitcodes
 from lepton_trainer.__main__ import inside_torchrun, torchrun_argv
 from lepton_trainer.config import parse_args
-from lepton_trainer.train import DistEnv
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +23,9 @@ def test_pet_env_is_left_to_torchrun():
 
 
 def test_pet_env_reaches_torchrun_argparse(monkeypatch):
+    pytest.importorskip("torch", reason="trainer tests need torch: pip install -e '.[trainer]'")
     from torch.distributed import run as torchrun
+
     for k, v in {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d",
                  "PET_RDZV_ENDPOINT": "127.0.0.1:29999", "PET_RDZV_ID": "uid-g3",
                  "PET_MAX_RESTARTS": "0", "PET_RDZV_CONF": "is_host=1"}.items():
@@ -71,6 +72,10 @@ def test_pod_exit_code_from_worker_codes(codes, pod):
 
 
 def test_dist_env_node_share_and_world_in_nodes():
+    # lepton_trainer.train imports torch at module level
+    pytest.importorskip("torch", reason="trainer tests need torch: pip install -e '.[trainer]'")
+    from lepton_trainer.train import DistEnv
+
     env = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
                                 "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
                                 "GROUP_WORLD_SIZE": "2", "LEPTON_GENERATION": "5"})

@@ -5,7 +5,8 @@ import time
 import urllib.request
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="trainer tests need torch: pip install -e '.[trainer]'")
 
 from lepton_localcluster.procs import free_port
 from lepton_trainer import exitcodes
