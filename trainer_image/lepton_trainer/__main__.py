@@ -38,8 +38,7 @@ def torchrun_argv(trainer_argv: list[str], environ=None) -> list[str]:
     environ = os.environ if environ is None else environ
     argv: list[str] = []
     if not (environ.get("PET_NNODES") or environ.get("PET_RDZV_ENDPOINT")):
-        argv += ["--standalone", "--nnodes=1",
-                 f"--nproc-per-node={environ.get('PET_NPROC_PER_NODE') or 1}"]
+        argv += ["--standalone", "--nnodes=1", f"--nproc-per-node={environ.get('PET_NPROC_PER_NODE') or 1}"]
     return argv + ["--module", TRAINING_MODULE, *trainer_argv]
 
 
@@ -62,9 +61,10 @@ def run_torchrun(argv: list[str]) -> int:
         return exitcodes.OK
     except ChildFailedError as exc:
         codes = [exc.failures[rank].exitcode for rank in sorted(exc.failures)]
-        _log(event="workers_failed",
-             codes=",".join(f"{rank}:{exc.failures[rank].exitcode}"
-                            for rank in sorted(exc.failures)))
+        _log(
+            event="workers_failed",
+            codes=",".join(f"{rank}:{exc.failures[rank].exitcode}" for rank in sorted(exc.failures)),
+        )
         return exitcodes.combine(codes)
     except SignalException as exc:
         # The agent already forwarded the signal to the workers and waited for them.
@@ -79,14 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if inside_torchrun():
         from .train import main as train_main
+
         return train_main(argv)
     from .config import parse_args
+
     parse_args(argv)  # fail fast (exit 2) on bad args, before any rendezvous
-    _log(event="launcher_start", pid=os.getpid(), t=f"{_LAUNCHER_START:.3f}",
-         job=os.environ.get("LEPTON_JOB_NAME", "-"),
-         gen=os.environ.get("LEPTON_GENERATION", "0"),
-         worker=os.environ.get("LEPTON_WORKER_INDEX",
-                               os.environ.get("LEPTON_JOB_WORKER_INDEX", "0")))
+    _log(
+        event="launcher_start",
+        pid=os.getpid(),
+        t=f"{_LAUNCHER_START:.3f}",
+        job=os.environ.get("LEPTON_JOB_NAME", "-"),
+        gen=os.environ.get("LEPTON_GENERATION", "0"),
+        worker=os.environ.get("LEPTON_WORKER_INDEX", os.environ.get("LEPTON_JOB_WORKER_INDEX", "0")),
+    )
     code = run_torchrun(torchrun_argv(argv))
     _log(event="launcher_exit", code=code, t=f"{time.time():.3f}")
     # The workers are gone and every file is closed; skip the interpreter's teardown of

@@ -72,7 +72,7 @@ class CheckpointStore:
 
     def prune(self) -> None:
         """Delete all but the newest K checkpoints, and temp files of dead writers."""
-        for _, path in self.list()[self.keep:]:
+        for _, path in self.list()[self.keep :]:
             path.unlink(missing_ok=True)
         for entry in self.dir.glob(_TMP_PREFIX + "*"):
             pid = entry.name.rsplit("-", 1)[-1]
@@ -102,8 +102,7 @@ class CheckpointStore:
                 aside = path.with_name(path.name + ".corrupt")
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
-                _log(event="checkpoint_skipped", path=path, reason=repr(reason),
-                     moved_to=aside)
+                _log(event="checkpoint_skipped", path=path, reason=repr(reason), moved_to=aside)
                 continue
             return path, state
         return None, None

@@ -45,8 +45,7 @@ OPTIONS = [
     # training
     _Opt("--max-steps", int, 1000, "global steps to train; exit 0 once reached"),
     _Opt("--global-batch-size", int, 32, "samples per global step, whatever the world size"),
-    _Opt("--micro-batch-size", int, 16, "most samples per forward pass on one rank "
-         "(gradient accumulation above it)"),
+    _Opt("--micro-batch-size", int, 16, "most samples per forward pass on one rank (gradient accumulation above it)"),
     _Opt("--lr", float, 3e-3, "peak learning rate (AdamW)"),
     _Opt("--warmup-steps", int, 20, "linear warm-up steps before cosine decay"),
     _Opt("--min-lr-ratio", float, 0.1, "final LR as a fraction of --lr"),
@@ -58,8 +57,7 @@ OPTIONS = [
     _Opt("--n-embd", int, 64, "embedding width"),
     _Opt("--block-size", int, 64, "context length in bytes (one sample = one block)"),
     # checkpoints
-    _Opt("--checkpoint-dir", str, "", "where rank 0 writes checkpoints; unset = none",
-         env="LEPTON_CHECKPOINT_DIR"),
+    _Opt("--checkpoint-dir", str, "", "where rank 0 writes checkpoints; unset = none", env="LEPTON_CHECKPOINT_DIR"),
     _Opt("--checkpoint-every-steps", int, 100, "checkpoint every N global steps (0 = off)"),
     _Opt("--checkpoint-every-seconds", float, 300.0, "checkpoint at least every T s (0 = off)"),
     _Opt("--keep-checkpoints", int, 3, "complete checkpoints kept (older ones deleted)"),
@@ -67,19 +65,31 @@ OPTIONS = [
     _Opt("--log-every-seconds", float, 10.0, "seconds between progress lines"),
     _Opt("--metrics-addr", str, "0.0.0.0", "metrics bind address", env="POD_IP"),
     _Opt("--metrics-port", int, 9400, "metrics port (0 = no metrics server)"),
-    _Opt("--positions-dir", str, "", "if set, every rank appends the sample positions and "
-         "indices it consumes per step to positions-g<gen>-r<rank>.jsonl here (tests)"),
+    _Opt(
+        "--positions-dir",
+        str,
+        "",
+        "if set, every rank appends the sample positions and "
+        "indices it consumes per step to positions-g<gen>-r<rank>.jsonl here (tests)",
+    ),
     # fault injection
-    _Opt("--fail-at-step", int, 0, "exit with --fail-exit-code on reaching this global "
-         "step, before checkpointing it (0 = never)"),
+    _Opt(
+        "--fail-at-step",
+        int,
+        0,
+        "exit with --fail-exit-code on reaching this global step, before checkpointing it (0 = never)",
+    ),
     _Opt("--fail-exit-code", int, 1, "exit code for --fail-at-step"),
     _Opt("--fail-rank", int, -1, "only this global rank fails (-1 = every rank)"),
     _Opt("--fail-generation", int, -1, "only fail in this LEPTON_GENERATION (-1 = any)"),
     # synthetic workload and pacing
-    _Opt("--synthetic-samples-per-second", float, 100.0, "--synthetic: emulated samples/s "
-         "per node (pod)"),
-    _Opt("--pace-curve", str, "", "JSON {world size in pods: job samples/s}; each step "
-         "sleeps so the job does not exceed the interpolated rate"),
+    _Opt("--synthetic-samples-per-second", float, 100.0, "--synthetic: emulated samples/s per node (pod)"),
+    _Opt(
+        "--pace-curve",
+        str,
+        "",
+        "JSON {world size in pods: job samples/s}; each step sleeps so the job does not exceed the interpolated rate",
+    ),
 ]
 
 
@@ -135,16 +145,19 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
                 default = opt.type(environ[env])
             except ValueError:
                 parser.error(f"{env}={environ[env]!r} is not a valid {opt.type.__name__}")
-        parser.add_argument(opt.flag, type=opt.type, default=default,
-                            help=f"{opt.help} [env {env}, default {opt.default!r}]")
+        parser.add_argument(
+            opt.flag, type=opt.type, default=default, help=f"{opt.help} [env {env}, default {opt.default!r}]"
+        )
     try:
         synthetic_default = _env_bool("LEPTON_SYNTHETIC", environ)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction,
-                        default=synthetic_default,
-                        help="no model: each step sleeps to emulate throughput "
-                             "[env LEPTON_SYNTHETIC]")
+    parser.add_argument(
+        "--synthetic",
+        action=argparse.BooleanOptionalAction,
+        default=synthetic_default,
+        help="no model: each step sleeps to emulate throughput [env LEPTON_SYNTHETIC]",
+    )
     return parser
 
 

@@ -74,7 +74,6 @@ class ByteBlocks:
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked inputs and targets (int64, shape [len(indices), block_size])."""
-        rows = [self.corpus[i * self.block_size: i * self.block_size + self.block_size + 1]
-                for i in indices]
+        rows = [self.corpus[i * self.block_size : i * self.block_size + self.block_size + 1] for i in indices]
         data = torch.stack(rows).long()
         return data[:, :-1], data[:, 1:]

@@ -43,8 +43,12 @@ def combine(codes: list[int]) -> int:
     (killed by signal N) become 128 + N, the shell convention Kubernetes also uses.
     """
     normalised = [128 - c if c < 0 else c for c in codes]
-    for wanted in (is_permanent, lambda c: c not in (OK, STOPPED, PEER_LOST),
-                   lambda c: c == STOPPED, lambda c: c != OK):
+    for wanted in (
+        is_permanent,
+        lambda c: c not in (OK, STOPPED, PEER_LOST),
+        lambda c: c == STOPPED,
+        lambda c: c != OK,
+    ):
         for code in normalised:
             if wanted(code):
                 return code

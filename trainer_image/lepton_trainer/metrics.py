@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0, 60.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class TrainerMetrics:
@@ -18,19 +17,23 @@ class TrainerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.samples = Counter("lepton_trainer_samples", "Samples processed by this pod "
-                               "(all its ranks)", registry=self.registry)
-        self.steps = Counter("lepton_trainer_steps", "Global optimizer steps completed",
-                             registry=self.registry)
-        self.loss = Gauge("lepton_trainer_loss", "Mean training loss of the last global "
-                          "step", registry=self.registry)
-        self.world_size = Gauge("lepton_trainer_world_size", "Workers (pods) in this "
-                                "generation", registry=self.registry)
-        self.generation = Gauge("lepton_trainer_generation", "Generation of the job this "
-                                "worker belongs to", registry=self.registry)
-        self.step_seconds = Histogram("lepton_trainer_step_seconds", "Wall time of one "
-                                      "global step, pacing included", buckets=STEP_BUCKETS,
-                                      registry=self.registry)
+        self.samples = Counter(
+            "lepton_trainer_samples", "Samples processed by this pod (all its ranks)", registry=self.registry
+        )
+        self.steps = Counter("lepton_trainer_steps", "Global optimizer steps completed", registry=self.registry)
+        self.loss = Gauge("lepton_trainer_loss", "Mean training loss of the last global step", registry=self.registry)
+        self.world_size = Gauge(
+            "lepton_trainer_world_size", "Workers (pods) in this generation", registry=self.registry
+        )
+        self.generation = Gauge(
+            "lepton_trainer_generation", "Generation of the job this worker belongs to", registry=self.registry
+        )
+        self.step_seconds = Histogram(
+            "lepton_trainer_step_seconds",
+            "Wall time of one global step, pacing included",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
         self._server = None
 
     def serve(self, addr: str, port: int) -> None:

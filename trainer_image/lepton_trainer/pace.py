@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import pairwise
 
 
 def parse_pace_curve(text: str) -> list[tuple[float, float]]:
@@ -29,7 +30,7 @@ def interpolate(points: list[tuple[float, float]], world: float) -> float:
     """The curve's rate at ``world``: linear between points, flat beyond the ends."""
     if world <= points[0][0]:
         return points[0][1]
-    for (w0, r0), (w1, r1) in zip(points, points[1:]):
+    for (w0, r0), (w1, r1) in pairwise(points):
         if world <= w1:
             return r0 + (r1 - r0) * (world - w0) / (w1 - w0)
     return points[-1][1]

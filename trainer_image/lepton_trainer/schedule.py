@@ -7,8 +7,7 @@ at another world size continues on exactly the same schedule.
 import math
 
 
-def lr_at(step: int, base_lr: float, max_steps: int, warmup_steps: int,
-          min_lr_ratio: float = 0.1) -> float:
+def lr_at(step: int, base_lr: float, max_steps: int, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
     """LR for the step with 0-based index ``step``: linear warm-up, then cosine decay to
     ``base_lr * min_lr_ratio`` at ``max_steps``."""
     if warmup_steps > 0 and step < warmup_steps:

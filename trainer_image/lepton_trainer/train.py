@@ -60,11 +60,11 @@ class DistEnv:
     """Where this process sits in the job (from torchrun's and the operator's env)."""
 
     rank: int = 0
-    world: int = 1           # ranks (processes) in the job
+    world: int = 1  # ranks (processes) in the job
     local_rank: int = 0
-    local_world: int = 1     # ranks on this node (pod)
+    local_world: int = 1  # ranks on this node (pod)
     node_rank: int = 0
-    nodes: int = 1           # nodes (pods) in this generation: the operator's world size
+    nodes: int = 1  # nodes (pods) in this generation: the operator's world size
     generation: int = 0
 
     @classmethod
@@ -72,19 +72,29 @@ class DistEnv:
         e = os.environ if environ is None else environ
         world = int(e.get("WORLD_SIZE", "1"))
         local_world = int(e.get("LOCAL_WORLD_SIZE", str(world)))
-        nodes = int(e.get("GROUP_WORLD_SIZE") or e.get("LEPTON_WORLD_SIZE") or
-                    e.get("LEPTON_JOB_TOTAL_WORKERS") or max(1, world // local_world))
-        return cls(rank=int(e.get("RANK", "0")), world=world,
-                   local_rank=int(e.get("LOCAL_RANK", "0")), local_world=local_world,
-                   node_rank=int(e.get("GROUP_RANK", "0")), nodes=nodes,
-                   generation=int(e.get("LEPTON_GENERATION") or "0"))
+        nodes = int(
+            e.get("GROUP_WORLD_SIZE")
+            or e.get("LEPTON_WORLD_SIZE")
+            or e.get("LEPTON_JOB_TOTAL_WORKERS")
+            or max(1, world // local_world)
+        )
+        return cls(
+            rank=int(e.get("RANK", "0")),
+            world=world,
+            local_rank=int(e.get("LOCAL_RANK", "0")),
+            local_world=local_world,
+            node_rank=int(e.get("GROUP_RANK", "0")),
+            nodes=nodes,
+            generation=int(e.get("LEPTON_GENERATION") or "0"),
+        )
 
     def node_share(self, global_batch: int) -> int:
         """Samples of a global batch processed on this node: the ranks of this node are
         contiguous (torchrun assigns rank = node_rank * local_world + local_rank)."""
         first = self.node_rank * self.local_world
-        return sum(rank_slice(global_batch, self.world, r)[1]
-                   for r in range(first, min(first + self.local_world, self.world)))
+        return sum(
+            rank_slice(global_batch, self.world, r)[1] for r in range(first, min(first + self.local_world, self.world))
+        )
 
 
 def _is_peer_failure(exc: BaseException) -> bool:
@@ -93,8 +103,8 @@ def _is_peer_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("connection closed", "connection reset", "broken pipe",
-                            "gloo", "nccl", "timed out", "peer"))
+        s in text for s in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out", "peer")
+    )
 
 
 class Trainer:
@@ -103,13 +113,13 @@ class Trainer:
     ``metrics`` and ``checkpoints`` can be switched off for the overhead benchmark.
     """
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, metrics: bool = True,
-                 checkpoints: bool = True):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, metrics: bool = True, checkpoints: bool = True):
         self.cfg = cfg
         self.env = env
         self.use_metrics = metrics and env.local_rank == 0 and cfg.metrics_port > 0
-        self.store = (CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints)
-                      if checkpoints and cfg.checkpoint_dir else None)
+        self.store = (
+            CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints) if checkpoints and cfg.checkpoint_dir else None
+        )
         self.step = 0
         self.data_position = 0
         self.last_saved_step = 0  # step 0 (nothing learnt) is never worth a file
@@ -127,8 +137,12 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.cuda else "gloo")
             if self.env.rank == 0:
-                log(event="process_group_ready", backend=dist.get_backend(),
-                    seconds=f"{time.time() - t0:.3f}", t=f"{time.time():.3f}")
+                log(
+                    event="process_group_ready",
+                    backend=dist.get_backend(),
+                    seconds=f"{time.time() - t0:.3f}",
+                    t=f"{time.time():.3f}",
+                )
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -142,12 +156,10 @@ class Trainer:
         self.sampler = GlobalSampler(self.blocks.num_samples, cfg.seed)
         self.model = TinyGPT(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size)
         self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ddp = None
         if dist.is_initialized():
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.env.local_rank] if self.cuda else None)
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.env.local_rank] if self.cuda else None)
 
     def _resume(self) -> None:
         """Rank 0 picks the newest valid checkpoint; every rank loads that same one."""
@@ -178,9 +190,16 @@ class Trainer:
         self.step = self.last_saved_step = int(state["step"])
         self.data_position = int(state["data_position"])
         if self.env.rank == 0:
-            log(event="resumed", step=self.step, data_position=self.data_position,
-                from_world=state.get("world_size"), from_ranks=state.get("ranks"),
-                path=path, seconds=f"{time.time() - t0:.3f}", t=f"{time.time():.3f}")
+            log(
+                event="resumed",
+                step=self.step,
+                data_position=self.data_position,
+                from_world=state.get("world_size"),
+                from_ranks=state.get("ranks"),
+                path=path,
+                seconds=f"{time.time() - t0:.3f}",
+                t=f"{time.time():.3f}",
+            )
 
     def _start_metrics(self) -> None:
         if not self.use_metrics:
@@ -189,8 +208,9 @@ class Trainer:
         self.metrics.set_membership(self.env.nodes, self.env.generation)
         try:
             self.metrics.serve(self.cfg.metrics_addr, self.cfg.metrics_port)
-            log(event="metrics_serving", addr=self.cfg.metrics_addr,
-                port=self.cfg.metrics_port, node=self.env.node_rank)
+            log(
+                event="metrics_serving", addr=self.cfg.metrics_addr, port=self.cfg.metrics_port, node=self.env.node_rank
+            )
         except OSError as exc:
             # Training matters more than its metrics; the operator holds on missing data.
             log(event="metrics_unavailable", error=repr(str(exc)))
@@ -214,11 +234,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(n_micro):
             start, count = rank_slice(len(indices), n_micro, i)
-            chunk = indices[start:start + count]
+            chunk = indices[start : start + count]
             sync = self.ddp is None or i == n_micro - 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-            autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda
-                        else contextlib.nullcontext())
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
             # An empty share still runs a zero-weight pass so DDP's all-reduce fires.
             x, y = self.blocks.batch(chunk or [0])
             with ctx, autocast:
@@ -240,8 +259,7 @@ class Trainer:
         return len(indices) * (1.0 + 4.5 * math.exp(-self.step / 200.0))
 
     def _all_reduce_stats(self, loss_sum: float) -> tuple[float, bool]:
-        stats = torch.tensor([loss_sum, 1.0 if _STOP["requested"] else 0.0],
-                             dtype=torch.float64, device=self.device)
+        stats = torch.tensor([loss_sum, 1.0 if _STOP["requested"] else 0.0], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(stats)
         return float(stats[0]) / self.cfg.global_batch_size, bool(stats[1] > 0)
@@ -250,10 +268,15 @@ class Trainer:
 
     def _state(self) -> dict:
         state = {
-            "format": FORMAT, "step": self.step, "data_position": self.data_position,
-            "global_batch_size": self.cfg.global_batch_size, "seed": self.cfg.seed,
-            "synthetic": self.cfg.synthetic, "world_size": self.env.nodes,
-            "ranks": self.env.world, "generation": self.env.generation,
+            "format": FORMAT,
+            "step": self.step,
+            "data_position": self.data_position,
+            "global_batch_size": self.cfg.global_batch_size,
+            "seed": self.cfg.seed,
+            "synthetic": self.cfg.synthetic,
+            "world_size": self.env.nodes,
+            "ranks": self.env.world,
+            "generation": self.env.generation,
             "time": time.time(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
@@ -268,8 +291,14 @@ class Trainer:
         t0 = time.time()
         path = self.store.save(self._state())
         self.last_saved_step = self.step
-        log(event="checkpoint_saved", step=self.step, reason=reason, path=path,
-            seconds=f"{time.time() - t0:.3f}", t=f"{time.time():.3f}")
+        log(
+            event="checkpoint_saved",
+            step=self.step,
+            reason=reason,
+            path=path,
+            seconds=f"{time.time() - t0:.3f}",
+            t=f"{time.time():.3f}",
+        )
 
     # ----- the loop ----------------------------------------------------------------
 
@@ -277,15 +306,23 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self._init_distributed()
         if env.rank == 0:
-            log(event="start", mode="synthetic" if cfg.synthetic else "real",
-                world=env.nodes, ranks=env.world, gen=env.generation,
-                device=self.device.type, max_steps=cfg.max_steps,
+            log(
+                event="start",
+                mode="synthetic" if cfg.synthetic else "real",
+                world=env.nodes,
+                ranks=env.world,
+                gen=env.generation,
+                device=self.device.type,
+                max_steps=cfg.max_steps,
                 global_batch=cfg.global_batch_size,
-                checkpoint_dir=cfg.checkpoint_dir or "-", t=f"{_WORKER_START:.3f}")
+                checkpoint_dir=cfg.checkpoint_dir or "-",
+                t=f"{_WORKER_START:.3f}",
+            )
             if self.store is None:
-                log(event="checkpoints_disabled",
-                    reason="LEPTON_CHECKPOINT_DIR_unset" if not cfg.checkpoint_dir
-                    else "disabled_by_caller")
+                log(
+                    event="checkpoints_disabled",
+                    reason="LEPTON_CHECKPOINT_DIR_unset" if not cfg.checkpoint_dir else "disabled_by_caller",
+                )
         self._build()
         self._resume()
         self._start_metrics()
@@ -294,8 +331,12 @@ class Trainer:
             return self._loop()
         except Exception as exc:
             if env.world > 1 and _is_peer_failure(exc):
-                log(event="peer_lost", rank=env.rank, step=self.step,
-                    error=repr(str(exc).splitlines()[0][:200] if str(exc) else ""))
+                log(
+                    event="peer_lost",
+                    rank=env.rank,
+                    step=self.step,
+                    error=repr(str(exc).splitlines()[0][:200] if str(exc) else ""),
+                )
                 self._save("peer_lost")  # rank 0's state is consistent at any collective
                 return exitcodes.PEER_LOST
             raise
@@ -326,14 +367,26 @@ class Trainer:
             start = self.data_position + offset
             indices = self.sampler.indices(start, count)
             if self.positions_file is not None:
-                self.positions_file.write(json.dumps({
-                    "step": self.step, "rank": env.rank, "ranks": env.world, "lr": lr,
-                    "positions": [start, start + count], "samples": indices}) + "\n")
+                self.positions_file.write(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "rank": env.rank,
+                            "ranks": env.world,
+                            "lr": lr,
+                            "positions": [start, start + count],
+                            "samples": indices,
+                        }
+                    )
+                    + "\n"
+                )
                 self.positions_file.flush()
 
             loss_sum = step_fn(indices)
-            self.step += 1              # step and position move together, right after
-            self.data_position += G     # the optimizer step: the state stays consistent
+            # Step and position move together, right after the optimizer step: the state
+            # stays consistent.
+            self.step += 1
+            self.data_position += G
             loss, stop = self._all_reduce_stats(loss_sum)
             if pacer is not None:
                 pacer.wait(G)
@@ -344,21 +397,28 @@ class Trainer:
                 log(event="first_step", step=self.step, t=f"{time.time():.3f}")
                 first = False
 
-            if (cfg.fail_at_step and self.step == cfg.fail_at_step
-                    and cfg.fail_rank in (-1, env.rank)
-                    and cfg.fail_generation in (-1, env.generation)):
-                log(event="fail_injected", step=self.step, rank=env.rank,
-                    exit_code=cfg.fail_exit_code)
+            if (
+                cfg.fail_at_step
+                and self.step == cfg.fail_at_step
+                and cfg.fail_rank in (-1, env.rank)
+                and cfg.fail_generation in (-1, env.generation)
+            ):
+                log(event="fail_injected", step=self.step, rank=env.rank, exit_code=cfg.fail_exit_code)
                 sys.stdout.flush()
                 os._exit(cfg.fail_exit_code)  # a crash: no cleanup, no checkpoint
 
             now = time.monotonic()
-            if env.local_rank == 0 and (now - log_t >= cfg.log_every_seconds
-                                        or self.step == cfg.max_steps or stop):
+            if env.local_rank == 0 and (now - log_t >= cfg.log_every_seconds or self.step == cfg.max_steps or stop):
                 rate = (self.step - log_step) * G / max(now - log_t, 1e-9)
-                log(step=f"{self.step}/{cfg.max_steps}", loss=f"{loss:.4f}",
-                    **{"samples/s": f"{rate:.1f}"}, world=env.nodes, gen=env.generation,
-                    lr=f"{lr:.3e}", **{"node_samples/s": f"{rate * node_samples / G:.1f}"})
+                log(
+                    step=f"{self.step}/{cfg.max_steps}",
+                    loss=f"{loss:.4f}",
+                    **{"samples/s": f"{rate:.1f}"},
+                    world=env.nodes,
+                    gen=env.generation,
+                    lr=f"{lr:.3e}",
+                    **{"node_samples/s": f"{rate * node_samples / G:.1f}"},
+                )
                 log_t, log_step = now, self.step
 
             if stop and self.step < cfg.max_steps:
