@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import kindlib
+import pytest
 from kindlib import (
     CHART,
     MONITORING_NAMESPACE,
@@ -88,8 +87,9 @@ def images(kind_cluster):
 @pytest.fixture(scope="session")
 def prometheus(kind_cluster):
     kind_cluster.kubectl("apply", "-f", str(PROMETHEUS_MANIFEST))
-    kind_cluster.kubectl("-n", MONITORING_NAMESPACE, "rollout", "status", "deployment/prometheus", "--timeout=300s",
-                         timeout=330)
+    kind_cluster.kubectl(
+        "-n", MONITORING_NAMESPACE, "rollout", "status", "deployment/prometheus", "--timeout=300s", timeout=330
+    )
     return PROMETHEUS_URL
 
 
@@ -98,14 +98,28 @@ def operator_release(kind_cluster, images, prometheus):
     """The chart installed as a user would, into a namespace that enforces "restricted"."""
     cluster = kind_cluster
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
-    cluster.kubectl("label", "--overwrite", "namespace", OPERATOR_NAMESPACE,
-                    "pod-security.kubernetes.io/enforce=restricted")
+    cluster.kubectl(
+        "label", "--overwrite", "namespace", OPERATOR_NAMESPACE, "pod-security.kubernetes.io/enforce=restricted"
+    )
     repository, tag = OPERATOR_IMAGE.rsplit(":", 1)
     cluster.helm_cmd(
-        "upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE,
-        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-        "--set", "image.pullPolicy=IfNotPresent", "--set", f"prometheus.url={prometheus}",
-        "--wait", "--timeout", "5m",
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--set",
+        f"image.repository={repository}",
+        "--set",
+        f"image.tag={tag}",
+        "--set",
+        "image.pullPolicy=IfNotPresent",
+        "--set",
+        f"prometheus.url={prometheus}",
+        "--wait",
+        "--timeout",
+        "5m",
     )
     cluster.kubectl("wait", "--for=condition=Established", "crd/leptonjobs.lepton.ai", "--timeout=60s")
     try:
@@ -118,13 +132,15 @@ def operator_release(kind_cluster, images, prometheus):
 def e2e_namespace(kind_cluster, operator_release):
     """Namespace for the jobs; Pod Security "restricted" is enforced, so worker pods must comply."""
     kind_cluster.kubectl("create", "namespace", E2E_NAMESPACE, check=False)
-    kind_cluster.kubectl("label", "--overwrite", "namespace", E2E_NAMESPACE,
-                         "pod-security.kubernetes.io/enforce=restricted")
+    kind_cluster.kubectl(
+        "label", "--overwrite", "namespace", E2E_NAMESPACE, "pod-security.kubernetes.io/enforce=restricted"
+    )
     try:
         yield E2E_NAMESPACE
     finally:
-        kind_cluster.kubectl("delete", "namespace", E2E_NAMESPACE, "--wait=true", "--timeout=180s",
-                             check=False, timeout=200)
+        kind_cluster.kubectl(
+            "delete", "namespace", E2E_NAMESPACE, "--wait=true", "--timeout=180s", check=False, timeout=200
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -40,14 +40,24 @@ def truthy(value: str | None) -> bool:
     return (value or "").strip().lower() not in ("", "0", "false", "no")
 
 
-def run(cmd: list[str], *, timeout: float = 300, check: bool = True, input: str | None = None,
-        env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, timeout: float = 300, check: bool = True, input: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a command, capture its output, fail with both when it fails."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
-                              env={**os.environ, **(env or {})}, cwd=ROOT)
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise CommandFailed(f"timed out after {timeout}s: {' '.join(cmd)}\n{exc.stdout or ''}{exc.stderr or ''}") from None
+        raise CommandFailed(
+            f"timed out after {timeout}s: {' '.join(cmd)}\n{exc.stdout or ''}{exc.stderr or ''}"
+        ) from None
     if check and proc.returncode != 0:
         raise CommandFailed(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -58,8 +68,9 @@ def missing_prerequisite() -> str | None:
     reasons = [f"`{tool}` is not on PATH" for tool in ("docker", "kind", "kubectl") if shutil.which(tool) is None]
     if shutil.which("docker") is not None:
         try:
-            info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
-                                  text=True, timeout=30)
+            info = subprocess.run(
+                ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30
+            )
         except subprocess.TimeoutExpired:
             reasons.append("`docker info` timed out (no reachable Docker daemon)")
         else:
@@ -99,8 +110,22 @@ class KindCluster:
             name, created = reuse, False
         else:
             name, created = f"lepton-e2e-{uuid.uuid4().hex[:6]}", True
-            run(["kind", "create", "cluster", "--name", name, "--config", str(KIND_CONFIG),
-                 "--kubeconfig", str(kubeconfig), "--wait", "180s"], timeout=600)
+            run(
+                [
+                    "kind",
+                    "create",
+                    "cluster",
+                    "--name",
+                    name,
+                    "--config",
+                    str(KIND_CONFIG),
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--wait",
+                    "180s",
+                ],
+                timeout=600,
+            )
         kubeconfig.write_text(run(["kind", "get", "kubeconfig", "--name", name], timeout=60).stdout)
         return cls(name=name, kubeconfig=kubeconfig, created=created)
 
@@ -111,8 +136,9 @@ class KindCluster:
     # -- tools bound to this cluster
 
     def kubectl(self, *args: str, timeout: float = 120, check: bool = True, input: str | None = None) -> str:
-        return run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args], timeout=timeout, check=check,
-                   input=input).stdout
+        return run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args], timeout=timeout, check=check, input=input
+        ).stdout
 
     def kubectl_json(self, *args: str) -> dict:
         return json.loads(self.kubectl(*args, "-o", "json"))
@@ -127,8 +153,10 @@ class KindCluster:
         """Instant query through the API server's service proxy (no port-forward needed)."""
         from urllib.parse import quote
 
-        path = (f"/api/v1/namespaces/{MONITORING_NAMESPACE}/services/prometheus:9090/proxy"
-                f"/api/v1/query?query={quote(promql, safe='')}")
+        path = (
+            f"/api/v1/namespaces/{MONITORING_NAMESPACE}/services/prometheus:9090/proxy"
+            f"/api/v1/query?query={quote(promql, safe='')}"
+        )
         body = json.loads(self.kubectl("get", "--raw", path))
         assert body.get("status") == "success", body
         return body["data"]["result"]
@@ -147,12 +175,26 @@ class KindCluster:
             section(f"{ns}: objects", "-n", ns, "get", "all,pvc,leptonjobs", "-o", "wide")
             section(f"{ns}: events", "-n", ns, "get", "events", "--sort-by=.lastTimestamp")
             section(f"{ns}: pods described", "-n", ns, "describe", "pods")
-            pods = run(["kubectl", "--kubeconfig", str(self.kubeconfig), "-n", ns, "get", "pods", "-o",
-                        "jsonpath={.items[*].metadata.name}"], timeout=60, check=False).stdout.split()
+            pods = run(
+                [
+                    "kubectl",
+                    "--kubeconfig",
+                    str(self.kubeconfig),
+                    "-n",
+                    ns,
+                    "get",
+                    "pods",
+                    "-o",
+                    "jsonpath={.items[*].metadata.name}",
+                ],
+                timeout=60,
+                check=False,
+            ).stdout.split()
             for pod in pods:
                 section(f"{ns}/{pod}: logs", "-n", ns, "logs", pod, "--all-containers", "--tail=200")
-                section(f"{ns}/{pod}: previous logs", "-n", ns, "logs", pod, "--all-containers",
-                        "--previous", "--tail=100")
+                section(
+                    f"{ns}/{pod}: previous logs", "-n", ns, "logs", pod, "--all-containers", "--previous", "--tail=100"
+                )
         return "\n".join(parts)
 
 

@@ -19,7 +19,6 @@ import re
 
 import pytest
 import yaml
-
 from kindlib import TRAINER_IMAGE, wait_until
 
 pytestmark = pytest.mark.kind
@@ -39,11 +38,8 @@ def job_manifest(namespace: str) -> dict:
         "spec": {
             "image": TRAINER_IMAGE,
             "imagePullPolicy": "IfNotPresent",  # loaded into kind, never pulled
-            "args": [
-                "--max-steps", "100000",  # the suite deletes the job; it must not finish first
-                "--checkpoint-every-steps", "20",
-                "--log-every-seconds", "2",
-            ],
+            # --max-steps: the suite deletes the job; it must not finish first.
+            "args": ["--max-steps", "100000", "--checkpoint-every-steps", "20", "--log-every-seconds", "2"],
             "workers": {"min": 1, "max": 3, "initial": 2},
             "resources": {"gpus": 0, "cpu": "500m", "memory": "1Gi"},
             # One kind worker node: an RWO claim from kind's local-path provisioner is
@@ -70,10 +66,12 @@ def job(kind_cluster, e2e_namespace):
     try:
         yield JOB
     finally:
-        kind_cluster.kubectl("-n", e2e_namespace, "delete", "leptonjob", JOB, "--ignore-not-found",
-                             "--wait=false", check=False)
-        kind_cluster.kubectl("-n", e2e_namespace, "delete", "pvc", CLAIM, "--ignore-not-found", "--wait=false",
-                             check=False)
+        kind_cluster.kubectl(
+            "-n", e2e_namespace, "delete", "leptonjob", JOB, "--ignore-not-found", "--wait=false", check=False
+        )
+        kind_cluster.kubectl(
+            "-n", e2e_namespace, "delete", "pvc", CLAIM, "--ignore-not-found", "--wait=false", check=False
+        )
 
 
 def _pods(cluster, namespace: str) -> list[dict]:
@@ -81,14 +79,21 @@ def _pods(cluster, namespace: str) -> list[dict]:
 
 
 def _running(pods: list[dict], generation: str, count: int) -> bool:
-    current = [p for p in pods if p["metadata"]["labels"].get("lepton.ai/generation") == generation
-               and not p["metadata"].get("deletionTimestamp")]
+    current = [
+        p
+        for p in pods
+        if p["metadata"]["labels"].get("lepton.ai/generation") == generation
+        and not p["metadata"].get("deletionTimestamp")
+    ]
     return len(current) == count and all(p["status"].get("phase") == "Running" for p in current)
 
 
 def test_job_creates_worker_pods_and_headless_service(kind_cluster, e2e_namespace, job):
-    pods = wait_until(lambda: (lambda p: p if _running(p, "1", 2) else None)(_pods(kind_cluster, e2e_namespace)),
-                      timeout=300, what="2 running generation-1 workers")
+    pods = wait_until(
+        lambda: (lambda p: p if _running(p, "1", 2) else None)(_pods(kind_cluster, e2e_namespace)),
+        timeout=300,
+        what="2 running generation-1 workers",
+    )
     assert sorted(p["metadata"]["name"] for p in pods) == [f"{JOB}-worker-0", f"{JOB}-worker-1"]
     for pod in pods:
         spec = pod["spec"]
@@ -108,8 +113,12 @@ def test_workers_rendezvous_over_dns_and_train(kind_cluster, e2e_namespace, job)
 
     log = wait_until(progress, timeout=600, interval=5, what="progress lines `step=` from worker 0")
     # Worker 1 reached worker 0's store through <job>-worker-0.<job>-workers.<ns>.svc.
-    env = {e["name"]: e.get("value") for e in
-           kind_cluster.kubectl_json("-n", e2e_namespace, "get", "pod", f"{JOB}-worker-1")["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value")
+        for e in kind_cluster.kubectl_json("-n", e2e_namespace, "get", "pod", f"{JOB}-worker-1")["spec"]["containers"][
+            0
+        ]["env"]
+    }
     assert env["PET_RDZV_ENDPOINT"].startswith(f"{JOB}-worker-0.{SERVICE}.{e2e_namespace}.svc:")
     assert env["PET_NNODES"] == "2"
     assert "Traceback" not in log
@@ -135,8 +144,11 @@ def test_forced_scale_starts_generation_2_that_resumes_from_checkpoint(kind_clus
     wait_until(checkpointed, timeout=300, interval=5, what="a checkpoint from generation 1")
 
     kind_cluster.kubectl("-n", e2e_namespace, "scale", f"leptonjob/{JOB}", "--replicas=3")
-    pods = wait_until(lambda: (lambda p: p if _running(p, "2", 3) else None)(_pods(kind_cluster, e2e_namespace)),
-                      timeout=600, what="3 running generation-2 workers")
+    pods = wait_until(
+        lambda: (lambda p: p if _running(p, "2", 3) else None)(_pods(kind_cluster, e2e_namespace)),
+        timeout=600,
+        what="3 running generation-2 workers",
+    )
     # Generation 1 is gone entirely before generation 2 runs (never two of a rank).
     assert {p["metadata"]["labels"]["lepton.ai/generation"] for p in pods} == {"2"}
 

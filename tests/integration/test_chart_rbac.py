@@ -23,9 +23,9 @@ import yaml
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
-from lepton_operator.api.models import GROUP, PLURAL, VERSION
 from lepton_localcluster.crds import install_crds
 from lepton_localcluster.pytest_plugin import OperatorProcess
+from lepton_operator.api.models import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,9 @@ def install(k8s, objects: list[dict]) -> None:
     utils.create_from_yaml(k8s.api_client, yaml_objects=[o for o in objects if o["kind"] in RBAC_KINDS])
     for obj in objects:
         if obj["kind"] == "KopfPeering":
-            k8s.custom.create_namespaced_custom_object("kopf.dev", "v1", obj["metadata"]["namespace"], "kopfpeerings", obj)
+            k8s.custom.create_namespaced_custom_object(
+                "kopf.dev", "v1", obj["metadata"]["namespace"], "kopfpeerings", obj
+            )
         elif obj["kind"] == "ClusterKopfPeering":
             try:
                 k8s.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", obj)
@@ -108,7 +110,8 @@ class AllNamespacesOperator(OperatorProcess):
 
 def pods_of_generation(k8s, namespace: str, generation: int, count: int):
     pods = [
-        p for p in k8s.core.list_namespaced_pod(namespace, label_selector=POD_LABEL).items
+        p
+        for p in k8s.core.list_namespaced_pod(namespace, label_selector=POD_LABEL).items
         if p.metadata.deletion_timestamp is None
     ]
     current = [p for p in pods if p.metadata.labels.get("lepton.ai/generation") == str(generation)]
@@ -137,10 +140,14 @@ def run_lifecycle(k8s, namespace: str) -> None:
 
     # What `kubectl scale lj/rbac --replicas=3` does.
     k8s.custom.patch_namespaced_custom_object_scale(GROUP, VERSION, namespace, PLURAL, JOB, {"spec": {"replicas": 3}})
-    k8s.wait_for(lambda: pods_of_generation(k8s, namespace, 2, 3), timeout=180, message="3 running workers of generation 2")
+    k8s.wait_for(
+        lambda: pods_of_generation(k8s, namespace, 2, 3), timeout=180, message="3 running workers of generation 2"
+    )
 
     def status_written():
-        status = k8s.custom.get_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, JOB).get("status", {})
+        status = k8s.custom.get_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, JOB).get(
+            "status", {}
+        )
         return status.get("workerGeneration") == 2 and status.get("worldSize") == 3
 
     k8s.wait_for(status_written, timeout=60, message="status of generation 2 written by the operator")
@@ -239,7 +246,11 @@ def test_cluster_role_suffices_for_a_full_lifecycle(helm, cluster, k8s, namespac
         kubeconfig = service_account_kubeconfig(cluster, k8s, namespace, sa_name, tmp_path / "sa-kubeconfig")
 
         operator = AllNamespacesOperator(
-            cluster, namespace, list(OPERATOR_ARGS), {"KUBECONFIG": str(kubeconfig)}, cluster.logs_dir / f"operator-all-{namespace}.log"
+            cluster,
+            namespace,
+            list(OPERATOR_ARGS),
+            {"KUBECONFIG": str(kubeconfig)},
+            cluster.logs_dir / f"operator-all-{namespace}.log",
         )
         run_lifecycle(k8s, namespace)
         assert operator.running(), operator.log_text()[-3000:]

@@ -18,8 +18,18 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from lepton_localcluster.crds import install_crd
 from lepton_operator.api.crd import build_crd, crd_for_server
-from lepton_operator.api.models import API_VERSION, CRD_NAME, GROUP, KIND, MAX_JOB_NAME_LENGTH, PLURAL, VERSION, parse_job
+from lepton_operator.api.models import (
+    API_VERSION,
+    CRD_NAME,
+    GROUP,
+    KIND,
+    MAX_JOB_NAME_LENGTH,
+    PLURAL,
+    VERSION,
+    parse_job,
+)
 from lepton_operator.desired import (
     JobRef,
     build_checkpoint_pvc,
@@ -27,8 +37,6 @@ from lepton_operator.desired import (
     build_worker_pod,
     selector_string,
 )
-
-from lepton_localcluster.crds import install_crd
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +87,14 @@ def test_crd_installs_and_serves_names(api, local_cluster):
     assert crd.status.accepted_names.categories == ["lepton"]
     version = crd.spec.versions[0]
     assert version.subresources.scale.spec_replicas_path == ".spec.workers.replicas"
-    assert [c.name for c in version.additional_printer_columns][:6] == ["Phase", "Ready", "Workers", "Min", "Max", "Throughput"]
+    assert [c.name for c in version.additional_printer_columns][:6] == [
+        "Phase",
+        "Ready",
+        "Workers",
+        "Min",
+        "Max",
+        "Throughput",
+    ]
 
 
 def test_apiserver_1_20_accepts_the_cel_rules_and_drops_them(api):
@@ -108,6 +123,7 @@ def test_apiserver_1_20_accepts_the_cel_rules_and_drops_them(api):
 
 def test_openapi_publishes_the_descriptions(api, local_cluster):
     """What `kubectl explain lj.spec` reads: the published OpenAPI with our descriptions."""
+
     def definition():
         method, url, headers, body, _ = api.param_serialize("GET", "/openapi/v2", auth_settings=["BearerToken"])
         response = api.call_api(method, url, header_params=headers, body=body)
@@ -185,9 +201,21 @@ def test_defaults_are_filled_in_by_the_server(custom, namespace):
 def test_scale_subresource_get_and_patch(api, custom, namespace, local_cluster):
     create(custom, namespace, job_body("scaled", {"workers": {"min": 1, "max": 4}}))
     custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, "scaled",
-        {"status": {"replicas": 1, "selector": selector_string("scaled"), "phase": "Running",
-                    "worldSize": 1, "workers": {"ready": 1, "desired": 1}, "throughput": 41.5}},
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "scaled",
+        {
+            "status": {
+                "replicas": 1,
+                "selector": selector_string("scaled"),
+                "phase": "Running",
+                "worldSize": 1,
+                "workers": {"ready": 1, "desired": 1},
+                "throughput": 41.5,
+            }
+        },
     )
     # A fresh job has never been scaled: 1.20 answers 500 here unless the CRD defaults
     # spec.workers.replicas (it does, to 0 = "use initial").

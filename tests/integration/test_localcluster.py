@@ -48,8 +48,9 @@ def _phase(k8s, ns, name):
 
 
 def _wait_phase(k8s, ns, name, phase, timeout=30):
-    return k8s.wait_for(lambda: _phase(k8s, ns, name) == phase and k8s.pod(ns, name), timeout,
-                        message=f"pod {ns}/{name} to be {phase}")
+    return k8s.wait_for(
+        lambda: _phase(k8s, ns, name) == phase and k8s.pod(ns, name), timeout, message=f"pod {ns}/{name} to be {phase}"
+    )
 
 
 def _wait_gone(k8s, ns, name, timeout=30):
@@ -65,8 +66,9 @@ def test_version_and_core_api_with_generated_kubeconfig(local_cluster, namespace
     # /version over HTTPS with the kubeconfig's token and CA, no client library magic
     ctx = ssl.create_default_context(cafile=str(local_cluster.workdir / "pki" / "apiserver.crt"))
     ctx.check_hostname = False  # the self-signed cert names 127.0.0.1 as an IP SAN only
-    req = urllib.request.Request(f"{local_cluster.server}/version",
-                                 headers={"Authorization": f"Bearer {local_cluster.token}"})
+    req = urllib.request.Request(
+        f"{local_cluster.server}/version", headers={"Authorization": f"Bearer {local_cluster.token}"}
+    )
     with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
         assert b'"gitVersion": "v1.20.2"' in resp.read()
 
@@ -96,8 +98,9 @@ def test_gpu_aware_scheduling(k8s, namespace):
     (cs,) = pod.status.container_statuses
     assert cs.ready and cs.started and cs.restart_count == 0 and cs.state.running
 
-    events = k8s.wait_for(lambda: k8s.events(namespace, "too-big", "FailedScheduling"), 30,
-                          message="FailedScheduling event")
+    events = k8s.wait_for(
+        lambda: k8s.events(namespace, "too-big", "FailedScheduling"), 30, message="FailedScheduling event"
+    )
     assert "nvidia.com/gpu" in events[0].message
     big = k8s.pod(namespace, "too-big")
     assert big.status.phase == "Pending" and not big.spec.node_name
@@ -147,19 +150,27 @@ def test_default_mode_deletion_waits_for_grace_then_removes(local_cluster, k8s, 
 
 # --------------------------------------------------------------------- storage
 def test_pvc_is_provisioned_and_bound(local_cluster, k8s, namespace):
-    k8s.core.create_namespaced_persistent_volume_claim(namespace, {
-        "metadata": {"name": "data"},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
-    })
+    k8s.core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
+        },
+    )
     pvc = k8s.wait_for(
-        lambda: (c := k8s.core.read_namespaced_persistent_volume_claim("data", namespace)).status.phase == "Bound" and c,
-        45, message="PVC bound")
+        lambda: (
+            (c := k8s.core.read_namespaced_persistent_volume_claim("data", namespace)).status.phase == "Bound" and c
+        ),
+        45,
+        message="PVC bound",
+    )
     pv = k8s.core.read_persistent_volume(pvc.spec.volume_name)
     assert pv.spec.capacity["storage"] == "2Gi"
     assert pv.spec.host_path.path == str(local_cluster.workdir / "volumes" / namespace / "data")
     # a pod using the claim schedules
-    k8s.core.create_namespaced_pod(namespace, _pod(
-        "user", volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]))
+    k8s.core.create_namespaced_pod(
+        namespace, _pod("user", volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}])
+    )
     _wait_phase(k8s, namespace, "user", "Running")
 
 
@@ -173,11 +184,18 @@ DOWNWARD_ENV = [
 
 
 def test_process_mode_exit_codes_env_and_logs(process_cluster, k8s, namespace):
-    k8s.core.create_namespaced_pod(namespace, _pod("hello", env=DOWNWARD_ENV, command=_python("""
+    k8s.core.create_namespaced_pod(
+        namespace,
+        _pod(
+            "hello",
+            env=DOWNWARD_ENV,
+            command=_python("""
         import os, sys
         e = os.environ
         print(e["GREETING"], e["POD_NAME"], e["NS"], e["POD_IP"], sys.executable)
-    """)))
+    """),
+        ),
+    )
     k8s.core.create_namespaced_pod(namespace, _pod("three", command=_python("raise SystemExit(3)")))
     hello = _wait_phase(k8s, namespace, "hello", "Succeeded")
     assert hello.status.container_statuses[0].state.terminated.exit_code == 0
@@ -254,8 +272,10 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
     k8s.core.create_namespaced_pod(namespace, _pod("job-worker-0", env=port_env, command=_python(server_code), **svc))
     # the short form, as a pod in the namespace would use it through its resolver search path
     peer_env = port_env + [{"name": "PEER", "value": "worker-0.job-workers"}]
-    k8s.core.create_namespaced_pod(namespace, _pod(
-        "job-worker-1", env=peer_env, command=_python(client_code), hostname="worker-1", subdomain="job-workers"))
+    k8s.core.create_namespaced_pod(
+        namespace,
+        _pod("job-worker-1", env=peer_env, command=_python(client_code), hostname="worker-1", subdomain="job-workers"),
+    )
     server = _wait_phase(k8s, namespace, "job-worker-0", "Succeeded")
     _wait_phase(k8s, namespace, "job-worker-1", "Succeeded")
     log = process_cluster.pod_log_path(namespace, "job-worker-1").read_text()
@@ -271,20 +291,25 @@ def test_process_mode_peer_host_names_resolve_to_pod_ips(process_cluster, k8s, n
 
 
 def test_process_mode_volumes_map_to_host_dirs(process_cluster, k8s, namespace):
-    k8s.core.create_namespaced_persistent_volume_claim(namespace, {
-        "metadata": {"name": "ckpt"},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-    })
+    k8s.core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "ckpt"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
     code = """
         import os, sys
         open(os.path.join(os.environ["CKPT_DIR"], "step-1"), "w").write("ok")
         open(os.path.join(sys.argv[1], "scratch"), "w").write("ok")
     """
-    body = _pod("writer", command=_python(code) + ["/scratch"],
-                env=[{"name": "CKPT_DIR", "value": "/ckpt/run"}],
-                mounts=[{"name": "ckpt", "mountPath": "/ckpt"}, {"name": "tmp", "mountPath": "/scratch"}],
-                volumes=[{"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}},
-                         {"name": "tmp", "emptyDir": {}}])
+    body = _pod(
+        "writer",
+        command=_python(code) + ["/scratch"],
+        env=[{"name": "CKPT_DIR", "value": "/ckpt/run"}],
+        mounts=[{"name": "ckpt", "mountPath": "/ckpt"}, {"name": "tmp", "mountPath": "/scratch"}],
+        volumes=[{"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}}, {"name": "tmp", "emptyDir": {}}],
+    )
     (process_cluster.workdir / "volumes" / namespace / "ckpt" / "run").mkdir(parents=True)
     k8s.core.create_namespaced_pod(namespace, body)
     _wait_phase(k8s, namespace, "writer", "Succeeded")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from kubernetes.client.rest import ApiException
 
-from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from lepton_operator.desired import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, MANAGED_BY
 from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port
+from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from lepton_operator.desired import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, MANAGED_BY
 from lepton_operator.reconcile.kube import Kube
 
 pytestmark = pytest.mark.integration
@@ -64,8 +64,12 @@ def get_job(kube: Kube, namespace: str, name: str) -> dict:
 
 
 def patch_spec(kube: Kube, namespace: str, name: str, spec_patch: dict) -> dict:
-    return kube.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
-                        body={"spec": spec_patch}, content_type="application/merge-patch+json")
+    return kube.request(
+        "PATCH",
+        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+        body={"spec": spec_patch},
+        content_type="application/merge-patch+json",
+    )
 
 
 def status(kube, namespace, name) -> dict:
@@ -77,10 +81,12 @@ def condition(st: dict, type_: str) -> dict:
 
 
 def pods(kube: Kube, namespace: str, job: str, include_terminating: bool = True) -> dict[str, dict]:
-    items = kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
-                         query={"labelSelector": f"{LABEL_JOB_NAME}={job}"})["items"]
-    return {p["metadata"]["name"]: p for p in items
-            if include_terminating or not p["metadata"].get("deletionTimestamp")}
+    items = kube.request(
+        "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": f"{LABEL_JOB_NAME}={job}"}
+    )["items"]
+    return {
+        p["metadata"]["name"]: p for p in items if include_terminating or not p["metadata"].get("deletionTimestamp")
+    }
 
 
 def generations(kube, namespace, job) -> dict[str, int]:
@@ -111,6 +117,7 @@ def running(kube, namespace, name, size=None, generation=None):
         ok = st.get("phase") == "Running" and (size is None or st.get("worldSize") == size)
         ok = ok and (generation is None or st.get("workerGeneration") == generation)
         return ok and st.get("workers", {}).get("ready") == st.get("worldSize") and st
+
     return check
 
 
@@ -161,7 +168,9 @@ def test_job_creates_gpu_workers_service_and_status(kube, k8s, namespace, run_op
 # ------------------------------------------------------------------ row 2: failures
 
 
-def test_retryable_exit_starts_a_new_generation_and_counts_one_restart(kube, k8s, local_cluster, namespace, run_operator):
+def test_retryable_exit_starts_a_new_generation_and_counts_one_restart(
+    kube, k8s, local_cluster, namespace, run_operator
+):
     op = run_operator(*FAST)
     create_job(kube, namespace, job_body("flaky"))
     wait(k8s, running(kube, namespace, "flaky", 2, 1), 40, "generation 1 Running", op)
@@ -216,7 +225,9 @@ def test_success_when_every_worker_exits_zero(kube, k8s, local_cluster, namespac
     wait(k8s, running(kube, namespace, "done", 2), 40, "Running", op)
     for i in range(2):
         local_cluster.kubelet.inject_exit(namespace, f"done-worker-{i}", 0)
-    st = wait(k8s, lambda: (s := status(kube, namespace, "done")).get("phase") == "Succeeded" and s, 30, "Succeeded", op)
+    st = wait(
+        k8s, lambda: (s := status(kube, namespace, "done")).get("phase") == "Succeeded" and s, 30, "Succeeded", op
+    )
     assert condition(st, "Succeeded")["reason"] == "AllWorkersSucceeded" and st["completionTime"]
     # ttlSecondsAfterFinished: the job is deleted, and its children with it.
     wait(k8s, lambda: kube.get_job(namespace, "done") is None, 30, "job deleted by TTL", op)
@@ -241,14 +252,20 @@ def test_replacement_waits_while_the_old_pod_is_terminating(kube, k8s, namespace
     create_job(kube, namespace, job_body("held"))
     wait(k8s, running(kube, namespace, "held", 2, 1), 40, "Running", op)
     path = f"/api/v1/namespaces/{namespace}/pods/held-worker-0"
-    kube.request("PATCH", path, body={"metadata": {"finalizers": ["lepton.ai/test-hold"]}},
-                 content_type="application/merge-patch+json")
+    kube.request(
+        "PATCH",
+        path,
+        body={"metadata": {"finalizers": ["lepton.ai/test-hold"]}},
+        content_type="application/merge-patch+json",
+    )
     kube.delete(namespace, "Pod", "held-worker-0", 1)
     wait(k8s, lambda: "held-worker-1" not in pods(kube, namespace, "held"), 20, "worker 1 stopped", op)
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline:  # the held pod is Terminating: nothing may replace any rank
         found = pods(kube, namespace, "held")
-        assert list(found) == ["held-worker-0"] and found["held-worker-0"]["metadata"]["labels"][LABEL_GENERATION] == "1"
+        assert (
+            list(found) == ["held-worker-0"] and found["held-worker-0"]["metadata"]["labels"][LABEL_GENERATION] == "1"
+        )
         time.sleep(0.5)
     kube.request("PATCH", path, body={"metadata": {"finalizers": None}}, content_type="application/merge-patch+json")
     wait(k8s, running(kube, namespace, "held", 2, 2), 40, "generation 2 once the old pod is gone", op)
@@ -284,6 +301,7 @@ def test_scale_up_without_capacity_leaves_the_running_generation(kube, k8s, name
     def refused():
         s = status(kube, namespace, "big")
         return condition(s, "Rescaling").get("reason") == "InsufficientCapacity" and s
+
     st = wait(k8s, refused, 40, "InsufficientCapacity", op)
     assert st["worldSize"] == 2 and st["workerGeneration"] == 1 and st["autoscaling"]["backoffUntil"]
     wait(k8s, lambda: events(kube, namespace, "big", "InsufficientCapacity"), 10, "the event, posted after status", op)
@@ -302,8 +320,13 @@ def test_suspend_keeps_the_service_and_resume_starts_a_new_generation(kube, k8s,
     create_job(kube, namespace, job_body("nap", activeDeadlineSeconds=3600))
     wait(k8s, running(kube, namespace, "nap", 2, 1), 40, "Running", op)
     patch_spec(kube, namespace, "nap", {"suspend": True})
-    wait(k8s, lambda: status(kube, namespace, "nap").get("phase") == "Suspended"
-         and not pods(kube, namespace, "nap"), 30, "Suspended, no pods", op)
+    wait(
+        k8s,
+        lambda: status(kube, namespace, "nap").get("phase") == "Suspended" and not pods(kube, namespace, "nap"),
+        30,
+        "Suspended, no pods",
+        op,
+    )
     assert kube.exists(namespace, "Service", "nap-workers")
     time.sleep(2)
     patch_spec(kube, namespace, "nap", {"suspend": False})
@@ -320,8 +343,13 @@ def test_operator_killed_mid_rescale_resumes_without_duplicates(kube, k8s, local
     create_job(kube, namespace, job_body("crash", terminationGracePeriodSeconds=2))
     wait(k8s, running(kube, namespace, "crash", 2, 1), 40, "Running", op)
     local_cluster.kubelet.inject_exit(namespace, "crash-worker-0", 137)
-    wait(k8s, lambda: (status(kube, namespace, "crash").get("rescale") or {}).get("stage") == "Stopping",
-         20, "restart under way", op)
+    wait(
+        k8s,
+        lambda: (status(kube, namespace, "crash").get("rescale") or {}).get("stage") == "Stopping",
+        20,
+        "restart under way",
+        op,
+    )
     op.kill()  # SIGKILL in the middle of the restart
     time.sleep(1)
     op.start()
@@ -355,9 +383,12 @@ def test_two_operator_replicas_only_one_acts(kube, k8s, namespace, run_operator)
 def test_foreign_pod_with_our_labels_is_never_adopted_or_deleted(kube, k8s, namespace, run_operator):
     # A pod (not owned by the job) already holds worker 0's name and carries our labels.
     labels = {LABEL_JOB_NAME: "owned", LABEL_MANAGED_BY: MANAGED_BY, LABEL_GENERATION: "1", LABEL_WORKER_INDEX: "0"}
-    foreign = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "owned-worker-0", "namespace": namespace, "labels": labels},
-               "spec": {"containers": [{"name": "c", "image": "busybox"}], "nodeName": "does-not-exist"}}
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "owned-worker-0", "namespace": namespace, "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}], "nodeName": "does-not-exist"},
+    }
     created = kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", body=foreign)
     op = run_operator(*FAST)
     create_job(kube, namespace, job_body("owned"))
@@ -383,8 +414,13 @@ def test_job_deleted_while_operator_down_is_cleaned_up(kube, k8s, namespace, run
     kube.request("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/orphan")
     op.start()
     wait(k8s, lambda: kube.get_job(namespace, "orphan") is None, 30, "job gone", op)
-    wait(k8s, lambda: not pods(kube, namespace, "orphan") and not kube.exists(namespace, "Service", "orphan-workers"),
-         60, "children garbage-collected", op)
+    wait(
+        k8s,
+        lambda: not pods(kube, namespace, "orphan") and not kube.exists(namespace, "Service", "orphan-workers"),
+        60,
+        "children garbage-collected",
+        op,
+    )
 
 
 # ------------------------------------------------------------------ row 13: hostile input
@@ -417,13 +453,16 @@ def test_hostile_spec_is_rejected_or_failed_creating_nothing(kube, k8s, namespac
     assert not kube.exists(namespace, "Service", f"{name}-workers")
 
 
-@pytest.mark.parametrize("spec", [
-    {"workers": {"min": 0}},
-    {"resources": {"gpus": 17}},
-    {"workers": {"max": 100000}},
-    {"image": "x" * 600},
-    {"rendezvousPort": 80},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"workers": {"min": 0}},
+        {"resources": {"gpus": 17}},
+        {"workers": {"max": 100000}},
+        {"image": "x" * 600},
+        {"rendezvousPort": 80},
+    ],
+)
 def test_schema_refuses_out_of_bounds_values(kube, crds, namespace, spec):
     with pytest.raises(ApiException) as e:
         create_job(kube, namespace, job_body("bad", **spec))
@@ -433,8 +472,9 @@ def test_schema_refuses_out_of_bounds_values(kube, crds, namespace, spec):
 def test_privileged_fields_cannot_be_smuggled_into_workers(kube, k8s, namespace, run_operator):
     """Unknown spec fields are pruned by the structural schema; workers stay restricted."""
     op = run_operator(*FAST)
-    body = job_body("sneaky", hostNetwork=True, securityContext={"privileged": True},
-                    podTemplate={"spec": {"hostPID": True}})
+    body = job_body(
+        "sneaky", hostNetwork=True, securityContext={"privileged": True}, podTemplate={"spec": {"hostPID": True}}
+    )
     create_job(kube, namespace, body)
     stored = get_job(kube, namespace, "sneaky")["spec"]
     assert not {"hostNetwork", "securityContext", "podTemplate"} & set(stored)
@@ -450,14 +490,16 @@ def test_privileged_fields_cannot_be_smuggled_into_workers(kube, k8s, namespace,
 
 def test_metrics_and_liveness_endpoints(kube, k8s, namespace, run_operator):
     mport, lport = free_port(), free_port()
-    op = run_operator("--standalone", "--metrics-port", str(mport), "--liveness-port", str(lport),
-                      "--bind-address", "127.0.0.1")
+    op = run_operator(
+        "--standalone", "--metrics-port", str(mport), "--liveness-port", str(lport), "--bind-address", "127.0.0.1"
+    )
     create_job(kube, namespace, job_body("observed"))
     wait(k8s, running(kube, namespace, "observed", 2), 40, "Running", op)
 
     def scrape():
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2).read().decode()
         return 'lepton_operator_jobs{phase="Running"} 1.0' in text and text
+
     text = wait(k8s, scrape, 20, "jobs gauge", op)
     assert "lepton_operator_reconcile_duration_seconds_count" in text
     health = urllib.request.urlopen(f"http://127.0.0.1:{lport}/healthz", timeout=5)

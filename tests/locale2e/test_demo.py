@@ -30,9 +30,22 @@ def test_demo_trains_a_job_to_success_and_writes_its_plot(tmp_path):
         pytest.skip(reason)
     plot = tmp_path / "demo.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "lepton_localcluster.cli", "demo", "--example", str(ROOT / "examples" / "cpu-job.yaml"),
-         "--plot", str(plot), "--timeout", "400"],
-        capture_output=True, text=True, timeout=500, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "lepton_localcluster.cli",
+            "demo",
+            "--example",
+            str(ROOT / "examples" / "cpu-job.yaml"),
+            "--plot",
+            str(plot),
+            "--timeout",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        start_new_session=True,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]

@@ -36,17 +36,18 @@ TINY = ["--log-every-seconds", "0.3", "--global-batch-size", "32", "--micro-batc
 class Launcher:
     """One ``python -m lepton_trainer`` process (one pod), its output in a file."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str], env: dict[str, str],
-                 marker: str):
+    def __init__(self, tmp: Path, name: str, args: list[str], env: dict[str, str], marker: str):
         self.log_path = tmp / f"{name}.log"
-        full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("PET_", "LEPTON_", "TORCHELASTIC"))}
-        full_env.update(env, LEPTON_TEST_MARKER=marker, PYTHONWARNINGS="ignore",
-                        PYTHONUNBUFFERED="1")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "LEPTON_", "TORCHELASTIC"))}
+        full_env.update(env, LEPTON_TEST_MARKER=marker, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
         self._out = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lepton_trainer", *args],
-                                     env=full_env, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lepton_trainer", *args],
+            env=full_env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def text(self) -> str:
         return self.log_path.read_text()
@@ -58,8 +59,7 @@ class Launcher:
             if match:
                 return match
             if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode} before /{pattern}/:\n"
-                                     + self.text()[-3000:])
+                raise AssertionError(f"exited {self.proc.returncode} before /{pattern}/:\n" + self.text()[-3000:])
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for /{pattern}/:\n" + self.text()[-3000:])
 
@@ -112,20 +112,24 @@ def launch(tmp_path):
 
 def progress(text: str) -> list[tuple[int, float]]:
     """(step, loss) of every progress line."""
-    return [(int(m.group(1)), float(m.group(2)))
-            for m in re.finditer(r"^step=(\d+)/\d+ loss=([\d.]+) samples/s=", text, re.M)]
+    return [
+        (int(m.group(1)), float(m.group(2)))
+        for m in re.finditer(r"^step=(\d+)/\d+ loss=([\d.]+) samples/s=", text, re.M)
+    ]
 
 
 def scrape(addr: str, port: int) -> dict[str, float]:
     body = urllib.request.urlopen(f"http://{addr}:{port}/metrics", timeout=5).read().decode()
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r"^(lepton_trainer_\w+) ([-+\deE.naNIf]+)$", body, re.M)}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(lepton_trainer_\w+) ([-+\deE.naNIf]+)$", body, re.M)}
 
 
 def test_two_local_ranks_loss_falls(launch, tmp_path):
     ck = tmp_path / "ck"
-    run = launch("two-ranks", [*TINY, "--max-steps", "300", "--metrics-port", "0"],
-                 {"PET_NPROC_PER_NODE": "2", "LEPTON_CHECKPOINT_DIR": str(ck)})
+    run = launch(
+        "two-ranks",
+        [*TINY, "--max-steps", "300", "--metrics-port", "0"],
+        {"PET_NPROC_PER_NODE": "2", "LEPTON_CHECKPOINT_DIR": str(ck)},
+    )
     assert run.wait() == 0, run.text()[-3000:]
     losses = progress(run.text())
     assert losses[-1][0] == 300
@@ -135,15 +139,28 @@ def test_two_local_ranks_loss_falls(launch, tmp_path):
 
 def test_two_nodes_c10d_rendezvous_metrics_increase_and_loss_falls(launch, tmp_path):
     rdzv, metrics_port = free_port("0.0.0.0"), free_port("0.0.0.0")
-    common = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d",
-              "PET_RDZV_ENDPOINT": f"127.0.0.1:{rdzv}", "PET_RDZV_ID": "e2e-uid-g4",
-              "PET_MAX_RESTARTS": "0", "LEPTON_GENERATION": "4", "LEPTON_WORLD_SIZE": "2",
-              "LEPTON_METRICS_PORT": str(metrics_port), "LEPTON_JOB_NAME": "e2e",
-              "LEPTON_CHECKPOINT_DIR": str(tmp_path / "ck")}
+    common = {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{rdzv}",
+        "PET_RDZV_ID": "e2e-uid-g4",
+        "PET_MAX_RESTARTS": "0",
+        "LEPTON_GENERATION": "4",
+        "LEPTON_WORLD_SIZE": "2",
+        "LEPTON_METRICS_PORT": str(metrics_port),
+        "LEPTON_JOB_NAME": "e2e",
+        "LEPTON_CHECKPOINT_DIR": str(tmp_path / "ck"),
+    }
     addrs = ["127.0.0.2", "127.0.0.3"]
-    nodes = [launch(f"node{i}", [*TINY, "--max-steps", "200"],
-                    {**common, "PET_RDZV_CONF": f"is_host={int(i == 0)}", "POD_IP": addrs[i],
-                     "LEPTON_WORKER_INDEX": str(i)}) for i in range(2)]
+    nodes = [
+        launch(
+            f"node{i}",
+            [*TINY, "--max-steps", "200"],
+            {**common, "PET_RDZV_CONF": f"is_host={int(i == 0)}", "POD_IP": addrs[i], "LEPTON_WORKER_INDEX": str(i)},
+        )
+        for i in range(2)
+    ]
     for node in nodes:
         node.wait_for(r"^event=metrics_serving")
     first = [None, None]
@@ -184,8 +201,17 @@ def _positions(pos_dir: Path, gen: int) -> dict[int, list[dict]]:
 def test_sigterm_checkpoint_then_resume_at_three_ranks(launch, tmp_path):
     ck, pos = tmp_path / "ck", tmp_path / "pos"
     max_steps, G = 160, 32
-    args = [*TINY, "--max-steps", str(max_steps), "--checkpoint-every-steps", "25",
-            "--metrics-port", "0", "--positions-dir", str(pos)]
+    args = [
+        *TINY,
+        "--max-steps",
+        str(max_steps),
+        "--checkpoint-every-steps",
+        "25",
+        "--metrics-port",
+        "0",
+        "--positions-dir",
+        str(pos),
+    ]
     env = {"LEPTON_CHECKPOINT_DIR": str(ck)}
 
     # Generation 0: two ranks, stopped by SIGTERM mid-run (as when its pod is deleted).
@@ -210,11 +236,15 @@ def test_sigterm_checkpoint_then_resume_at_three_ranks(launch, tmp_path):
     assert gen1.wait() == 0, gen1.text()[-3000:]
     text = gen1.text()
     assert re.search(rf"^event=checkpoint_skipped path=\S+ckpt-{stop + 5:08d}\.pt", text, re.M)
-    assert re.search(rf"^event=resumed step={stop} data_position={stop * G} "
-                     r"from_world=1 from_ranks=2 ", text, re.M)
+    assert re.search(
+        rf"^event=resumed step={stop} data_position={stop * G} "
+        r"from_world=1 from_ranks=2 ",
+        text,
+        re.M,
+    )
 
     steps0, steps1 = _positions(pos, 0), _positions(pos, 1)
-    assert sorted(steps0) == list(range(stop))        # gen 0 did steps [0, stop)
+    assert sorted(steps0) == list(range(stop))  # gen 0 did steps [0, stop)
     assert sorted(steps1) == list(range(stop, max_steps))  # gen 1 continued at `stop`
     sampler = GlobalSampler((len(load_corpus()) - 1) // 64, seed=1234)
     seen = []
@@ -235,10 +265,26 @@ def test_sigterm_checkpoint_then_resume_at_three_ranks(launch, tmp_path):
 @pytest.mark.parametrize("code", [3, 137])
 def test_fail_at_step_sets_the_pod_exit_code(launch, code):
     """One rank crashes: the pod reports that rank's code, not its peer's PEER_LOST."""
-    run = launch(f"fail{code}", ["--synthetic", "--max-steps", "50", "--fail-at-step", "5",
-                                 "--fail-rank", "1", "--fail-exit-code", str(code),
-                                 "--metrics-port", "0", "--global-batch-size", "4",
-                                 "--synthetic-samples-per-second", "200"],
-                 {"PET_NPROC_PER_NODE": "2"})
+    run = launch(
+        f"fail{code}",
+        [
+            "--synthetic",
+            "--max-steps",
+            "50",
+            "--fail-at-step",
+            "5",
+            "--fail-rank",
+            "1",
+            "--fail-exit-code",
+            str(code),
+            "--metrics-port",
+            "0",
+            "--global-batch-size",
+            "4",
+            "--synthetic-samples-per-second",
+            "200",
+        ],
+        {"PET_NPROC_PER_NODE": "2"},
+    )
     assert run.wait() == code, run.text()[-3000:]
     assert "event=fail_injected step=5 rank=1" in run.text()

@@ -128,7 +128,9 @@ def test_golden(case):
         GOLDEN.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert path.exists(), f"{path} missing: run with LEPTON_UPDATE_GOLDEN=1"
-    assert path.read_text() == text, f"{path} differs from what the builders produce; review, then LEPTON_UPDATE_GOLDEN=1"
+    assert path.read_text() == text, (
+        f"{path} differs from what the builders produce; review, then LEPTON_UPDATE_GOLDEN=1"
+    )
 
 
 def test_golden_files_have_no_stale_cases():
@@ -181,14 +183,22 @@ def test_lepton_names_compose_into_worker_host_names():
 def test_user_env_comes_after_operator_env_and_is_passed_through():
     spec = parse_job(
         "demo",
-        {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "ADDR", "value": "$(POD_IP):1234"},
-                 {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": True}}}]},
+        {
+            "env": [
+                {"name": "NCCL_DEBUG", "value": "INFO"},
+                {"name": "ADDR", "value": "$(POD_IP):1234"},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": True}}},
+            ]
+        },
     )
     [container] = build_worker_pod(ref(), spec, 0, 1, 1)["spec"]["containers"]
     names = [e["name"] for e in container["env"]]
     assert names[-3:] == ["NCCL_DEBUG", "ADDR", "TOKEN"]
     assert names.index("POD_IP") < names.index("ADDR")  # $(POD_IP) expands only if defined earlier
-    assert container["env"][-1] == {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": True}}}
+    assert container["env"][-1] == {
+        "name": "TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": True}},
+    }
     assert len(names) == len(set(names))
 
 
@@ -330,8 +340,12 @@ def test_names_at_the_maximum_length_and_index_are_dns_labels():
     last = MAX_WORKERS - 1
     pod = build_worker_pod(job, spec, last, 1, MAX_WORKERS)
     # hostname, subdomain and Service names must be 63-character DNS labels
-    for value in (pod["metadata"]["name"], pod["spec"]["hostname"], pod["spec"]["subdomain"],
-                  build_service(job, spec)["metadata"]["name"]):
+    for value in (
+        pod["metadata"]["name"],
+        pod["spec"]["hostname"],
+        pod["spec"]["subdomain"],
+        build_service(job, spec)["metadata"]["name"],
+    ):
         assert len(value) <= 63 and DNS_LABEL.match(value), value
     # a claim name is a DNS subdomain (253): `<52 chars>-checkpoints` (64) is fine
     pvc_name = build_checkpoint_pvc(job, spec)["metadata"]["name"]
@@ -347,8 +361,11 @@ def test_names_at_the_maximum_length_and_index_are_dns_labels():
 )
 def test_builders_refuse_names_that_are_not_safe(name):
     spec = parse_job("demo", {"checkpoint": {"size": "1Gi"}})
-    for build in (lambda j: build_worker_pod(j, spec, 0, 1, 1), lambda j: build_service(j, spec),
-                  lambda j: build_checkpoint_pvc(j, spec)):
+    for build in (
+        lambda j: build_worker_pod(j, spec, 0, 1, 1),
+        lambda j: build_service(j, spec),
+        lambda j: build_checkpoint_pvc(j, spec),
+    ):
         with pytest.raises(ValueError):
             build(ref(name=name))
 
@@ -359,7 +376,9 @@ def test_builders_refuse_unsafe_namespace_or_uid(namespace, uid):
         build_service(JobRef("demo", namespace, uid), parse_job("demo", {}))
 
 
-@pytest.mark.parametrize("index, generation, world_size", [(-1, 1, 2), (2, 1, 2), (0, 0, 1), (MAX_WORKERS, 1, MAX_WORKERS + 1)])
+@pytest.mark.parametrize(
+    "index, generation, world_size", [(-1, 1, 2), (2, 1, 2), (0, 0, 1), (MAX_WORKERS, 1, MAX_WORKERS + 1)]
+)
 def test_worker_pod_rejects_impossible_positions(index, generation, world_size):
     with pytest.raises(ValueError):
         build_worker_pod(ref(), parse_job("demo", {}), index, generation, world_size)
@@ -378,7 +397,8 @@ def test_pvc_only_when_a_size_is_given():
 def test_pvc_access_mode_follows_max_workers_and_is_owned():
     single = build_checkpoint_pvc(ref(), parse_job("demo", {"checkpoint": {"size": "5Gi"}}))
     multi = build_checkpoint_pvc(
-        ref(), parse_job("demo", {"workers": {"min": 1, "max": 4}, "checkpoint": {"size": "5Gi", "storageClassName": "nfs"}})
+        ref(),
+        parse_job("demo", {"workers": {"min": 1, "max": 4}, "checkpoint": {"size": "5Gi", "storageClassName": "nfs"}}),
     )
     assert single["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert multi["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -389,8 +409,15 @@ def test_pvc_access_mode_follows_max_workers_and_is_owned():
 
 
 def test_data_volumes_are_mounted_by_claim():
-    spec = parse_job("demo", {"dataVolumes": [{"claimName": "ds", "mountPath": "/data"},
-                                              {"claimName": "cache", "mountPath": "/cache", "readOnly": False}]})
+    spec = parse_job(
+        "demo",
+        {
+            "dataVolumes": [
+                {"claimName": "ds", "mountPath": "/data"},
+                {"claimName": "cache", "mountPath": "/cache", "readOnly": False},
+            ]
+        },
+    )
     pod = build_worker_pod(ref(), spec, 0, 1, 1)
     assert {"name": "data-0", "persistentVolumeClaim": {"claimName": "ds", "readOnly": True}} in pod["spec"]["volumes"]
     mounts = pod["spec"]["containers"][0]["volumeMounts"]

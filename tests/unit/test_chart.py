@@ -266,7 +266,11 @@ def test_cluster_mode_grants_exactly_the_allowlist(helm, tmp_path):
     assert grants(role["rules"]) == NAMESPACED_ALLOWLIST | CRD_READ | CLUSTER_PEERING
 
     binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NS}]
     assert one(objects, "ServiceAccount")["metadata"] == {
         **one(objects, "ServiceAccount")["metadata"],
@@ -346,7 +350,17 @@ def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):
         ({"prometheus": {"url": "prometheus:9090"}}, "url"),
         ({"podMonitor": {"enabled": "yes"}}, "enabled"),
         ({"serviceMonitor": {"enabled": True, "interval": "soon"}}, "interval"),
-        ({"livenessProbe": {"initialDelaySeconds": -1, "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1}}, "initialDelaySeconds"),
+        (
+            {
+                "livenessProbe": {
+                    "initialDelaySeconds": -1,
+                    "periodSeconds": 1,
+                    "timeoutSeconds": 1,
+                    "failureThreshold": 1,
+                }
+            },
+            "initialDelaySeconds",
+        ),
     ],
 )
 def test_schema_rejects_bad_values(helm, tmp_path, values, complaint):
@@ -376,7 +390,10 @@ def test_monitors_render_when_enabled(helm, tmp_path, watch):
     service_monitor = one(objects, "ServiceMonitor")
     assert service_monitor["metadata"]["labels"]["release"] == "kps"
     assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= one(objects, "Service")["metadata"]["labels"].items()
+    assert (
+        service_monitor["spec"]["selector"]["matchLabels"].items()
+        <= one(objects, "Service")["metadata"]["labels"].items()
+    )
 
     pod_monitor = one(objects, "PodMonitor")
     spec = pod_monitor["spec"]
@@ -384,7 +401,9 @@ def test_monitors_render_when_enabled(helm, tmp_path, watch):
     (endpoint,) = spec["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics"
     # The autoscaler's PromQL filters on job_name: the pod label must become that label.
-    assert {"sourceLabels": ["__meta_kubernetes_pod_label_lepton_ai_job_name"], "targetLabel": "job_name"} in endpoint["relabelings"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_lepton_ai_job_name"], "targetLabel": "job_name"} in endpoint[
+        "relabelings"
+    ]
     assert spec["namespaceSelector"] == ({"matchNames": watch} if watch else {"any": True})
 
 

@@ -56,7 +56,12 @@ def test_check_command_exits_1_on_drift_and_0_when_in_sync(tmp_path):
     result = subprocess.run(cmd + [str(stale)], capture_output=True, text=True)
     assert result.returncode == 1 and "maxLength: 52" in result.stdout
     fresh = tmp_path / "fresh.yaml"
-    assert subprocess.run([sys.executable, "-m", "lepton_operator.api.crd_cli", "--write", "--file", str(fresh)]).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "lepton_operator.api.crd_cli", "--write", "--file", str(fresh)]
+        ).returncode
+        == 0
+    )
     assert subprocess.run(cmd + [str(fresh)], capture_output=True).returncode == 0
     assert subprocess.run(cmd + [str(tmp_path / "missing.yaml")], capture_output=True).returncode == 1
 
@@ -112,7 +117,9 @@ def test_every_property_has_a_description():
     missing = [
         path
         for path, node in walk(schema())
-        if path and path != ".metadata" and not node.get("description")
+        if path
+        and path != ".metadata"
+        and not node.get("description")
         and not (path.endswith(("[]", "{}")) and node["type"] != "object")
     ]
     assert not missing, f"no description (kubectl explain shows nothing): {missing}"
@@ -249,6 +256,9 @@ def test_old_servers_get_the_crd_without_cel_rules():
         stripped = yaml_dump_crd(crd_for_server(old))
         assert "x-kubernetes-validations" not in stripped
         assert "maxLength: 52" in stripped and "specReplicasPath" in stripped
-    assert crd_for_server("1.20")["spec"]["versions"][0]["subresources"] == build_crd()["spec"]["versions"][0]["subresources"]
+    assert (
+        crd_for_server("1.20")["spec"]["versions"][0]["subresources"]
+        == build_crd()["spec"]["versions"][0]["subresources"]
+    )
     with pytest.raises(ValueError):
         crd_for_server("latest")

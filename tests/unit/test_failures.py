@@ -20,8 +20,17 @@ def pod(phase, *codes, reason=None, conditions=(), node=None, deleting=False):
 
 @pytest.mark.parametrize(
     "code, outcome",
-    [(0, "succeeded"), (1, "permanent"), (2, "permanent"), (127, "permanent"), (128, "retryable"),
-     (137, "retryable"), (143, "retryable"), (170, "retryable"), (255, "retryable")],
+    [
+        (0, "succeeded"),
+        (1, "permanent"),
+        (2, "permanent"),
+        (127, "permanent"),
+        (128, "retryable"),
+        (137, "retryable"),
+        (143, "retryable"),
+        (170, "retryable"),
+        (255, "retryable"),
+    ],
 )
 def test_exit_code_rule(code, outcome):
     assert classify_exit_code(code) == outcome

@@ -119,7 +119,9 @@ def test_no_spec_field_can_carry_a_raw_pod_template_or_security_context():
 
 
 def test_min_above_max_and_initial_outside_are_rejected():
-    assert any("min (5) must be <= spec.workers.max (2)" in e for e in errors_of("a", {"workers": {"min": 5, "max": 2}}))
+    assert any(
+        "min (5) must be <= spec.workers.max (2)" in e for e in errors_of("a", {"workers": {"min": 5, "max": 2}})
+    )
     assert any("initial (9)" in e for e in errors_of("a", {"workers": {"min": 1, "max": 4, "initial": 9}}))
 
 
@@ -144,7 +146,10 @@ def test_env_value_and_value_from_rules():
 
 
 def test_mount_paths_must_differ():
-    spec = {"checkpoint": {"claimName": "c", "mountPath": "/data"}, "dataVolumes": [{"claimName": "d", "mountPath": "/data"}]}
+    spec = {
+        "checkpoint": {"claimName": "c", "mountPath": "/data"},
+        "dataVolumes": [{"claimName": "d", "mountPath": "/data"}],
+    }
     assert any("mount paths must differ" in e for e in errors_of("a", spec))
 
 
@@ -201,7 +206,10 @@ def test_template_hash_is_stable_and_covers_only_immutable_fields():
 
 
 def test_template_hash_does_not_depend_on_how_defaults_were_written():
-    assert parse_job("a", {}).template_hash() == parse_job("a", {"image": DEFAULT_TRAINER_IMAGE, "env": []}).template_hash()
+    assert (
+        parse_job("a", {}).template_hash()
+        == parse_job("a", {"image": DEFAULT_TRAINER_IMAGE, "env": []}).template_hash()
+    )
 
 
 def test_immutable_fields_exist_on_the_spec():
@@ -217,7 +225,12 @@ def test_status_parse_drops_unknown_fields_and_renders_kubernetes_times():
     wire = LeptonJobStatus.model_validate(
         {
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "WorkersReady", "lastTransitionTime": "2024-05-01T10:00:00.5+02:00"}
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "WorkersReady",
+                    "lastTransitionTime": "2024-05-01T10:00:00.5+02:00",
+                }
             ],
             "lastRescale": {"from": 2, "to": 3, "reason": "ManualScale", "time": "2024-05-01T08:00:00Z"},
         }

@@ -62,7 +62,10 @@ class Stub:
     def vector(self, *values, ts=None):
         ts = time.time() if ts is None else ts
         result = [{"metric": {"i": str(i)}, "value": [ts, v]} for i, v in enumerate(values)]
-        self.reply = (200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode())
+        self.reply = (
+            200,
+            json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode(),
+        )
 
     def close(self):
         self.server.shutdown()
@@ -108,8 +111,10 @@ def test_reporting_workers(stub):
         ((200, b'{"status":"success","data":{"resultType":"matrix","result":[]}}'), "malformed"),
         ((200, b'{"status":"success","data":{}}'), "malformed"),
         ((200, b'{"status":"error","errorType":"execution","error":"query timed out"}'), "status"),
-        ((200, b'{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":["x"]}]}}'),
-         "malformed"),
+        (
+            (200, b'{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":["x"]}]}}'),
+            "malformed",
+        ),
     ],
 )
 def test_bad_answers_are_typed_errors(stub, reply, kind):
@@ -119,8 +124,17 @@ def test_bad_answers_are_typed_errors(stub, reply, kind):
     assert err.value.kind == kind
 
 
-@pytest.mark.parametrize("values, kind", [((), "empty"), (("NaN",), "nan"), (("+Inf",), "nan"), (("-Inf",), "nan"),
-                                          (("1", "2"), "many_series"), (("-5",), "malformed")])
+@pytest.mark.parametrize(
+    "values, kind",
+    [
+        ((), "empty"),
+        (("NaN",), "nan"),
+        (("+Inf",), "nan"),
+        (("-Inf",), "nan"),
+        (("1", "2"), "many_series"),
+        (("-5",), "malformed"),
+    ],
+)
 def test_unusable_values_are_typed_errors(stub, values, kind):
     stub.vector(*values)
     with pytest.raises(MetricsError) as err:

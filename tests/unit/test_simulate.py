@@ -15,8 +15,15 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 CURVES = ROOT / "benchmarks" / "curves"
-ISSUE_CURVE = {"throughput": {"1": 100, "2": 185, "4": 330, "8": 420}, "noise": 0.05, "restart_seconds": 30,
-               "min": 1, "max": 8, "total_samples": 5000000, "capacity": 8}
+ISSUE_CURVE = {
+    "throughput": {"1": 100, "2": 185, "4": 330, "8": 420},
+    "noise": 0.05,
+    "restart_seconds": 30,
+    "min": 1,
+    "max": 8,
+    "total_samples": 5000000,
+    "capacity": 8,
+}
 
 
 def test_interpolation_and_oracle():
@@ -75,10 +82,29 @@ def test_benchmark_suite_meets_the_target():
 def test_cli_prints_json(tmp_path):
     path = tmp_path / "curve.json"
     path.write_text(json.dumps(ISSUE_CURVE))
-    out = subprocess.run([sys.executable, "-m", "lepton_operator.scaling.simulate", "--curve", str(path),
-                          "--policy", "hpa", "--seed", "1"], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lepton_operator.scaling.simulate",
+            "--curve",
+            str(path),
+            "--policy",
+            "hpa",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     result = json.loads(out.stdout)
     assert result["policy"] == "hpa" and result["completion_seconds"] > 0
-    bad = subprocess.run([sys.executable, "-m", "lepton_operator.scaling.simulate", "--curve", str(path),
-                          "--policy", "nope"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lepton_operator.scaling.simulate", "--curve", str(path), "--policy", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown policy" in bad.stderr

@@ -13,8 +13,13 @@ pytestmark = pytest.mark.unit
 
 
 def _state(step):
-    return {"format": checkpoint.FORMAT, "step": step, "data_position": step * 8,
-            "synthetic": False, "weights": torch.arange(1000.0) * step}
+    return {
+        "format": checkpoint.FORMAT,
+        "step": step,
+        "data_position": step * 8,
+        "synthetic": False,
+        "weights": torch.arange(1000.0) * step,
+    }
 
 
 def test_save_and_load_latest(tmp_path):

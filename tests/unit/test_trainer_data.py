@@ -50,7 +50,7 @@ def test_resume_at_another_world_size_sees_the_same_samples_in_the_same_steps():
     flat = [i for step in fixed for i in step]
     # 30 steps * 12 = 360 positions across epochs of 97: each epoch is complete
     for e in range(3):
-        assert sorted(flat[e * 97:(e + 1) * 97]) == list(range(97))
+        assert sorted(flat[e * 97 : (e + 1) * 97]) == list(range(97))
 
 
 def test_bundled_corpus_blocks():

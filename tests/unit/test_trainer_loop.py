@@ -23,8 +23,7 @@ def _cfg(*argv):
 
 def test_real_training_loss_falls_and_resume_continues(tmp_path, capsys):
     ck = str(tmp_path / "ck")
-    args = ["--global-batch-size", "16", "--max-steps", "60", "--checkpoint-dir", ck,
-            "--checkpoint-every-steps", "20"]
+    args = ["--global-batch-size", "16", "--max-steps", "60", "--checkpoint-dir", ck, "--checkpoint-every-steps", "20"]
     trainer = Trainer(_cfg(*args), DistEnv())
     first_loss = None
     assert trainer.run() == exitcodes.OK
@@ -42,9 +41,19 @@ def test_real_training_loss_falls_and_resume_continues(tmp_path, capsys):
 
 
 def test_synthetic_respects_the_pace_curve_and_checkpoints_positions(tmp_path):
-    cfg = _cfg("--synthetic", "--global-batch-size", "10", "--max-steps", "20",
-               "--synthetic-samples-per-second", "100000", "--pace-curve",
-               '{"1": 400, "4": 800}', "--checkpoint-dir", str(tmp_path))
+    cfg = _cfg(
+        "--synthetic",
+        "--global-batch-size",
+        "10",
+        "--max-steps",
+        "20",
+        "--synthetic-samples-per-second",
+        "100000",
+        "--pace-curve",
+        '{"1": 400, "4": 800}',
+        "--checkpoint-dir",
+        str(tmp_path),
+    )
     start = time.monotonic()
     assert Trainer(cfg, DistEnv()).run() == exitcodes.OK
     elapsed = time.monotonic() - start
@@ -54,10 +63,16 @@ def test_synthetic_respects_the_pace_curve_and_checkpoints_positions(tmp_path):
 
 
 def test_no_checkpoint_dir_is_logged(capsys):
-    assert Trainer(_cfg("--synthetic", "--max-steps", "2", "--global-batch-size", "1",
-                        "--synthetic-samples-per-second", "1000"), DistEnv()).run() == 0
-    assert "event=checkpoints_disabled reason=LEPTON_CHECKPOINT_DIR_unset" in \
-        capsys.readouterr().out
+    assert (
+        Trainer(
+            _cfg(
+                "--synthetic", "--max-steps", "2", "--global-batch-size", "1", "--synthetic-samples-per-second", "1000"
+            ),
+            DistEnv(),
+        ).run()
+        == 0
+    )
+    assert "event=checkpoints_disabled reason=LEPTON_CHECKPOINT_DIR_unset" in capsys.readouterr().out
 
 
 def test_metrics_endpoint_serves_the_contract_names():
@@ -71,7 +86,12 @@ def test_metrics_endpoint_serves_the_contract_names():
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     finally:
         metrics.stop()
-    for line in ("lepton_trainer_samples_total 32.0", "lepton_trainer_steps_total 2.0",
-                 "lepton_trainer_loss 2.4", "lepton_trainer_world_size 3.0",
-                 "lepton_trainer_generation 7.0", "lepton_trainer_step_seconds_count 2.0"):
+    for line in (
+        "lepton_trainer_samples_total 32.0",
+        "lepton_trainer_steps_total 2.0",
+        "lepton_trainer_loss 2.4",
+        "lepton_trainer_world_size 3.0",
+        "lepton_trainer_generation 7.0",
+        "lepton_trainer_step_seconds_count 2.0",
+    ):
         assert line in body.splitlines(), line

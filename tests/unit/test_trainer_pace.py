@@ -19,8 +19,7 @@ def test_parse_rejects_bad_curves(text):
         parse_pace_curve(text)
 
 
-@pytest.mark.parametrize("world,rate", [(1, 100), (2, 185), (3, 257.5), (4, 330),
-                                        (0.5, 100), (8, 330), (1.5, 142.5)])
+@pytest.mark.parametrize("world,rate", [(1, 100), (2, 185), (3, 257.5), (4, 330), (0.5, 100), (8, 330), (1.5, 142.5)])
 def test_interpolation_is_linear_and_flat_beyond_the_ends(world, rate):
     assert interpolate(CURVE, world) == pytest.approx(rate)
 
@@ -39,11 +38,11 @@ class FakeClock:
 def test_pacer_caps_the_rate_and_does_not_burst_after_a_slow_step():
     clock = FakeClock()
     pacer = Pacer(100.0, clock=clock, sleep=clock.sleep)
-    clock.now += 0.1                       # a 10-sample step that took 0.1 s
+    clock.now += 0.1  # a 10-sample step that took 0.1 s
     assert pacer.wait(10) == pytest.approx(0.0)  # 100 samples/s: no sleep needed
-    clock.now += 0.01                      # fast step: must wait until 0.2
+    clock.now += 0.01  # fast step: must wait until 0.2
     assert pacer.wait(10) == pytest.approx(0.09)
-    clock.now += 0.5                       # slow step: no sleep, and no credit after it
+    clock.now += 0.5  # slow step: no sleep, and no credit after it
     assert pacer.wait(10) == 0.0
     clock.now += 0.0
     assert pacer.wait(10) == pytest.approx(0.1)
