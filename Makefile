@@ -11,10 +11,10 @@ TRAINER_IMAGE  ?= lepton-ai/lepton-trainer:$(VERSION)
 HELM = $(shell $(PY) scripts/helm.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test crds chart images kind-e2e bench
+.PHONY: help setup demo test unit integration e2e lint crds chart images kind-e2e bench
 
 help: ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 setup: ## create .venv, install the project and fetch the control plane binaries
 	bash scripts/setup.sh
@@ -22,8 +22,21 @@ setup: ## create .venv, install the project and fetch the control plane binaries
 demo: ## README command 1: local control plane, operator, a job that trains and rescales
 	bash scripts/demo.sh
 
-test: ## README command 2: every test tier (kind skips with its reason without Docker)
+test: ## README command 2: setup, lint, then every test tier (kind skips with its reason without Docker)
 	bash scripts/test.sh
+
+unit: ## unit tier (tests/unit): no control plane; the trainer's tests skip without torch
+	$(PY) -m pytest -m unit
+
+integration: ## integration tier (tests/integration): the operator on the local control plane
+	$(PY) -m pytest -m integration
+
+e2e: ## local end-to-end tier (tests/locale2e): pods as processes, torchrun, Prometheus
+	$(PY) -m pytest -m locale2e
+
+lint: ## ruff check and ruff format --check on the whole repository
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 crds: ## regenerate crds/ from the models and copy them into the chart
 	$(VENV)/bin/lepton-operator crd --write
