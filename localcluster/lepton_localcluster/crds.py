@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 
 from lepton_operator.api.crd import crd_for_server
 
-PEERING_CRDS = Path(__file__).resolve().parents[3] / "crds" / "kopf-peering.yaml"
+PEERING_CRDS = Path(__file__).resolve().parents[2] / "crds" / "kopf-peering.yaml"  # the repository root
 
 
 def install_crd(api_client: client.ApiClient, crd: dict, timeout: float = 30.0) -> None:
