@@ -10,17 +10,21 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from lepton_operator.api.models import (
+from lepton_operator.api import conditions
+from lepton_operator.api.conditions import (
     REASON_AUTOSCALE_DOWN,
     REASON_AUTOSCALE_UP,
     REASON_INSUFFICIENT_CAPACITY,
-    LeptonJobSpec,
-    Observation,
-    parse_status,
 )
-from lepton_operator.scaling import policy
-from lepton_operator.scaling.policy import RescaleEvent, ScalingState, decide, fit_scaling
+from lepton_operator.api.models import LeptonJobSpec, Observation, parse_status
 
+from lepton_operator.scaling import policy
+from lepton_operator.scaling.policy import (
+    RescaleEvent,
+    ScalingState,
+    decide,
+    fit_scaling,
+)
 pytestmark = pytest.mark.unit
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -91,7 +95,7 @@ def test_amdahl_converges_to_the_knee_and_holds(serial):
 def test_linear_grows_to_max_and_holds_there():
     sizes, last = converge(lambda n: 100.0 * n, spec(1, 16))
     assert sizes == [1, 4, 16]
-    assert last.reason == policy.HOLD_AT_BOUND
+    assert last.reason == conditions.HOLD_AT_BOUND
 
 
 def test_saturating_curve_stops_where_steps_stop_paying():
@@ -132,7 +136,7 @@ def test_a_size_known_not_to_pay_is_not_tried_again():
     now = T0 + timedelta(seconds=1000)
     seen = [obs(1, 100, T0), obs(2, 190, T0), obs(3, 200, T0), obs(2, 190, now)]
     d = decide(seen, s, ScalingState(2, T0), now)
-    assert d.target == 2 and d.reason == policy.HOLD_AT_KNEE
+    assert d.target == 2 and d.reason == conditions.HOLD_AT_KNEE
     assert "measured" in d.message
 
 
@@ -155,7 +159,7 @@ def test_missing_or_bad_data_holds_and_never_scales_down(bad):
     else:
         current_obs = current[bad]
     d = decide(history + current_obs, s, ScalingState(4, gen_start), now)
-    assert (d.target, d.action, d.reason) == (4, "hold", policy.HOLD_NO_DATA), d
+    assert (d.target, d.action, d.reason) == (4, "hold", conditions.HOLD_NO_DATA), d
     # ... and with good data it would have gone down: the hold is due to the data only.
     good = decide(history + [obs(4, 210, now)], s, ScalingState(4, gen_start), now)
     assert good.action == "down"
@@ -165,23 +169,23 @@ def test_warm_up_and_rescale_in_progress_hold():
     s = spec(1, 8)
     now = T0 + timedelta(seconds=30)
     d = decide([obs(1, 100, now)], s, ScalingState(1, T0), now)
-    assert d.reason == policy.HOLD_WARMUP
+    assert d.reason == conditions.HOLD_WARMUP
     d = decide([obs(1, 100, now)], s, ScalingState(1, T0 - timedelta(hours=1), rescale_in_progress=True), now)
-    assert d.reason == policy.HOLD_RESCALING
+    assert d.reason == conditions.HOLD_RESCALING
 
 
 def test_min_and_max_are_respected():
     s = spec(2, 3)
     now = T0 + timedelta(seconds=600)
     d = decide([obs(3, 300, now)], s, ScalingState(3, T0), now)
-    assert d.target == 3 and d.reason == policy.HOLD_AT_BOUND
+    assert d.target == 3 and d.reason == conditions.HOLD_AT_BOUND
     d = decide([obs(2, 200, now)], s, ScalingState(2, T0), now)
     assert d.target == 3  # never past max, even when linear scaling suggests 8
     # The down step never goes below min, whatever was measured below it.
     d = decide([obs(1, 100, T0), obs(2, 100, now)], s, ScalingState(2, T0), now)
     assert d.target >= 2
     d = decide([obs(5, 300, now)], s, ScalingState(5, T0), now)
-    assert d.target == 3 and d.reason == policy.REASON_OUT_OF_BOUNDS
+    assert d.target == 3 and d.reason == conditions.REASON_OUT_OF_BOUNDS
 
 
 def test_cooldown_blocks_until_it_has_passed():
@@ -189,7 +193,7 @@ def test_cooldown_blocks_until_it_has_passed():
     rescale = RescaleEvent(T0, 30.0)
     now = T0 + timedelta(seconds=300)
     d = decide([obs(1, 100, now)], s, ScalingState(1, T0, (rescale,)), now)
-    assert d.reason == policy.HOLD_COOLDOWN
+    assert d.reason == conditions.HOLD_COOLDOWN
     later = T0 + timedelta(seconds=601)
     d = decide([obs(1, 100, later)], s, ScalingState(1, T0, (rescale,)), later)
     assert d.action == "up" and d.reason == REASON_AUTOSCALE_UP
@@ -200,7 +204,7 @@ def test_hourly_budget_counts_size_changes_only():
     now = T0 + timedelta(hours=2)
     recent = (RescaleEvent(now - timedelta(minutes=50), 30.0), RescaleEvent(now - timedelta(minutes=20), 30.0))
     d = decide([obs(1, 100, now)], s, ScalingState(1, now - timedelta(minutes=10), recent), now)
-    assert d.reason == policy.HOLD_BUDGET
+    assert d.reason == conditions.HOLD_BUDGET
     restarts = tuple(RescaleEvent(r.time, 30.0, changed_size=False) for r in recent)
     d = decide([obs(1, 100, now)], s, ScalingState(1, now - timedelta(minutes=10), restarts), now)
     assert d.action == "up"
@@ -217,10 +221,10 @@ def test_restart_cost_is_priced_in():
     # A 30-minute restart loses more samples than an hour of +50 samples/s gains.
     dear = ScalingState(7, T0, (RescaleEvent(T0, 1800.0),))
     d = decide(seen, s, dear, now)
-    assert d.reason == policy.HOLD_NOT_WORTH_RESTART and "1800 s restart" in d.message
+    assert d.reason == conditions.HOLD_NOT_WORTH_RESTART and "1800 s restart" in d.message
     # Near the end of the job no restart pays off.
     ending = ScalingState(7, T0, (RescaleEvent(T0, 30.0),), remaining_seconds=60)
-    assert decide(seen, s, ending, now).reason == policy.HOLD_NOT_WORTH_RESTART
+    assert decide(seen, s, ending, now).reason == conditions.HOLD_NOT_WORTH_RESTART
 
 
 def test_capacity_backoff_blocks_the_failed_size_but_allows_a_smaller_step():
@@ -233,9 +237,9 @@ def test_capacity_backoff_blocks_the_failed_size_but_allows_a_smaller_step():
     d = decide(seen, s, ScalingState(2, T0, backoff_until=backoff, capacity_failed_size=8), now)
     assert d.target == 7
     d = decide(seen, s, ScalingState(2, T0, backoff_until=backoff, capacity_failed_size=3), now)
-    assert d.reason == policy.HOLD_BACKOFF and d.target == 2
+    assert d.reason == conditions.HOLD_BACKOFF and d.target == 2
     d = decide(seen, s, ScalingState(2, T0, backoff_until=backoff), now)  # failed size unknown
-    assert d.reason == policy.HOLD_BACKOFF
+    assert d.reason == conditions.HOLD_BACKOFF
     after = backoff + timedelta(seconds=1)
     assert decide([obs(1, 100, T0), obs(2, 200, after)], s,
                   ScalingState(2, T0, backoff_until=backoff, capacity_failed_size=3), after).target == 8

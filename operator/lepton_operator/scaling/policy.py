@@ -40,27 +40,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Iterable, Literal, Optional
 
-from lepton_operator.api.models import (
+from lepton_operator.api.conditions import (
+    HOLD_AT_BOUND,
+    HOLD_AT_KNEE,
+    HOLD_BACKOFF,
+    HOLD_BUDGET,
+    HOLD_COOLDOWN,
+    HOLD_NO_DATA,
+    HOLD_NOT_WORTH_RESTART,
+    HOLD_RESCALING,
+    HOLD_WARMUP,
     REASON_AUTOSCALE_DOWN,
     REASON_AUTOSCALE_UP,
     REASON_INSUFFICIENT_CAPACITY,
+    REASON_OUT_OF_BOUNDS,
+)
+from lepton_operator.api.models import (
     Decision,
     LeptonJobSpec,
     LeptonJobStatus,
     Observation,
 )
 
-# Hold reasons (the scale-up/-down reasons are the REASON_AUTOSCALE_* constants of the API).
-HOLD_RESCALING = "RescaleInProgress"
-HOLD_WARMUP = "WarmingUp"
-HOLD_NO_DATA = "NoFreshThroughput"
-HOLD_COOLDOWN = "Cooldown"
-HOLD_BUDGET = "RescaleBudgetSpent"
-HOLD_BACKOFF = "CapacityBackoff"
-HOLD_AT_KNEE = "AtKnee"
-HOLD_AT_BOUND = "AtBound"
-HOLD_NOT_WORTH_RESTART = "RestartCostExceedsGain"
-REASON_OUT_OF_BOUNDS = "OutsideBounds"
 
 # A rescale's downtime before any has been measured (stop, checkpoint, start, rendezvous).
 DEFAULT_RESTART_SECONDS = 60.0

@@ -1,0 +1,72 @@
+"""Condition types and the reasons that go with them: the one place they are defined.
+
+A reason names why a condition has its status, why an event was posted, or why a
+rescale happened (`status.rescaleHistory[].reason`). Each reason sits under the condition
+it belongs to; reasons that only appear in events or rescale records are listed last.
+Reasons are CamelCase words (`kubectl describe` shows them; alerts match on them), so
+renaming one is an API change.
+"""
+
+from __future__ import annotations
+
+# --- Ready: every worker of the current generation is ready --------------------------
+CONDITION_READY = "Ready"
+REASON_WORKERS_STARTING = "WorkersStarting"
+REASON_WORKERS_READY = "WorkersReady"
+
+# --- Rescaling: a rescale (new generation of another size) is under way --------------
+CONDITION_RESCALING = "Rescaling"
+REASON_MANUAL_SCALE = "ManualScale"
+REASON_AUTOSCALE_UP = "ScaleUpPaysOff"
+REASON_AUTOSCALE_DOWN = "ScaleDownLastStepDidNotPay"
+REASON_INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+REASON_SCALE_UP_ABANDONED = "ScaleUpAbandoned"
+REASON_RESCALED = "Rescaled"
+
+# --- Suspended: spec.suspend stopped the workers --------------------------------------
+CONDITION_SUSPENDED = "Suspended"
+REASON_SUSPENDED = "Suspended"
+REASON_RESUMED = "Resumed"
+
+# --- Succeeded / Failed: the job finished ---------------------------------------------
+CONDITION_SUCCEEDED = "Succeeded"
+CONDITION_FAILED = "Failed"
+REASON_ALL_SUCCEEDED = "AllWorkersSucceeded"
+REASON_WORKER_FAILED = "WorkerFailed"
+REASON_RESTARTS_EXHAUSTED = "RestartBudgetExhausted"
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+# --- InvalidSpec: the spec cannot be carried out as written --------------------------
+CONDITION_INVALID_SPEC = "InvalidSpec"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_IMMUTABLE_FIELD = "ImmutableFieldChanged"
+REASON_SPEC_VALID = "SpecValid"
+
+# --- MetricsUnavailable: the autoscaler cannot read throughput -------------------------
+CONDITION_METRICS_UNAVAILABLE = "MetricsUnavailable"
+REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"
+REASON_METRICS_AVAILABLE = "MetricsAvailable"
+
+# --- restarts: a new generation at the same size (Ready turns False with these) -------
+REASON_WORKER_RESTART = "WorkerRestart"
+REASON_WORKER_LOST = "WorkerLost"
+
+# --- events only ------------------------------------------------------------------------
+REASON_RESCALING = "Rescaling"
+REASON_FOREIGN_POD = "ForeignPod"
+REASON_NAME_TAKEN = "NameTaken"
+REASON_API_REQUEST_REFUSED = "ApiRequestRefused"
+
+# --- autoscaler decisions (status.autoscaling.lastDecision.reason) ----------------------
+# A scale-up or -down decision uses REASON_AUTOSCALE_UP / REASON_AUTOSCALE_DOWN; a hold
+# says why it held.
+HOLD_RESCALING = "RescaleInProgress"
+HOLD_WARMUP = "WarmingUp"
+HOLD_NO_DATA = "NoFreshThroughput"
+HOLD_COOLDOWN = "Cooldown"
+HOLD_BUDGET = "RescaleBudgetSpent"
+HOLD_BACKOFF = "CapacityBackoff"
+HOLD_AT_KNEE = "AtKnee"
+HOLD_AT_BOUND = "AtBound"
+HOLD_NOT_WORTH_RESTART = "RestartCostExceedsGain"
+REASON_OUT_OF_BOUNDS = "OutsideBounds"
