@@ -413,37 +413,18 @@ Phase = Literal["Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspe
 PHASES: tuple[str, ...] = ("Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended")
 FINISHED_PHASES = ("Succeeded", "Failed")
 
-# Condition types.
-CONDITION_READY = "Ready"
-CONDITION_RESCALING = "Rescaling"
-CONDITION_SUSPENDED = "Suspended"
-CONDITION_SUCCEEDED = "Succeeded"
-CONDITION_FAILED = "Failed"
-CONDITION_METRICS_UNAVAILABLE = "MetricsUnavailable"
-CONDITION_INVALID_SPEC = "InvalidSpec"
 
-# Reasons (conditions, events, rescale records).
-REASON_INVALID_SPEC = "InvalidSpec"
-REASON_IMMUTABLE_FIELD = "ImmutableFieldChanged"
-REASON_WORKERS_STARTING = "WorkersStarting"
-REASON_WORKERS_READY = "WorkersReady"
-REASON_WORKER_FAILED = "WorkerFailed"
-REASON_WORKER_RESTART = "WorkerRestart"
-REASON_WORKER_LOST = "WorkerLost"
-REASON_RESTARTS_EXHAUSTED = "RestartBudgetExhausted"
-REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
-REASON_ALL_SUCCEEDED = "AllWorkersSucceeded"
-REASON_SUSPENDED = "Suspended"
-REASON_RESUMED = "Resumed"
-REASON_MANUAL_SCALE = "ManualScale"
-REASON_AUTOSCALE_UP = "ScaleUpPaysOff"
-REASON_AUTOSCALE_DOWN = "ScaleDownLastStepDidNotPay"
-REASON_INSUFFICIENT_CAPACITY = "InsufficientCapacity"
-REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"
-REASON_METRICS_AVAILABLE = "MetricsAvailable"
+class StatusModel(ApiModel):
+    """Base of status models: unknown fields are ignored, not rejected.
+
+    A newer operator version (during a rollout or a rollback) may have written fields this
+    one does not know; rejecting them would fail every pass on that job for good.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
-class Condition(ApiModel):
+class Condition(StatusModel):
     """A condition in the standard Kubernetes shape (metav1.Condition)."""
 
     type: str = Field(description="Condition type, e.g. Ready, Rescaling, Failed.", max_length=316)
@@ -454,7 +435,7 @@ class Condition(ApiModel):
     observed_generation: Optional[int] = Field(None, description="metadata.generation this was computed from.", ge=0)
 
 
-class WorkersStatus(ApiModel):
+class WorkersStatus(StatusModel):
     """Counts of the current generation's workers."""
 
     desired: int = Field(0, description="Workers the current generation should have.", ge=0)
@@ -464,7 +445,7 @@ class WorkersStatus(ApiModel):
     failed: int = Field(0, description="Workers that failed.", ge=0)
 
 
-class RescaleRecord(ApiModel):
+class RescaleRecord(StatusModel):
     """One completed change of world size or restart."""
 
     from_: int = Field(alias="from", description="World size before.", ge=0)
@@ -477,7 +458,7 @@ class RescaleRecord(ApiModel):
     )
 
 
-class RescaleInProgress(ApiModel):
+class RescaleInProgress(StatusModel):
     """A rescale that has started and not finished (kept in status so an operator restart resumes it)."""
 
     from_: int = Field(alias="from", description="World size before.", ge=0)
@@ -493,7 +474,7 @@ class RescaleInProgress(ApiModel):
     target_generation: int = Field(description="Generation being started.", ge=1)
 
 
-class Observation(ApiModel):
+class Observation(StatusModel):
     """Throughput measured at one world size."""
 
     world_size: int = Field(description="Workers.", ge=1)
@@ -501,7 +482,7 @@ class Observation(ApiModel):
     measured_at: Timestamp = Field(description="When it was measured.")
 
 
-class Decision(ApiModel):
+class Decision(StatusModel):
     """An autoscaler decision."""
 
     target: int = Field(description="World size decided.", ge=0)
@@ -509,7 +490,7 @@ class Decision(ApiModel):
     time: Timestamp = Field(description="When.")
 
 
-class AutoscalingStatus(ApiModel):
+class AutoscalingStatus(StatusModel):
     """What the autoscaler has seen and decided."""
 
     observations: list[Observation] = Field(
@@ -521,7 +502,7 @@ class AutoscalingStatus(ApiModel):
     )
 
 
-class LeptonJobStatus(ApiModel):
+class LeptonJobStatus(StatusModel):
     """Observed state of a LeptonJob, written by the operator."""
 
     observed_generation: Optional[int] = Field(None, description="metadata.generation last reconciled.", ge=0)
@@ -622,8 +603,5 @@ def parse_job(name: str, spec: dict) -> LeptonJobSpec:
 
 
 def parse_status(status: Optional[dict]) -> LeptonJobStatus:
-    """Parse the stored status; fields this version does not know are dropped."""
-    return LeptonJobStatus.model_validate({k: v for k, v in (status or {}).items() if k in _STATUS_ALIASES})
-
-
-_STATUS_ALIASES = {f.alias or name for name, f in LeptonJobStatus.model_fields.items()}
+    """Parse the stored status; fields this version does not know are ignored (at any depth)."""
+    return LeptonJobStatus.model_validate(status or {})
