@@ -16,8 +16,16 @@ import time
 
 import pytest
 
-from lepton_operator.api.models import API_VERSION, CONDITION_METRICS_UNAVAILABLE, GROUP, KIND, PLURAL, VERSION
-from lepton_localcluster.crds import install_crds
+from lepton_operator.api.conditions import (
+    CONDITION_METRICS_UNAVAILABLE,
+)
+from lepton_operator.api.models import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+)from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port
 from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient

@@ -6,7 +6,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from lepton_operator.api.models import CONDITION_METRICS_UNAVAILABLE, REASON_AUTOSCALE_UP, LeptonJobSpec, parse_status
+from lepton_operator.api.conditions import (
+    CONDITION_METRICS_UNAVAILABLE,
+    REASON_AUTOSCALE_UP,
+)
+from lepton_operator.api.models import LeptonJobSpec, parse_status
 from lepton_operator.reconcile.autoscaling import measurement_window, plan_autoscale, should_run
 from lepton_operator.scaling.prometheus import MetricsError, Sample
 

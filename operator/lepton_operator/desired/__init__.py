@@ -1,4 +1,4 @@
-"""Pure builders: LeptonJob -> worker pods, headless Service, checkpoint PVC.
+"""The objects a LeptonJob should have, built purely: worker pods, headless Service, checkpoint PVC.
 
 No kopf, no Kubernetes client: functions take a `JobRef` and a parsed `LeptonJobSpec`
 and return dicts in the Kubernetes wire form.
@@ -14,6 +14,9 @@ from .names import (
     MANAGED_BY,
     JobRef,
     checkpoint_pvc_name,
+    owned_by,
+    pod_generation,
+    pod_index,
     selector_string,
     service_name,
     worker_host,
@@ -57,7 +60,10 @@ __all__ = [
     "checkpoint_access_modes",
     "checkpoint_pvc_name",
     "container_security_context",
+    "owned_by",
     "owner_reference",
+    "pod_generation",
+    "pod_index",
     "pod_security_context",
     "selector_string",
     "service_name",

@@ -94,3 +94,25 @@ def worker_labels(job_name: str, index: int, generation: int, world_size: int) -
         LABEL_GENERATION: str(generation),
         LABEL_WORLD_SIZE: str(world_size),
     }
+
+
+def _label_int(pod: dict, key: str) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(key, ""))
+    except ValueError:
+        return -1
+
+
+def pod_generation(pod: dict) -> int:
+    """The generation label of a worker pod (-1 when missing or not a number)."""
+    return _label_int(pod, LABEL_GENERATION)
+
+
+def pod_index(pod: dict) -> int:
+    """The worker-index label of a worker pod (-1 when missing or not a number)."""
+    return _label_int(pod, LABEL_WORKER_INDEX)
+
+
+def owned_by(obj: dict, uid: str) -> bool:
+    """True when one of the object's ownerReferences points at the job's uid."""
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])

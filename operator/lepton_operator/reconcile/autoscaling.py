@@ -1,7 +1,8 @@
-"""The autoscaler loop: a kopf timer per LeptonJob with `spec.autoscaling.enabled`.
+"""The autoscaler pass, run by a kopf timer per LeptonJob with `spec.autoscaling.enabled`
+(handlers.py).
 
-Every `TIMER_SECONDS` the timer checks whether `spec.autoscaling.intervalSeconds` have
-passed for the job; if so, and the job is Running with no rescale under way, it
+On every tick the pass checks whether `spec.autoscaling.intervalSeconds` have passed for
+the job; if so, and the job is Running with no rescale under way, it
 
 1. measures the job's throughput in Prometheus (in a thread, with the client's timeout):
    `sum(rate(lepton_trainer_samples_total{namespace, job_name, generation}[w]))`, where
@@ -21,27 +22,25 @@ it. This module writes only the status fields it owns: `autoscaling.observations
 `autoscaling.lastDecision`, `throughput`, and the `MetricsUnavailable` condition (the
 conditions list is rewritten with only that entry changed, and only when it changes).
 
-`plan_autoscale()` is the whole decision, pure and testable; the kopf handler is thin.
+`plan_autoscale()` is the whole decision, pure and testable; `autoscale_pass()` reads,
+measures and writes around it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Optional, Union
 
-import kopf
-
-from lepton_operator.api.models import (
+from lepton_operator.api.conditions import (
     CONDITION_METRICS_UNAVAILABLE,
-    GROUP,
-    PLURAL,
     REASON_METRICS_AVAILABLE,
     REASON_METRICS_UNAVAILABLE,
-    VERSION,
-    Condition,
+)
+from lepton_operator.api.models import (
     InvalidJob,
     LeptonJobSpec,
     LeptonJobStatus,
@@ -49,11 +48,14 @@ from lepton_operator.api.models import (
     parse_job,
     parse_status,
 )
+from lepton_operator.reconcile.conditions import conditions_patch, get_condition
+from lepton_operator.reconcile.config import OperatorConfig
+from lepton_operator.reconcile.context import OperatorContext
+from lepton_operator.reconcile.executor import post_events
+from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 from lepton_operator.scaling.policy import ScaleDecision, ScalingState, decide
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient, Sample
 
-# The timer's tick; the job's own interval (>= 5 s) is checked against the time elapsed.
-TIMER_SECONDS = 5.0
 # Longest rate window: beyond an hour the generation mean hardly changes.
 MAX_WINDOW_SECONDS = 3600
 
@@ -93,23 +95,14 @@ def should_run(spec: LeptonJobSpec, status: LeptonJobStatus) -> bool:
             and status.rescale is None and status.world_size > 0)
 
 
-def _condition_patch(status: LeptonJobStatus, unavailable: bool, message: str, now: datetime,
-                     observed_generation: Optional[int]) -> Optional[list]:
+def _metrics_condition(status: LeptonJobStatus, unavailable: bool, message: str, now: datetime,
+                       observed_generation: Optional[int]) -> Optional[list]:
     """The conditions list with MetricsUnavailable set, or None when it would not change."""
-    value = "True" if unavailable else "False"
-    reason = REASON_METRICS_UNAVAILABLE if unavailable else REASON_METRICS_AVAILABLE
-    current = next((c for c in status.conditions if c.type == CONDITION_METRICS_UNAVAILABLE), None)
-    if current is None and not unavailable:
+    if not unavailable and get_condition(status, CONDITION_METRICS_UNAVAILABLE) is None:
         return None  # never unavailable so far: nothing to say
-    if current is not None and current.status == value and current.message == message:
-        return None
-    new = Condition(
-        type=CONDITION_METRICS_UNAVAILABLE, status=value, reason=reason, message=message[:32768],
-        last_transition_time=now if current is None or current.status != value else current.last_transition_time,
-        observed_generation=observed_generation,
-    )
-    others = [c for c in status.conditions if c.type != CONDITION_METRICS_UNAVAILABLE]
-    return [c.to_k8s() for c in others] + [new.to_k8s()]
+    reason = REASON_METRICS_UNAVAILABLE if unavailable else REASON_METRICS_AVAILABLE
+    return conditions_patch(status, CONDITION_METRICS_UNAVAILABLE, unavailable, reason, message, now,
+                            observed_generation)
 
 
 def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union[Sample, MetricsError, None],
@@ -129,10 +122,10 @@ def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union
         observations.sort(key=lambda o: o.world_size)
         auto_patch["observations"] = [o.to_k8s() for o in observations]
         plan.status_patch["throughput"] = round(measured.value, 3)
-        conditions = _condition_patch(status, False, f"throughput {measured.value:.1f} samples/s at {n} workers",
+        conditions = _metrics_condition(status, False, f"throughput {measured.value:.1f} samples/s at {n} workers",
                                       now, observed_generation)
     elif isinstance(measured, MetricsError):
-        conditions = _condition_patch(status, True, f"Prometheus: {measured}; holding {n} workers",
+        conditions = _metrics_condition(status, True, f"Prometheus: {measured}; holding {n} workers",
                                       now, observed_generation)
         if conditions is not None:
             plan.events.append(("Warning", REASON_METRICS_UNAVAILABLE, str(measured)[:1024]))
@@ -157,11 +150,12 @@ def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union
 
 
 def measure(client: Optional[PrometheusClient], namespace: str, name: str, spec: LeptonJobSpec,
-            status: LeptonJobStatus, now: datetime, memo: dict) -> Union[Sample, MetricsError, None]:
+            status: LeptonJobStatus, now: datetime,
+            reporting_since: dict[int, datetime]) -> Union[Sample, MetricsError, None]:
     """Query the current generation's throughput (blocking; run it in a thread).
 
-    `memo` (per job, kept by the handler) remembers when every worker of the generation
-    was first seen reporting; the rate window starts no earlier than that.
+    `reporting_since` (per job, kept in the operator context) remembers when every worker
+    of a generation was first seen reporting; the rate window starts no earlier than that.
     """
     if status.generation_start_time is None or now < status.generation_start_time + timedelta(
             seconds=spec.autoscaling.warmup_seconds):
@@ -169,56 +163,44 @@ def measure(client: Optional[PrometheusClient], namespace: str, name: str, spec:
     if client is None:
         return MetricsError("connection", "no Prometheus URL configured (--prometheus-url)")
     generation = status.worker_generation
-    key = f"reporting_since_g{generation}"
     try:
-        if key not in memo:
+        if generation not in reporting_since:
             reporting = client.reporting_workers(namespace, name, now=now.timestamp(), generation=generation)
             if reporting < status.world_size:
                 return None  # still starting: not an outage
-            for old in [k for k in memo if k.startswith("reporting_since_g")]:
-                del memo[old]
-            memo[key] = now
-        window = measurement_window(spec, status, now, memo[key])
+            reporting_since.clear()  # older generations are done
+            reporting_since[generation] = now
+        window = measurement_window(spec, status, now, reporting_since[generation])
         if window is None:
             return None
         return client.throughput(namespace, name, window, now=now.timestamp(), generation=generation)
     except MetricsError as exc:
-        if exc.kind == "empty" and key not in memo:
+        if exc.kind == "empty" and generation not in reporting_since:
             return None  # no worker of this generation reports yet
         return exc
 
 
-def client_from_config() -> Optional[PrometheusClient]:
-    """The Prometheus client for the operator's settings (`reconcile.config.CONFIG`)."""
-    from lepton_operator.reconcile.config import CONFIG
-
-    if not CONFIG.prometheus_url:
+def prometheus_client(config: OperatorConfig) -> Optional[PrometheusClient]:
+    """The Prometheus client for the operator's settings (None: no URL configured)."""
+    if not config.prometheus_url:
         return None
     return PrometheusClient(
-        CONFIG.prometheus_url,
-        timeout=CONFIG.prometheus_timeout,
-        token_file=CONFIG.prometheus_token_file,
-        ca_file=CONFIG.prometheus_ca_file,
+        config.prometheus_url,
+        timeout=config.prometheus_timeout,
+        token_file=config.prometheus_token_file,
+        ca_file=config.prometheus_ca_file,
     )
 
 
-def _enabled(spec, **_) -> bool:
-    return bool(((spec or {}).get("autoscaling") or {}).get("enabled"))
-
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_SECONDS, when=_enabled)
-async def autoscale(spec, name, namespace, memo, logger, **_):
-    """Measure, decide and, if the size should change, write spec.workers.replicas."""
-    from lepton_operator.reconcile.handlers import get_kube
-    from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
-
-    last = memo.get("autoscaler_last_run")
+async def autoscale_pass(ctx: OperatorContext, namespace: str, name: str, interval: float,
+                         logger: logging.Logger) -> None:
+    """If `interval` seconds passed since the job was last measured: measure, decide and,
+    if the size should change, write spec.workers.replicas; events after the writes."""
+    memory = ctx.autoscaler_memory((namespace, name))
     mono = time.monotonic()
-    interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", TIMER_SECONDS)
-    if last is not None and mono - last < interval - 0.5:
+    if memory.last_run is not None and mono - memory.last_run < interval - 0.5:
         return
-    kube = get_kube()
+    kube = ctx.kube
     try:
         # Fresh, not kopf's cached body: the core may have just started a rescale, and
         # the status write below is conditional on exactly this version.
@@ -232,10 +214,10 @@ async def autoscale(spec, name, namespace, memo, logger, **_):
         st = parse_status(body.get("status"))
         if not should_run(job, st):
             return
-        memo["autoscaler_last_run"] = mono
+        memory.last_run = mono
         now = datetime.now(timezone.utc)
-        state = memo.setdefault("autoscaler", {})
-        measured = await asyncio.to_thread(measure, client_from_config(), namespace, name, job, st, now, state)
+        measured = await asyncio.to_thread(measure, prometheus_client(ctx.config), namespace, name, job, st, now,
+                                           memory.reporting_since)
         plan = plan_autoscale(job, st, measured, now, observed_generation=body["metadata"].get("generation"))
         version = body["metadata"]["resourceVersion"]
         if plan.status_patch:
@@ -244,7 +226,7 @@ async def autoscale(spec, name, namespace, memo, logger, **_):
         if plan.replicas is not None:
             await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, plan.replicas)
     except Conflict:
-        memo["autoscaler_last_run"] = None  # the job changed under us: decide again next tick
+        memory.last_run = None  # the job changed under us: decide again next tick
         return
     except (TransientApiError, PermanentApiError) as e:
         logger.warning(f"autoscaler: {e}")
@@ -252,8 +234,4 @@ async def autoscale(spec, name, namespace, memo, logger, **_):
     d = plan.decision
     if d is not None and d.action != "hold":
         logger.info(f"autoscaler: {d.reason}: {d.message}")
-    for type_, reason, message in plan.events:  # after the writes succeeded
-        try:
-            await asyncio.to_thread(kube.post_event, body, type_, reason, message)
-        except (TransientApiError, PermanentApiError) as e:
-            logger.warning(f"autoscaler: could not post event {reason}: {e}")
+    await post_events(ctx, body, plan.events, logger)

@@ -7,7 +7,7 @@
 Credentials: in a pod, the ServiceAccount; elsewhere `KUBECONFIG` (or ~/.kube/config),
 through the Kubernetes client, for kopf and for the operator's own calls alike.
 
-Peering (RELIABILITY row 6): unless `--standalone`, replicas elect one active operator
+Peering (docs/reliability.md, row 6): unless `--standalone`, replicas elect one active operator
 through kopf's peering objects (`crds/kopf-peering.yaml`): a `KopfPeering` named
 `--peering` (default `lepton-operator`) in each watched namespace, or a
 `ClusterKopfPeering` with `--all-namespaces`. The operator creates the peering object when
@@ -23,6 +23,8 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
+
+from lepton_operator.reconcile.kube import DEFAULT_API_THREADS
 
 DEFAULT_PEERING = "lepton-operator"
 
@@ -59,26 +61,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-# Concurrent API calls: the sync client runs in threads (asyncio.to_thread), and the
-# default executor has only min(32, cores + 4) of them, which serialised many jobs'
-# passes behind each other (benchmarks/RESULTS.md).
-DEFAULT_API_THREADS = 32
-
-
-def api_client_from_environment(pool_size: int = DEFAULT_API_THREADS):
-    """A Kubernetes ApiClient from the in-cluster ServiceAccount or KUBECONFIG, with a
-    connection pool as large as the number of threads that use it."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-    configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
-
-
 def make_settings(args):
     """kopf settings: our own annotations/finalizer names, bounded watches, no log events."""
     import kopf
@@ -93,7 +75,7 @@ def make_settings(args):
     # Handlers' log lines stay logs (the reconciler posts its own, deduplicated events);
     # explicit kopf.event() calls (the autoscaler's) are still posted.
     settings.posting.loggers = False
-    # A watch that stalls silently is cut and reconnected (RELIABILITY row 7).
+    # A watch that stalls silently is cut and reconnected (docs/reliability.md, row 7).
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 75
     settings.watching.connect_timeout = 10
@@ -151,9 +133,10 @@ def run(args) -> int:
     import kopf
 
     from lepton_operator import metrics
-    from lepton_operator.reconcile import handlers
-    from lepton_operator.reconcile.config import configure
-    from lepton_operator.reconcile.kube import Kube
+    from lepton_operator.reconcile import handlers  # noqa: F401  (registers the kopf handlers)
+    from lepton_operator.reconcile.config import OperatorConfig
+    from lepton_operator.reconcile.context import OperatorContext
+    from lepton_operator.reconcile.kube import Kube, api_client_from_environment
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -162,7 +145,7 @@ def run(args) -> int:
     if not args.verbose:
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
         logging.getLogger("aiohttp").setLevel(logging.WARNING)
-    configure(
+    config = OperatorConfig(
         prometheus_url=args.prometheus_url,
         prometheus_timeout=args.prometheus_timeout,
         prometheus_token_file=args.prometheus_token_file,
@@ -171,7 +154,7 @@ def run(args) -> int:
     )
     clusterwide = bool(args.all_namespaces or not args.namespace)
     api_client = api_client_from_environment(args.api_threads)
-    handlers.set_kube(Kube(api_client))
+    ctx = OperatorContext(kube=Kube(api_client), config=config)
 
     @kopf.on.startup()
     async def api_threads(**_) -> None:
@@ -199,5 +182,6 @@ def run(args) -> int:
         liveness_endpoint=liveness,
         clusterwide=clusterwide,
         namespaces=args.namespace,
+        memo=ctx,
     )
     return 0

@@ -1,7 +1,6 @@
-"""Operator-wide settings that handlers read (set once by `lepton-operator run`).
+"""Settings of one operator process (`lepton-operator run` fills them from its flags).
 
-The autoscaling handlers (`reconcile/autoscaling.py`) read the Prometheus settings from
-`CONFIG`; tests and the CLI replace fields with `configure()`.
+They live in the `OperatorContext` (`ctx.config`), never in a module global.
 """
 
 from __future__ import annotations
@@ -26,15 +25,3 @@ class OperatorConfig:
     """Safety net: a job is reconciled at least this often even when nothing changed."""
     debounce_seconds: float = 0.2
     """A pass waits this long after a trigger, so a burst of pod events makes one pass."""
-
-
-CONFIG = OperatorConfig()
-
-
-def configure(**changes) -> OperatorConfig:
-    """Update the process-wide settings; return them."""
-    for key, value in changes.items():
-        if not hasattr(CONFIG, key):
-            raise AttributeError(f"unknown operator setting {key!r}")
-        setattr(CONFIG, key, value)
-    return CONFIG

@@ -5,7 +5,7 @@ rather than the typed API classes: the builders produce wire-form dicts, and a r
 trip through the client's generated models could drop or reshape fields it does not
 know. Calls are synchronous; the handlers run them with `asyncio.to_thread`.
 
-Error mapping (STYLE.md, house rule 4):
+Error mapping (docs/style.md, house rule 4):
 - 409 AlreadyExists on a create of a deterministic name: success ("exists").
 - 404 on a delete: success (already gone).
 - 409 Conflict on the status write (resourceVersion precondition): `Conflict`, redo the pass.
@@ -16,6 +16,7 @@ Error mapping (STYLE.md, house rule 4):
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from typing import Optional
 from urllib.parse import quote
@@ -27,6 +28,10 @@ from kubernetes.client.rest import ApiException
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds: a stuck call must not stall a job's loop
+# Concurrent API calls: the sync client runs in threads (asyncio.to_thread), and asyncio's
+# default executor has only min(32, cores + 4) of them, which serialised many jobs'
+# passes behind each other (benchmarks/RESULTS.md).
+DEFAULT_API_THREADS = 32
 
 _PATHS = {
     "Pod": "/api/v1/namespaces/{ns}/pods",
@@ -55,6 +60,20 @@ class PermanentApiError(ApiError):
 
 class Conflict(TransientApiError):
     """The object changed since it was read: read again and redo the pass."""
+
+
+def api_client_from_environment(pool_size: int = DEFAULT_API_THREADS) -> client.ApiClient:
+    """A Kubernetes ApiClient from the in-cluster ServiceAccount or KUBECONFIG (or
+    ~/.kube/config), with a connection pool as large as the number of threads using it."""
+    from kubernetes import config
+
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 def _server_message(e: ApiException) -> str:

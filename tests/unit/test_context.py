@@ -1,10 +1,12 @@
-"""The operator's expectations: its own creates and deletes overlaid on a lagging index."""
+"""The operator's in-memory state (reconcile/context.py): one shared context, deduplicated
+events, watch health, and expectations (its own creates and deletes overlaid on a lagging index)."""
 
+import copy
 import time
 
 import pytest
 
-from lepton_operator.reconcile.handlers import Expectations
+from lepton_operator.reconcile.context import EventRecorder, Expectations, OperatorContext, WatchHealth
 
 pytestmark = pytest.mark.unit
 
@@ -56,3 +58,38 @@ def test_jobs_do_not_share_expectations():
     assert e.overlay(("ns", "other"), [], NOW) == []
     e.forget(KEY)
     assert e.overlay(KEY, [], NOW) == []
+
+
+def test_kopf_copies_of_the_context_are_the_context():
+    # kopf hands each resource a copy.copy() of the operator-wide memo.
+    ctx = OperatorContext(kube=None)
+    assert copy.copy(ctx) is ctx
+    ctx.triggers.fire("ns", "job")
+    assert ctx.triggers.get(KEY).is_set()
+    ctx.autoscaler_memory(KEY).last_run = 1.0
+    ctx.expected.created(KEY, pod("job-worker-1"))
+    ctx.forget(KEY)
+    assert not ctx.triggers.get(KEY).is_set() and KEY not in ctx.autoscaler
+    assert ctx.expected.overlay(KEY, [], NOW) == []
+
+
+def test_event_recorder_skips_an_identical_event_within_its_window():
+    rec = EventRecorder(window=60)
+    assert rec.should_post(("uid", "Warning", "ForeignPod", "m"))
+    assert not rec.should_post(("uid", "Warning", "ForeignPod", "m"))
+    assert rec.should_post(("uid", "Warning", "ForeignPod", "other"))
+    assert EventRecorder(window=0).should_post(("k",)) and EventRecorder(window=0).should_post(("k",))
+
+
+def test_watch_health_turns_stale_when_the_watch_lags_the_api_for_long():
+    health = WatchHealth(stale_after=0.01)
+    health.watched(KEY, "5")
+    health.compare(KEY, "5")
+    assert health.stale() == []
+    health.compare(KEY, "7")  # the API is ahead of what the watch delivered
+    assert health.stale() == []  # not for long yet
+    time.sleep(0.02)
+    assert health.stale() == ["ns/job"]
+    health.watched(KEY, "7")
+    health.compare(KEY, "7")
+    assert health.stale() == []

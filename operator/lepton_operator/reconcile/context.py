@@ -1,0 +1,179 @@
+"""The operator's in-memory state, in one object that reaches every handler.
+
+`OperatorContext` is built once by `lepton-operator run` and handed to kopf as the
+operator-wide memo (`kopf.run(memo=ctx)`). kopf gives each resource a shallow copy of
+that memo; `__copy__` returns the context itself, so every handler of every job sees the
+same one (kopf's docs on memos describe this). Tests build one with a fake `Kube`.
+
+Nothing here is the truth about a job: that is the job's status in the API. This is what
+a running operator remembers to do its work well (wake-ups, deduplicated events, its own
+recent creates and deletes, watch health), and all of it may be lost on a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Optional
+
+from lepton_operator.reconcile.config import OperatorConfig
+from lepton_operator.reconcile.kube import Kube
+
+JobKey = tuple[str, str]  # (namespace, name)
+
+EVENT_DEDUP_SECONDS = 600.0
+WATCH_STALE_SECONDS = 120.0
+
+
+class Triggers:
+    """One asyncio.Event per job: set by watch events, awaited by the job's loop."""
+
+    def __init__(self) -> None:
+        self._events: dict[JobKey, asyncio.Event] = {}
+
+    def get(self, key: JobKey) -> asyncio.Event:
+        return self._events.setdefault(key, asyncio.Event())
+
+    def fire(self, namespace: Optional[str], name: Optional[str]) -> None:
+        if namespace and name:
+            self.get((namespace, name)).set()
+
+    def forget(self, key: JobKey) -> None:
+        self._events.pop(key, None)
+
+
+class EventRecorder:
+    """Decides whether to post an event, skipping an identical one posted recently.
+
+    Passes repeat (every trigger, every resync), and a condition that persists (a pod we
+    do not own holding a worker's name) would otherwise post the same Warning each time.
+    """
+
+    def __init__(self, window: float = EVENT_DEDUP_SECONDS) -> None:
+        self.window = window
+        self._posted: dict[tuple, float] = {}
+
+    def should_post(self, key: tuple) -> bool:
+        now = time.monotonic()
+        self._posted = {k: t for k, t in self._posted.items() if now - t < self.window}
+        if key in self._posted:
+            return False
+        self._posted[key] = now
+        return True
+
+
+class WatchHealth:
+    """Detects a stuck watch: the job seen through kopf's watch lags the API for long.
+
+    Each pass GETs the job; the job's watch handler records the resourceVersion it
+    delivered. If they differ for longer than `stale_after` seconds (well past the
+    watch's server timeout, after which kopf reconnects), events are not arriving and the
+    liveness probe fails, so Kubernetes restarts the operator (docs/reliability.md, row 7).
+    """
+
+    def __init__(self, stale_after: float = WATCH_STALE_SECONDS) -> None:
+        self.stale_after = stale_after
+        self.seen: dict[JobKey, str] = {}
+        self.lagging_since: dict[JobKey, float] = {}
+
+    def watched(self, key: JobKey, resource_version: Optional[str]) -> None:
+        if resource_version:
+            self.seen[key] = resource_version
+
+    def compare(self, key: JobKey, resource_version: Optional[str]) -> None:
+        if self.seen.get(key) == resource_version:
+            self.lagging_since.pop(key, None)
+        else:
+            self.lagging_since.setdefault(key, time.monotonic())
+
+    def forget(self, key: JobKey) -> None:
+        self.seen.pop(key, None)
+        self.lagging_since.pop(key, None)
+
+    def stale(self) -> list[str]:
+        now = time.monotonic()
+        return [f"{ns}/{name}" for (ns, name), t in self.lagging_since.items() if now - t > self.stale_after]
+
+
+class Expectations:
+    """Pods this operator created or deleted that its index has not shown yet.
+
+    The index follows a watch, so for a moment after a create it lacks the new pod and
+    after a delete it still shows the old one without a deletionTimestamp. A pass in that
+    moment would create or delete again (409s and 404s, or a 409 on a name just freed).
+    Like Kubernetes' own controllers, remember what was done and overlay it on the index
+    until the watch catches up, or `ttl` passes (the API, not memory, is the truth).
+    """
+
+    def __init__(self, ttl: float = 15.0):
+        self.ttl = ttl
+        self._created: dict[JobKey, dict[str, tuple[float, dict]]] = {}
+        self._deleted: dict[JobKey, dict[str, float]] = {}
+
+    def created(self, key: JobKey, pod: dict) -> None:
+        self._created.setdefault(key, {})[pod["metadata"]["name"]] = (time.monotonic(), pod)
+
+    def deleted(self, key: JobKey, name: str) -> None:
+        self._deleted.setdefault(key, {})[name] = time.monotonic()
+
+    def overlay(self, key: JobKey, pods: list[dict], now_text: str) -> list[dict]:
+        """`pods` from the index, with expected creations added and deletions marked."""
+        fresh = time.monotonic() - self.ttl
+        seen = {p["metadata"]["name"]: p for p in pods}
+        created = {n: v for n, v in self._created.get(key, {}).items() if v[0] > fresh and n not in seen}
+        deleted = {
+            n: t
+            for n, t in self._deleted.get(key, {}).items()
+            if t > fresh and n in seen and not seen[n]["metadata"].get("deletionTimestamp")
+        }
+        self._created[key], self._deleted[key] = created, deleted
+        out = []
+        for pod in pods:
+            if pod["metadata"]["name"] in deleted:
+                pod = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": now_text}}
+            out.append(pod)
+        for _, body in created.values():
+            out.append({**body, "status": {"phase": "Pending"}})
+        return out
+
+    def forget(self, key: JobKey) -> None:
+        self._created.pop(key, None)
+        self._deleted.pop(key, None)
+
+
+@dataclasses.dataclass
+class AutoscalerMemory:
+    """What the autoscaler remembers about one job between its timer ticks."""
+
+    last_run: Optional[float] = None
+    """time.monotonic() of the last pass that measured (None: measure at the next tick)."""
+    reporting_since: dict[int, object] = dataclasses.field(default_factory=dict)
+    """generation -> when every worker of it was first seen reporting (a datetime)."""
+
+
+@dataclasses.dataclass
+class OperatorContext:
+    """Everything the handlers share: API access, settings and in-memory state."""
+
+    kube: Kube
+    config: OperatorConfig = dataclasses.field(default_factory=OperatorConfig)
+    triggers: Triggers = dataclasses.field(default_factory=Triggers)
+    events: EventRecorder = dataclasses.field(default_factory=EventRecorder)
+    watch: WatchHealth = dataclasses.field(default_factory=WatchHealth)
+    expected: Expectations = dataclasses.field(default_factory=Expectations)
+    autoscaler: dict[JobKey, AutoscalerMemory] = dataclasses.field(default_factory=dict)
+
+    def __copy__(self) -> OperatorContext:
+        # kopf copies the operator-wide memo for each resource: share this one instead.
+        return self
+
+    def autoscaler_memory(self, key: JobKey) -> AutoscalerMemory:
+        return self.autoscaler.setdefault(key, AutoscalerMemory())
+
+    def forget(self, key: JobKey) -> None:
+        """Drop what is remembered about a job whose loop ended."""
+        self.triggers.forget(key)
+        self.watch.forget(key)
+        self.expected.forget(key)
+        self.autoscaler.pop(key, None)

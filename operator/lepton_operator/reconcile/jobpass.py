@@ -1,0 +1,171 @@
+"""What one reconcile pass works on (`JobPass`) and what it returns (`Plan`).
+
+`JobPass` holds the inputs of one pass over one job (spec, a copy of the stored status,
+the pods seen, `now`) and small helpers shared by the lifecycle (`lifecycle.py`) and the
+rescale protocol (`rescale.py`); `plan.py` drives a pass. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from typing import Optional
+
+from lepton_operator.api.conditions import REASON_NAME_TAKEN
+from lepton_operator.api.models import LeptonJobSpec, LeptonJobStatus
+from lepton_operator.desired import (
+    JobRef,
+    build_worker_pod,
+    owned_by,
+    pod_generation,
+    pod_index,
+    worker_pod_name,
+)
+from lepton_operator.reconcile.conditions import set_condition
+from lepton_operator.reconcile.failures import classify_pod, is_ready, is_terminating
+
+NORMAL = "Normal"
+WARNING = "Warning"
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one reconcile pass does. The executor writes `status` first, then deletes,
+    then creates, then posts `events` (after the status write succeeded)."""
+
+    status: LeptonJobStatus
+    creates: list[dict] = dataclasses.field(default_factory=list)
+    deletes: list[tuple[str, str, Optional[int]]] = dataclasses.field(default_factory=list)
+    events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    requeue_after: Optional[float] = None
+    delete_job: bool = False
+
+    def requeue(self, seconds: float) -> None:
+        """Ask for another pass after `seconds` at the latest (earliest request wins)."""
+        seconds = max(0.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def delete_pod(self, pod: dict, grace: Optional[int]) -> None:
+        name = pod["metadata"]["name"]
+        if not any(kind == "Pod" and n == name for kind, n, _ in self.deletes):
+            self.deletes.append(("Pod", name, grace))
+
+
+def seconds(delta: timedelta) -> float:
+    """A duration in seconds, never negative."""
+    return max(0.0, delta.total_seconds())
+
+
+def live(pods) -> list[dict]:
+    """The pods that are not being deleted."""
+    return [p for p in pods if not is_terminating(p)]
+
+
+class JobPass:
+    """One pass over one job: its inputs, the status being built (`s`) and the plan."""
+
+    def __init__(
+        self,
+        job: JobRef,
+        meta_generation: Optional[int],
+        spec: LeptonJobSpec,
+        status: LeptonJobStatus,
+        pods: list[dict],
+        service_exists: bool,
+        pvc_exists: bool,
+        now: datetime,
+    ):
+        self.job = job
+        self.gen_meta = meta_generation
+        self.spec = spec
+        self.now = now
+        self.service_exists = service_exists
+        self.pvc_exists = pvc_exists
+        self.s: LeptonJobStatus = status.model_copy(deep=True)
+        self.plan = Plan(status=self.s)
+        self.ours: list[dict] = []
+        self.foreign: dict[str, dict] = {}
+        for pod in pods:
+            if owned_by(pod, job.uid):
+                self.ours.append(pod)
+            else:
+                self.foreign[pod["metadata"]["name"]] = pod
+
+    def cond(self, type_: str, value: bool, reason: str, message: str) -> bool:
+        """Set a condition of the status being built; True when it flipped."""
+        return set_condition(self.s, type_, value, reason, message, self.now, self.gen_meta)
+
+    def of_generation(self, generation: int) -> dict[int, dict]:
+        """Our pods of one generation, by worker index."""
+        return {pod_index(p): p for p in self.ours if pod_generation(p) == generation}
+
+    def next_generation(self) -> int:
+        """A generation number no pod or record has used: rendezvous ids stay unique."""
+        seen = [self.s.worker_generation] + [pod_generation(p) for p in self.ours]
+        if self.s.rescale is not None:
+            seen.append(self.s.rescale.target_generation)
+        return max(seen) + 1
+
+    def grace(self) -> int:
+        return self.spec.termination_grace_period_seconds
+
+    def delete_all(self, pods, grace: Optional[int] = None) -> None:
+        """Delete pods gracefully, highest index first: worker 0 (the rendezvous host) last."""
+        for pod in sorted(live(pods), key=pod_index, reverse=True):
+            self.plan.delete_pod(pod, self.grace() if grace is None else grace)
+
+    def create_worker(self, index: int, generation: int, world_size: int) -> None:
+        name = worker_pod_name(self.job.name, index)
+        if name in self.foreign:
+            # A pod we do not own holds the name: never adopt, never delete it.
+            self.plan.event(
+                WARNING,
+                REASON_NAME_TAKEN,
+                f"pod {name} exists and is not owned by this job; worker {index} cannot start until it is removed",
+            )
+            return
+        self.plan.creates.append(build_worker_pod(self.job, self.spec, index, generation, world_size))
+
+    def create_missing(self, generation: int, world_size: int, indices) -> None:
+        existing = self.of_generation(generation)
+        for index in indices:
+            if index not in existing:
+                self.create_worker(index, generation, world_size)
+
+    def count_workers(self, generation: int, world_size: int) -> None:
+        """Fill `status.workers` from the pods of one generation."""
+        pods = self.of_generation(generation)
+        outcomes = [classify_pod(p) for p in pods.values()]
+        w = self.s.workers
+        w.desired = world_size
+        w.active = len(live(pods.values()))
+        w.ready = sum(1 for p in pods.values() if is_ready(p) and not is_terminating(p))
+        w.succeeded = sum(1 for o in outcomes if o.outcome == "succeeded")
+        w.failed = sum(1 for o in outcomes if o.failed)
+        self.s.replicas = self.s.world_size
+
+    def immutable_changed(self) -> bool:
+        return self.s.template_hash is not None and self.s.template_hash != self.spec.template_hash()
+
+    def start_generation(self, generation: int, world_size: int, skip_indices=()) -> bool:
+        """Create generation `generation` with `world_size` workers and record it.
+
+        Returns False (and creates nothing) while an immutable-field change is pending:
+        the new pods would be built from a template the job was not started with.
+        """
+        if self.immutable_changed():
+            self.s.message = "waiting for the change of an immutable field to be reverted before starting workers"
+            return False
+        for index in range(world_size):
+            if index not in skip_indices:
+                self.create_worker(index, generation, world_size)
+        self.s.worker_generation = generation
+        self.s.world_size = world_size
+        self.s.generation_start_time = self.now
+        self.s.template_hash = self.spec.template_hash()
+        if self.s.start_time is None:
+            self.s.start_time = self.now
+        return True

@@ -1,0 +1,239 @@
+"""The job's lifecycle, pure: first start, spec validity, suspend/resume, deadline, finish, TTL.
+
+Each function takes the `JobPass` of the pass and fills its status and plan. The rescale
+protocol (new generations after the first) is in `rescale.py`; `plan.py` drives a pass.
+
+Decisions taken here (docs/rescale-protocol.md explains them):
+
+- An invalid spec on a job that never started marks it Failed/InvalidSpec and creates
+  nothing, but the operator keeps watching: fixing the spec (a 1.20 apiserver cannot
+  enforce the cross-field rules in the schema) clears the failure and starts the job.
+- An invalid or immutable-field edit of a job that has workers never touches them: the
+  running generation continues, and no new generation starts until the edit is reverted.
+- `activeDeadlineSeconds` counts running time: time suspended is not counted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Optional
+
+from lepton_operator.api.conditions import (
+    CONDITION_FAILED,
+    CONDITION_INVALID_SPEC,
+    CONDITION_READY,
+    CONDITION_RESCALING,
+    CONDITION_SUCCEEDED,
+    CONDITION_SUSPENDED,
+    REASON_DEADLINE_EXCEEDED,
+    REASON_IMMUTABLE_FIELD,
+    REASON_INVALID_SPEC,
+    REASON_RESUMED,
+    REASON_SPEC_VALID,
+    REASON_SUSPENDED,
+    REASON_WORKERS_STARTING,
+)
+from lepton_operator.api.models import (
+    FINISHED_PHASES,
+    IMMUTABLE_FIELDS,
+    InvalidJob,
+    LeptonJobStatus,
+    RescaleInProgress,
+)
+from lepton_operator.desired import JobRef, build_checkpoint_pvc, build_service, selector_string
+from lepton_operator.reconcile.conditions import get_condition, set_condition
+from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan, seconds
+
+# --- spec validity ------------------------------------------------------------------
+
+
+def invalid_spec(
+    job: JobRef, meta_generation: Optional[int], error: InvalidJob, status: LeptonJobStatus, now: datetime
+) -> Plan:
+    """An invalid spec: Failed/InvalidSpec before any worker ran, else hold the workers."""
+    s = status.model_copy(deep=True)
+    plan = Plan(status=s)
+    s.observed_generation = meta_generation
+    s.selector = selector_string(job.name)
+    message = "invalid spec: " + "; ".join(error.errors)
+    flipped = set_condition(s, CONDITION_INVALID_SPEC, True, REASON_INVALID_SPEC, message, now, meta_generation)
+    previous = get_condition(status, CONDITION_INVALID_SPEC)
+    changed = flipped or previous is None or previous.message != message
+    if s.worker_generation == 0 and s.phase not in FINISHED_PHASES:
+        s.phase = "Failed"
+        s.message = message
+        s.completion_time = s.completion_time or now
+        set_condition(s, CONDITION_FAILED, True, REASON_INVALID_SPEC, message, now, meta_generation)
+        set_condition(s, CONDITION_READY, False, REASON_INVALID_SPEC, message, now, meta_generation)
+    elif s.phase not in FINISHED_PHASES:
+        s.message = message + " (the running workers are kept; fix the spec to allow further changes)"
+    if changed:
+        plan.event(WARNING, REASON_INVALID_SPEC, message)
+    return plan
+
+
+def clear_fixed_spec(p: JobPass) -> None:
+    """A spec that was invalid and has been fixed: clear the condition, and lift the
+    failure it caused if no worker ever ran."""
+    s = p.s
+    invalid = get_condition(s, CONDITION_INVALID_SPEC)
+    if invalid is None or invalid.status != "True" or p.immutable_changed():
+        return
+    p.cond(CONDITION_INVALID_SPEC, False, REASON_SPEC_VALID, "the spec is valid")
+    failed = get_condition(s, CONDITION_FAILED)
+    if s.phase == "Failed" and failed is not None and failed.reason == REASON_INVALID_SPEC:
+        s.phase = None
+        s.completion_time = None
+        s.message = "the spec was fixed"
+        p.cond(CONDITION_FAILED, False, REASON_SPEC_VALID, "the spec was fixed")
+
+
+def flag_immutable_change(p: JobPass) -> None:
+    """An immutable field changed under running workers: say so; they keep running."""
+    s = p.s
+    if not (p.immutable_changed() and s.worker_generation > 0):
+        return
+    if p.cond(
+        CONDITION_INVALID_SPEC,
+        True,
+        REASON_IMMUTABLE_FIELD,
+        f"one of {', '.join(IMMUTABLE_FIELDS)} changed (template {s.template_hash} -> "
+        f"{p.spec.template_hash()}); the running workers continue unchanged and no new "
+        "generation starts until the change is reverted",
+    ):
+        p.plan.event(
+            WARNING,
+            REASON_IMMUTABLE_FIELD,
+            "an immutable field changed; revert it (running workers are kept, no new generation starts)",
+        )
+
+
+# --- objects besides the workers ------------------------------------------------------
+
+
+def ensure_service_and_pvc(p: JobPass) -> None:
+    if not p.service_exists:
+        p.plan.creates.append(build_service(p.job, p.spec))
+    ckpt = p.spec.checkpoint
+    if ckpt is not None and ckpt.size is not None and not p.pvc_exists:
+        pvc = build_checkpoint_pvc(p.job, p.spec)
+        if pvc is not None:
+            p.plan.creates.append(pvc)
+
+
+# --- the first generation -------------------------------------------------------------
+
+
+def initial_start(p: JobPass) -> Plan:
+    s = p.s
+    d = p.spec.requested_workers()
+    # Pods of ours without a generation in status: the status write of an earlier pass
+    # was lost. They are stale (their rendezvous id may differ): stop them first.
+    if p.ours:
+        p.delete_all(p.ours)
+        s.phase = "Pending"
+        s.message = "waiting for leftover workers to stop"
+        return p.plan
+    p.start_generation(p.next_generation(), d)
+    s.phase = "Pending"
+    s.message = f"starting generation {s.worker_generation} with {d} worker(s)"
+    p.cond(CONDITION_READY, False, REASON_WORKERS_STARTING, s.message)
+    p.count_workers(s.worker_generation, s.world_size)
+    return p.plan
+
+
+# --- terminal states --------------------------------------------------------------------
+
+
+def finish(p: JobPass, phase: str, reason: str, message: str) -> Plan:
+    """Enter Succeeded or Failed: stop every remaining worker, record the time."""
+    s = p.s
+    s.phase = phase
+    s.message = message
+    s.completion_time = s.completion_time or p.now
+    s.rescale = None
+    succeeded = phase == "Succeeded"
+    p.cond(CONDITION_SUCCEEDED if succeeded else CONDITION_FAILED, True, reason, message)
+    p.cond(CONDITION_READY, False, reason, message)
+    if get_condition(s, CONDITION_RESCALING) is not None:
+        p.cond(CONDITION_RESCALING, False, reason, "the job finished")
+    p.plan.event(NORMAL if succeeded else WARNING, reason, message)
+    if s.world_size:
+        p.count_workers(s.worker_generation, s.world_size)
+    return finished(p)
+
+
+def finished(p: JobPass) -> Plan:
+    """Succeeded/Failed: stop workers still running; delete the job once its TTL passed.
+
+    Workers that already exited are kept (their logs explain the outcome); the garbage
+    collector removes them with the job.
+    """
+    p.delete_all([pod for pod in p.ours if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")])
+    ttl = p.spec.ttl_seconds_after_finished
+    if ttl is not None and p.s.completion_time is not None:
+        remaining = ttl - seconds(p.now - p.s.completion_time)
+        if remaining <= 0:
+            p.plan.delete_job = True
+        else:
+            p.plan.requeue(remaining)
+    return p.plan
+
+
+def deadline_exceeded(p: JobPass) -> bool:
+    """activeDeadlineSeconds counts running time: wall time minus time suspended."""
+    deadline = p.spec.active_deadline_seconds
+    if deadline is None or p.s.start_time is None:
+        return False
+    running = seconds(p.now - p.s.start_time) - p.s.suspended_seconds
+    if running >= deadline:
+        finish(
+            p, "Failed", REASON_DEADLINE_EXCEEDED, f"the job ran {running:.0f}s, longer than activeDeadlineSeconds={deadline}"
+        )
+        return True
+    p.plan.requeue(deadline - running)
+    return False
+
+
+# --- suspend / resume -----------------------------------------------------------------
+
+
+def suspend(p: JobPass) -> Plan:
+    s = p.s
+    if s.suspended_at is None:
+        s.suspended_at = p.now
+    if s.rescale is not None:
+        s.rescale = None  # the resume starts a fresh generation anyway
+        if get_condition(s, CONDITION_RESCALING) is not None:
+            p.cond(CONDITION_RESCALING, False, REASON_SUSPENDED, "suspended")
+    p.delete_all(p.ours)
+    left = len(p.ours)
+    s.phase = "Suspended"
+    s.message = "suspended" if not left else f"suspending: {left} worker(s) stopping"
+    if p.cond(CONDITION_SUSPENDED, True, REASON_SUSPENDED, "spec.suspend is true: workers stopped, Service kept"):
+        p.plan.event(NORMAL, REASON_SUSPENDED, "job suspended: stopping workers (the Service is kept)")
+    p.cond(CONDITION_READY, False, REASON_SUSPENDED, "suspended")
+    p.count_workers(s.worker_generation, s.world_size)
+    s.workers.desired = 0
+    return p.plan
+
+
+def resume(p: JobPass) -> None:
+    """Leave suspension: account the paused time; a started job gets a new generation."""
+    s = p.s
+    s.suspended_seconds += seconds(p.now - s.suspended_at)
+    s.suspended_at = None
+    p.cond(CONDITION_SUSPENDED, False, REASON_RESUMED, "resumed")
+    p.plan.event(NORMAL, REASON_RESUMED, "job resumed: starting a new generation")
+    if s.worker_generation > 0:
+        s.rescale = RescaleInProgress(
+            from_=s.world_size,
+            to=p.spec.requested_workers(),
+            reason=REASON_RESUMED,
+            message="resumed after suspension",
+            stage="Stopping",
+            started_at=p.now,
+            stopped_at=p.now,
+            target_generation=p.next_generation(),
+        )
+        s.phase = "Pending"

@@ -1,0 +1,117 @@
+"""A job's reconcile loop: one pass (read, plan, apply), then wait for a reason to look again.
+
+One loop per LeptonJob (a kopf daemon, see handlers.py), so passes of a job never
+overlap and nothing sleeps inside a kopf handler. After a pass the loop waits until
+something about the job changes (a trigger from a watch event), the plan's
+`requeue_after`, or the resync period, then `debounce_seconds` more so that a burst of
+pod events makes one pass.
+
+Pods, Services and PVCs are read from kopf indexes (kept current by kopf's watches: no
+list call per pass), with the operator's own recent creates and deletes overlaid
+(`Expectations`). The job itself is read with one GET per pass, so a pass always decides
+on the latest status (the watch may lag the operator's own last write).
+
+Errors: a status conflict redoes the pass at once; API trouble (5xx, timeouts) retries
+with exponential backoff up to `MAX_BACKOFF_SECONDS`; a request refused for good (403,
+422) retries at the resync period; a bug is logged and retried with backoff, never ends
+the loop. An invalid spec marks the job Failed/InvalidSpec (see `lifecycle`) but the loop
+keeps watching, so a corrected spec is picked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from lepton_operator import metrics
+from lepton_operator.api.models import InvalidJob, parse_job, parse_status
+from lepton_operator.desired import JobRef, checkpoint_pvc_name, service_name
+from lepton_operator.reconcile.context import JobKey, OperatorContext
+from lepton_operator.reconcile.executor import apply_plan
+from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
+from lepton_operator.reconcile.plan import plan
+
+log = logging.getLogger("lepton_operator.reconcile")
+
+MAX_BACKOFF_SECONDS = 30.0
+
+GONE = "gone"
+
+
+async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: logging.Logger = log):
+    """One pass over the job: read it, plan, apply. Returns the requeue delay (None: none
+    asked for) or GONE when the job no longer exists (or is being deleted)."""
+    namespace, name, key = job.namespace, job.name, (job.namespace, job.name)
+    body = await asyncio.to_thread(ctx.kube.get_job, namespace, name)
+    if body is None or body["metadata"].get("uid") != job.uid:
+        metrics.forget_job(namespace, name)
+        return GONE
+    meta = body["metadata"]
+    ctx.watch.compare(key, meta.get("resourceVersion"))
+    if meta.get("deletionTimestamp"):
+        return GONE  # children go with the job (ownerReferences)
+
+    try:
+        spec = parse_job(name, body.get("spec") or {})
+    except InvalidJob as e:
+        spec = e
+    status = parse_status(body.get("status"))
+    now = datetime.now(timezone.utc)
+    pods = ctx.expected.overlay(key, [dict(p) for p in indexes["pods_by_job"].get(key, [])], now.isoformat())
+    service_exists = service_name(name) in set(indexes["services_by_job"].get(key, []))
+    pvc_exists = checkpoint_pvc_name(name) in set(indexes["claims_by_job"].get(key, []))
+
+    result = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now)
+    applied = await apply_plan(ctx, body, status, result, logger)
+    return GONE if applied.job_deleted else applied.requeue_after
+
+
+async def job_loop(
+    ctx: OperatorContext,
+    job: JobRef,
+    indexes: dict,
+    stopped: Callable[[], bool],
+    logger: logging.Logger = log,
+) -> None:
+    """Reconcile the job until it is gone or `stopped()` turns true."""
+    key: JobKey = (job.namespace, job.name)
+    trigger = ctx.triggers.get(key)
+    failures = 0
+    try:
+        while not stopped():
+            trigger.clear()
+            delay: Optional[float]
+            try:
+                with metrics.time_reconcile():
+                    outcome = await run_pass(ctx, job, indexes, logger)
+                failures = 0
+                if outcome == GONE:
+                    return
+                delay = outcome
+            except Conflict:
+                continue  # the job changed under us: redo at once on fresh data
+            except TransientApiError as e:
+                failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
+                logger.warning(f"API trouble, retrying in {delay:.1f}s: {e}")
+            except PermanentApiError as e:
+                delay = ctx.config.resync_seconds
+                logger.error(f"API refused a request, retrying in {delay:.0f}s: {e}")
+            except Exception:  # a bug must not stop the job's loop for good
+                failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
+                logger.exception(f"reconcile pass failed, retrying in {delay:.1f}s")
+            resync = ctx.config.resync_seconds
+            await _wait(trigger, resync if delay is None else min(delay, resync))
+            await asyncio.sleep(ctx.config.debounce_seconds)
+    finally:
+        ctx.forget(key)
+
+
+async def _wait(trigger: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(trigger.wait(), timeout=max(0.0, timeout))
+    except asyncio.TimeoutError:
+        pass

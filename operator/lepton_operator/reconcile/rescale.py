@@ -1,0 +1,300 @@
+"""The rescale protocol, pure: every change of generation after the first.
+
+A rescale (size change, worker restart, resume) is a new generation: the old one is asked
+to stop (graceful delete: SIGTERM, the trainer checkpoints), the operator waits until
+every old pod is *gone* (two pods of a rank never run at once), then creates the new one.
+`status.rescale` records the rescale and its stage before anything is acted on:
+
+    ConfirmingCapacity --(added workers placed)--> Stopping --(old pods gone)--> Starting --(all ready)--> done
+           |  (not placed within capacityTimeoutSeconds: abandoned, backoff)
+           v
+         (none: the running generation is left alone)
+
+A scale-up starts in ConfirmingCapacity (the added workers, indices n..d-1 of the next
+generation, are created first and must be scheduled); a scale-down, a restart and a
+resume start in Stopping. docs/rescale-protocol.md has the whole protocol.
+
+Decisions taken here:
+
+- A worker of the current generation that disappears or is deleted by someone else while
+  the generation *runs* restarts it at the same size (WorkerLost), counted against
+  maxRestarts like an eviction: torchrun's world is fixed, a lone replacement could never
+  join the finished rendezvous. While the generation is still *forming* a missing worker
+  is simply (re)created (see `plan.steady`).
+- A restart keeps the running size; a different requested size follows as a rescale.
+- A restart is counted in the same status write that records the target generation, so
+  an operator killed mid-pass never counts it twice.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Optional
+
+from lepton_operator.api.conditions import (
+    CONDITION_INVALID_SPEC,
+    CONDITION_READY,
+    CONDITION_RESCALING,
+    REASON_AUTOSCALE_DOWN,
+    REASON_AUTOSCALE_UP,
+    REASON_INSUFFICIENT_CAPACITY,
+    REASON_MANUAL_SCALE,
+    REASON_RESCALED,
+    REASON_RESCALING,
+    REASON_RESTARTS_EXHAUSTED,
+    REASON_SCALE_UP_ABANDONED,
+    REASON_WORKER_LOST,
+    REASON_WORKER_RESTART,
+    REASON_WORKERS_READY,
+)
+from lepton_operator.api.models import (
+    RESCALE_HISTORY_LIMIT,
+    RescaleInProgress,
+    RescaleRecord,
+    restart_backoff_seconds,
+)
+from lepton_operator.desired import pod_generation, pod_index
+from lepton_operator.reconcile.conditions import condition_is_true
+from lepton_operator.reconcile.failures import classify_pod, is_scheduled, is_terminating
+from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan, seconds
+from lepton_operator.reconcile.lifecycle import finish
+
+# How long an autoscaler decision stays "the reason" for a matching size change.
+AUTOSCALER_DECISION_FRESHNESS = timedelta(minutes=10)
+
+
+# --- starting a rescale ------------------------------------------------------------------
+
+
+def restart(p: JobPass, reason: str, detail: str) -> Plan:
+    """A worker failed (retryably) or was lost: new generation at the same size."""
+    s = p.s
+    budget = p.spec.restart.max_restarts
+    if s.restarts >= budget:
+        return finish(p, "Failed", REASON_RESTARTS_EXHAUSTED, f"{detail}; the restart budget ({budget}) is spent")
+    # Counted here, in the same status write that records the target generation: a
+    # later pass sees the rescale under way and never counts this failure again.
+    s.restarts += 1
+    n = s.world_size
+    s.rescale = RescaleInProgress(
+        from_=n,
+        to=n,
+        reason=reason,
+        message=detail,
+        stage="Stopping",
+        started_at=p.now,
+        stopped_at=p.now,
+        target_generation=p.next_generation(),
+    )
+    s.phase = "Pending"
+    s.message = f"{detail}; restart {s.restarts}/{budget}: stopping generation {s.worker_generation}"
+    p.cond(CONDITION_READY, False, reason, s.message)
+    p.plan.event(WARNING, reason, s.message)
+    p.delete_all(p.ours)
+    p.count_workers(s.worker_generation, n)
+    return p.plan
+
+
+def rescale_reason(p: JobPass, target: int) -> tuple[str, str]:
+    """ManualScale, unless a fresh autoscaler decision asked for exactly this size."""
+    decision = p.s.autoscaling.last_decision
+    if decision is not None and decision.target == target and p.now - decision.time <= AUTOSCALER_DECISION_FRESHNESS:
+        if re.fullmatch(r"[A-Z][A-Za-z0-9]{0,127}", decision.reason):
+            return decision.reason, ""
+        direction = REASON_AUTOSCALE_UP if target > p.s.world_size else REASON_AUTOSCALE_DOWN
+        return direction, decision.reason[:4096]
+    return REASON_MANUAL_SCALE, "spec.workers.replicas changed"
+
+
+def maybe_start_rescale(p: JobPass) -> None:
+    """The requested size differs from the running one: start a rescale towards it."""
+    s = p.s
+    n, d = s.world_size, p.spec.requested_workers()
+    if d == n or condition_is_true(s, CONDITION_INVALID_SPEC):
+        return
+    if d > n and s.autoscaling.backoff_until is not None and p.now < s.autoscaling.backoff_until:
+        wait = seconds(s.autoscaling.backoff_until - p.now)
+        s.message = (
+            f"scale-up to {d} held for {wait:.0f}s: the last attempt found no capacity "
+            f"(backoff until {s.autoscaling.backoff_until:%Y-%m-%dT%H:%M:%SZ})"
+        )
+        p.plan.requeue(wait)
+        return
+    reason, message = rescale_reason(p, d)
+    target = p.next_generation()
+    if d > n:
+        s.rescale = RescaleInProgress(
+            from_=n,
+            to=d,
+            reason=reason,
+            message=message,
+            stage="ConfirmingCapacity",
+            started_at=p.now,
+            target_generation=target,
+        )
+        # Capacity first: the added workers of the next generation must be placed
+        # before the running generation is disturbed.
+        p.create_missing(target, d, range(n, d))
+        s.message = f"scaling {n} -> {d} ({reason}): waiting for the added worker(s) to be scheduled"
+        p.plan.requeue(p.spec.autoscaling.capacity_timeout_seconds)
+    else:
+        s.rescale = RescaleInProgress(
+            from_=n,
+            to=d,
+            reason=reason,
+            message=message,
+            stage="Stopping",
+            started_at=p.now,
+            stopped_at=p.now,
+            target_generation=target,
+        )
+        p.delete_all(p.ours)
+        s.message = f"scaling {n} -> {d} ({reason}): stopping generation {s.worker_generation}"
+    s.phase = "Rescaling"
+    p.cond(CONDITION_RESCALING, True, reason, s.message)
+    p.plan.event(NORMAL, REASON_RESCALING, s.message)
+
+
+# --- a rescale under way ----------------------------------------------------------------
+
+
+def continue_rescale(p: JobPass) -> Optional[Plan]:
+    """Advance the rescale under way; None when it closed and the steady-state rules
+    (`plan.steady`) should look at the job now."""
+    stage = p.s.rescale.stage
+    if stage == "ConfirmingCapacity":
+        return confirm_capacity(p)
+    if stage == "Stopping":
+        return stop_old_generation(p)
+    return start_new_generation(p)
+
+
+def abandon_scale_up(p: JobPass, added: dict[int, dict]) -> None:
+    p.delete_all(added.values(), grace=0)  # they never joined a running world
+    p.s.rescale = None
+    p.s.phase = "Running" if p.s.workers.ready == p.s.world_size else "Pending"
+
+
+def confirm_capacity(p: JobPass) -> Optional[Plan]:
+    """Stage ConfirmingCapacity: the added workers exist; go on once all are scheduled."""
+    s, r = p.s, p.s.rescale
+    g, n = s.worker_generation, s.world_size
+    current = p.of_generation(g)
+    added = p.of_generation(r.target_generation)
+    p.delete_all([pod for pod in p.ours if pod_generation(pod) not in (g, r.target_generation)])
+    p.count_workers(g, n)
+
+    # A failure of the running generation wins over the scale-up.
+    failures = [i for i, pod in current.items() if classify_pod(pod).failed]
+    lost = [i for i in range(n) if i not in current or is_terminating(current[i])]
+    if failures or lost or p.spec.requested_workers() != r.to or p.spec.suspend:
+        abandon_scale_up(p, added)
+        s.message = f"scale-up {r.from_} -> {r.to} cancelled: the running generation changed"
+        p.cond(CONDITION_RESCALING, False, REASON_SCALE_UP_ABANDONED, s.message)
+        return None
+
+    wanted = range(n, r.to)
+    p.create_missing(r.target_generation, r.to, wanted)
+    placed = [i for i in wanted if i in added and is_scheduled(added[i]) and not is_terminating(added[i])]
+    if len(placed) == len(wanted):
+        r.stage = "Stopping"
+        r.stopped_at = p.now
+        p.delete_all(current.values())
+        s.message = f"scaling {r.from_} -> {r.to}: capacity confirmed, stopping generation {g}"
+        p.cond(CONDITION_RESCALING, True, r.reason, s.message)
+        return p.plan
+
+    waited = seconds(p.now - r.started_at)
+    timeout = p.spec.autoscaling.capacity_timeout_seconds
+    if waited >= timeout:
+        backoff = p.spec.autoscaling.capacity_backoff_seconds
+        s.autoscaling.backoff_until = p.now + timedelta(seconds=backoff)
+        message = (
+            f"scale-up {r.from_} -> {r.to} abandoned: {len(wanted) - len(placed)} added worker(s) "
+            f"not scheduled within {timeout}s; generation {g} keeps running with {n} worker(s); "
+            f"no new attempt for {backoff}s"
+        )
+        abandon_scale_up(p, added)
+        s.message = message
+        p.cond(CONDITION_RESCALING, False, REASON_INSUFFICIENT_CAPACITY, message)
+        p.plan.event(WARNING, REASON_INSUFFICIENT_CAPACITY, message)
+        p.plan.requeue(backoff)
+        return p.plan
+    s.phase = "Rescaling"
+    p.plan.requeue(timeout - waited)
+    return p.plan
+
+
+def stop_old_generation(p: JobPass) -> Plan:
+    """Stage Stopping: wait until every pod except the added workers of the target
+    generation is gone, then create the new generation."""
+    s, r = p.s, p.s.rescale
+    keep = {
+        i: pod
+        for i, pod in p.of_generation(r.target_generation).items()
+        if r.from_ <= i < r.to and not is_terminating(pod)
+    }
+    others = [pod for pod in p.ours if pod not in keep.values()]
+    p.delete_all(others)
+    p.count_workers(s.worker_generation, s.world_size)
+    if r.from_ != r.to:
+        s.phase = "Rescaling"
+    if others:
+        s.message = f"{r.reason}: waiting for {len(others)} worker(s) of the old generation to stop"
+        return p.plan
+    if r.reason in (REASON_WORKER_RESTART, REASON_WORKER_LOST):
+        # Back off before a restart's new generation, so a cause that lasts a while (a
+        # port still held, a node rebooting) does not spend the whole budget at once.
+        backoff = timedelta(seconds=restart_backoff_seconds(p.spec.restart, s.restarts))
+        wait = seconds(r.started_at + backoff - p.now)
+        if wait > 0:
+            s.message = f"{r.reason}: restart {s.restarts} backs off; generation {r.target_generation} in {wait:.0f}s"
+            p.plan.requeue(wait)
+            return p.plan
+    # The added workers of a scale-up already exist: create only the others.
+    if not p.start_generation(r.target_generation, r.to, skip_indices=set(keep)):
+        return p.plan
+    r.stage = "Starting"
+    s.message = f"{r.reason}: generation {s.worker_generation} starting with {r.to} worker(s)"
+    p.count_workers(s.worker_generation, s.world_size)
+    return p.plan
+
+
+def start_new_generation(p: JobPass) -> Optional[Plan]:
+    """Stage Starting: the new generation exists; done once all its workers are ready."""
+    s, r = p.s, p.s.rescale
+    g, n = s.worker_generation, s.world_size
+    current = p.of_generation(g)
+    p.delete_all([pod for pod in p.ours if pod_generation(pod) != g or not 0 <= pod_index(pod) < n])
+    if any(classify_pod(pod).failed for i, pod in current.items() if 0 <= i < n):
+        # The new generation failed while starting: close this rescale unfinished and
+        # let the steady-state rules (restart or fail) handle it.
+        record(p, r, downtime=None)
+        s.rescale = None
+        s.phase = "Pending"
+        return None
+    p.create_missing(g, n, range(n))
+    p.count_workers(g, n)
+    if s.workers.ready < n:
+        s.message = f"{r.reason}: generation {g} {s.workers.ready}/{n} worker(s) ready"
+        return p.plan
+    downtime = seconds(p.now - (r.stopped_at or r.started_at))
+    record(p, r, downtime)
+    s.rescale = None
+    s.phase = "Running"
+    s.message = f"generation {g}: {n} worker(s) ready after {r.reason} ({r.from_} -> {r.to}, downtime {downtime:.1f}s)"
+    if r.from_ != r.to:
+        p.cond(CONDITION_RESCALING, False, REASON_RESCALED, s.message)
+    p.cond(CONDITION_READY, True, REASON_WORKERS_READY, s.message)
+    p.plan.event(NORMAL, REASON_RESCALED, s.message)
+    return p.plan
+
+
+def record(p: JobPass, r: RescaleInProgress, downtime: Optional[float]) -> None:
+    """Close a rescale into `lastRescale` and the bounded `rescaleHistory`."""
+    entry = RescaleRecord(
+        from_=r.from_, to=r.to, reason=r.reason, message=r.message, time=r.started_at, downtime_seconds=downtime
+    )
+    p.s.last_rescale = entry
+    p.s.rescale_history = (p.s.rescale_history + [entry])[-RESCALE_HISTORY_LIMIT:]

@@ -1,0 +1,151 @@
+"""A tiny fake cluster for the pure reconcile pass (`plan()`), shared by the plan tests.
+
+`World` applies a plan the way the executor does (status first, through its wire form;
+then deletes, which only mark pods terminating; then creates, which never replace an
+existing name), and lets a test move pods along (schedule, ready, exit, evict, finish
+terminating) and time forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+
+from lepton_operator.api.models import InvalidJob, LeptonJobStatus, parse_job, parse_status
+from lepton_operator.desired import LABEL_GENERATION, JobRef
+from lepton_operator.reconcile.plan import plan
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def base_spec(**overrides) -> dict:
+    spec = {
+        "image": "trainer:1",
+        "workers": {"min": 1, "max": 4, "initial": 2},
+        "resources": {"gpus": 1},
+        "terminationGracePeriodSeconds": 5,
+        "restart": {"maxRestarts": 2, "backoffSeconds": 0},
+        "autoscaling": {"capacityTimeoutSeconds": 120, "capacityBackoffSeconds": 600},
+    }
+    spec.update(overrides)
+    return spec
+
+
+class World:
+    """A tiny fake cluster for one job (see the module docstring)."""
+
+    def __init__(self, spec: dict, name: str = "job", uid: str = "uid-1"):
+        self.job = JobRef(name, "ns", uid)
+        self.spec = copy.deepcopy(spec)
+        self.status = LeptonJobStatus()
+        self.pods: dict[str, dict] = {}
+        self.service = False
+        self.pvc = False
+        self.now = T0
+        self.events: list[tuple[str, str, str]] = []
+        self.meta_generation = 1
+        self.last = None
+
+    # --- passes -----------------------------------------------------------------
+
+    def parsed(self):
+        try:
+            return parse_job(self.job.name, self.spec)
+        except InvalidJob as e:
+            return e
+
+    def step(self, seconds: float = 0):
+        self.now += timedelta(seconds=seconds)
+        p = plan(
+            self.job, self.meta_generation, self.parsed(), self.status,
+            [copy.deepcopy(x) for x in self.pods.values()], self.service, self.pvc, self.now,
+        )
+        self.status = parse_status(p.status.to_k8s())  # what the apiserver would store
+        for kind, name, _grace in p.deletes:
+            assert kind == "Pod"
+            if name in self.pods:
+                self.pods[name]["metadata"]["deletionTimestamp"] = self.now.isoformat()
+        for obj in p.creates:
+            if obj["kind"] == "Pod":
+                if obj["metadata"]["name"] not in self.pods:  # AlreadyExists otherwise
+                    pod = copy.deepcopy(obj)
+                    pod["status"] = {"phase": "Pending"}
+                    self.pods[obj["metadata"]["name"]] = pod
+            elif obj["kind"] == "Service":
+                self.service = True
+            elif obj["kind"] == "PersistentVolumeClaim":
+                self.pvc = True
+        self.events += p.events
+        self.last = p
+        return p
+
+    def settle(self, rounds: int = 6):
+        """Let the simulated kubelet run: schedule and start everything, finish deletions."""
+        for _ in range(rounds):
+            self.reap()
+            self.run_all()
+            self.step()
+
+    def set_spec(self, **changes):
+        self.spec.update(changes)
+        self.meta_generation += 1
+
+    # --- the simulated kubelet ----------------------------------------------------
+
+    def schedule(self, *names):
+        for n in names or list(self.pods):
+            self.pods[n].setdefault("spec", {})["nodeName"] = "node-1"
+
+    def run_all(self):
+        for pod in self.pods.values():
+            if pod["status"]["phase"] == "Pending" and not pod["metadata"].get("deletionTimestamp"):
+                pod.setdefault("spec", {})["nodeName"] = "node-1"
+                pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+
+    def exit(self, name: str, code: int):
+        self.pods[name]["status"] = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": code}}}],
+        }
+
+    def evict(self, name: str):
+        self.pods[name]["status"] = {"phase": "Failed", "reason": "Evicted"}
+
+    def reap(self, *names):
+        """Terminating pods finish their grace period and disappear."""
+        for n in [n for n, p in self.pods.items() if p["metadata"].get("deletionTimestamp")]:
+            if not names or n in names:
+                del self.pods[n]
+
+    # --- views ----------------------------------------------------------------------
+
+    def generations(self) -> dict[str, int]:
+        return {n: int(p["metadata"]["labels"][LABEL_GENERATION]) for n, p in sorted(self.pods.items())}
+
+    def live(self) -> list[str]:
+        return sorted(n for n, p in self.pods.items() if not p["metadata"].get("deletionTimestamp"))
+
+    def created_pods(self) -> list[str]:
+        return sorted(o["metadata"]["name"] for o in self.last.creates if o["kind"] == "Pod")
+
+    def deleted(self) -> list[str]:
+        return [name for _k, name, _g in self.last.deletes]
+
+    def reasons(self) -> list[str]:
+        return [reason for _t, reason, _m in self.events]
+
+
+def running_world(spec=None) -> World:
+    w = World(spec or base_spec())
+    w.step()
+    w.settle(2)
+    assert w.status.phase == "Running"
+    w.events.clear()
+    return w
+
+
+def scale_to(w: World, replicas: int):
+    workers = dict(w.spec["workers"])
+    workers["replicas"] = replicas
+    w.set_spec(workers=workers)
+
