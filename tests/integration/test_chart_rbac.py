@@ -1,4 +1,4 @@
-"""The chart's RBAC really suffices, and grants nothing it should not (RELIABILITY.md #14).
+"""The chart's RBAC really suffices, and grants nothing it should not (docs/reliability.md, row 14).
 
 The RBAC objects are rendered by helm from the chart, applied to the local control plane
 (a real kube-apiserver with `--authorization-mode=RBAC`), and the operator runs with the

@@ -1,4 +1,4 @@
-"""The operator core on the real local control plane (RELIABILITY rows 1-10, 13, 15).
+"""The operator core on the real local control plane (docs/reliability.md, rows 1-10, 13, 15).
 
 Each test starts `lepton-operator run` as a subprocess (the `run_operator` fixture) against
 the session's cluster in default kubelet mode (pods are marked Running, nothing runs;

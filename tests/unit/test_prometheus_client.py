@@ -1,4 +1,4 @@
-"""The Prometheus client against a stub HTTP server in every failure mode (RELIABILITY row 12),
+"""The Prometheus client against a stub HTTP server in every failure mode (docs/reliability.md, row 12),
 and the PromQL it builds for hostile names (row 13)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Classify worker pods: running, succeeded, retryable failure, permanent failure.
 
-The rule is the training-operator `ExitCode` policy (ARCHITECTURE.md, "Failures use the
+The rule is the training-operator `ExitCode` policy (docs/rescale-protocol.md, "Failures use the
 same path"): exit code 0 is success; 1-127 is a permanent failure (a bug, a bad argument:
 retrying repeats it); 128-255 is retryable (killed by a signal, OOM-killed, or the
 trainer's own PEER_LOST / RENDEZVOUS_FAILED codes); a pod evicted, preempted or lost with

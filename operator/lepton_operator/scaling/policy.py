@@ -5,7 +5,7 @@ size (one `Observation` per size, the latest), the job's bounds and autoscaling 
 and the rescale history, and returns a `ScaleDecision`: hold, or move to another size,
 with a sentence that says why, numbers included.
 
-The rules, in the order they are checked (ARCHITECTURE.md, "Autoscaling policy"):
+The rules, in the order they are checked (docs/architecture.md, "Autoscaling policy (pure function)"):
 
 1. A rescale under way, a generation still warming up, or no fresh, finite measurement
    at the current size: hold. Missing data never lowers the worker count (KEDA's

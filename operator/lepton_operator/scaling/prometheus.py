@@ -13,7 +13,7 @@ Labels the scrape configuration must give the trainer's series (see
 
 Every failure comes back as a `MetricsError` with a `kind` (http, timeout, connection,
 malformed, status, empty, nan, many_series, stale), never as a number: the autoscaler
-holds on all of them (RELIABILITY.md row 12).
+holds on all of them (docs/reliability.md, row 12).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import Optional, Union
 
 SAMPLES_METRIC = "lepton_trainer_samples_total"
 WORLD_SIZE_METRIC = "lepton_trainer_world_size"
-GENERATION_METRIC = "lepton_trainer_generation"
 
 
 class MetricsError(Exception):
@@ -80,16 +79,6 @@ def throughput_query(namespace: str, job_name: str, window_seconds: int, generat
 def world_size_query(namespace: str, job_name: str, generation: Optional[int] = None) -> str:
     """Workers reporting metrics (one series per worker pod): `count(lepton_trainer_world_size{...})`."""
     return f"count({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
-
-
-def reported_world_size_query(namespace: str, job_name: str, generation: Optional[int] = None) -> str:
-    """The world size the workers themselves report: `max(lepton_trainer_world_size{...})`."""
-    return f"max({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
-
-
-def generation_query(namespace: str, job_name: str) -> str:
-    """The newest generation the workers report: `max(lepton_trainer_generation{...})`."""
-    return f"max({selector(GENERATION_METRIC, namespace, job_name)})"
 
 
 class PrometheusClient:
