@@ -2,14 +2,25 @@
 
 A real etcd, kube-apiserver, kube-scheduler and kube-controller-manager (Kubernetes
 1.20.2) on loopback, simulated GPU nodes, a simulated kubelet (default or process mode)
-and a tiny volume provisioner. See :mod:`.controlplane`, :mod:`.kubelet` (process mode
-and DNS details) and :mod:`.binaries` (where the binaries come from).
+and a tiny volume provisioner; or, with ``LocalCluster(api_only=True)``, etcd and
+kube-apiserver alone. See :mod:`.controlplane`, :mod:`.kubelet` (process mode and DNS
+details), :mod:`.binaries` (where the binaries come from), :mod:`.flags` (command lines
+by version) and :mod:`.operator_process` (the operator as a subprocess).
 """
 
-from .binaries import BinariesUnavailable, cache_dir, ensure_binaries, find_binaries, import_binaries
+from .binaries import (
+    BinariesUnavailable,
+    SchedulerUnavailable,
+    cache_dir,
+    ensure_binaries,
+    find_binaries,
+    import_binaries,
+    require_binaries,
+)
 from .controlplane import ClusterStartError, LocalCluster
 from .kubelet import SimulatedKubelet
 from .nodes import GPU_RESOURCE, SimulatedNode, default_nodes
+from .operator_process import OperatorProcess
 from .procs import marked_processes
 from .storage import SimulatedProvisioner
 
@@ -18,6 +29,8 @@ __all__ = [
     "ClusterStartError",
     "GPU_RESOURCE",
     "LocalCluster",
+    "OperatorProcess",
+    "SchedulerUnavailable",
     "SimulatedKubelet",
     "SimulatedNode",
     "SimulatedProvisioner",
@@ -27,4 +40,5 @@ __all__ = [
     "find_binaries",
     "import_binaries",
     "marked_processes",
+    "require_binaries",
 ]

@@ -1,16 +1,20 @@
 """Find, cache or build the control-plane binaries (Kubernetes 1.20.2 + etcd).
 
-Lookup order of :func:`ensure_binaries`:
+A full cluster needs etcd, kube-apiserver, kube-scheduler and kube-controller-manager;
+an API-only one (``api_only=True``) needs etcd and kube-apiserver. Lookup order of
+:func:`ensure_binaries`:
 
-1. ``$KUBEBUILDER_ASSETS`` when it holds all four binaries (the envtest convention:
-   users of ``setup-envtest`` skip the build);
+1. ``$KUBEBUILDER_ASSETS`` when it is set (the envtest convention). It is an explicit
+   choice, so nothing else is tried: setup-envtest's directory holds etcd,
+   kube-apiserver and kubectl only, which runs an API-only cluster, and asking it for a
+   full one raises :class:`SchedulerUnavailable`, which says so;
 2. the cache, ``$LEPTON_K8S_CACHE`` or ``~/.cache/lepton-operator/k8s-v1.20.2/``
    (``etcd`` there may be a symlink to Debian's ``/usr/bin/etcd``);
 3. a build from Debian 12's ``kubernetes`` source package with Go 1.19, following the
-   recipe in ARCHITECTURE.md ("The local control plane"). It installs the apt packages it
-   needs (root only), builds in a temporary directory and renames the result into the
-   cache, so an interrupted build never leaves a half-filled cache behind. A lock file
-   keeps two concurrent callers from building twice.
+   recipe in docs/architecture.md ("The local control plane"). It installs the apt
+   packages it needs (root only), builds in a temporary directory and renames the result
+   into the cache, so an interrupted build never leaves a half-filled cache behind. A
+   lock file keeps two concurrent callers from building twice.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from typing import Callable, Iterable
 K8S_VERSION = "v1.20.2"
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 ALL_BINARIES = KUBE_BINARIES + ("etcd",)
+#: What an API-only cluster runs (and all that setup-envtest ships, with kubectl).
+API_BINARIES = ("etcd", "kube-apiserver")
+#: What a full cluster runs besides (for pods to be scheduled and owned).
+SCHEDULING_BINARIES = ("kube-scheduler", "kube-controller-manager")
 
 #: Debian packages the build and the control plane need.
 APT_PACKAGES = (
@@ -49,6 +57,11 @@ Progress = Callable[[str], None]
 
 class BinariesUnavailable(RuntimeError):
     """The control-plane binaries are missing and cannot be built on this host."""
+
+
+class SchedulerUnavailable(BinariesUnavailable):
+    """The directory runs an API-only cluster but lacks kube-scheduler and/or
+    kube-controller-manager (setup-envtest's layout), and a full cluster was asked for."""
 
 
 def cache_dir() -> Path:
@@ -80,29 +93,48 @@ def _link_etcd(directory: Path) -> None:
     target.symlink_to(etcd)
 
 
-def find_binaries() -> Path | None:
-    """Return a directory with all four binaries without building anything, or None."""
+def require_binaries(directory: Path, api_only: bool = False, origin: str | None = None) -> Path:
+    """Return ``directory`` if it holds what a full (or API-only) cluster runs; else raise
+    :class:`SchedulerUnavailable` or :class:`BinariesUnavailable` naming what it lacks.
+    ``origin`` names the directory in the message (e.g. ``KUBEBUILDER_ASSETS=/x``)."""
+    directory = Path(directory)
+    needs = API_BINARIES if api_only else ALL_BINARIES
+    missing = [n for n in needs if not _complete(directory, (n,))]
+    if not missing:
+        return directory
+    where = origin or str(directory)
+    if set(missing) <= set(SCHEDULING_BINARIES):
+        named = "/".join(n for n in SCHEDULING_BINARIES if n in missing)
+        raise SchedulerUnavailable(f"{where} has no {named} (setup-envtest ships etcd and kube-apiserver only)")
+    raise BinariesUnavailable(f"{where} lacks {', '.join(missing)}")
+
+
+def find_binaries(api_only: bool = False) -> Path | None:
+    """Return a directory with the binaries a full (or API-only) cluster runs, without
+    building anything, or None. Raises :class:`BinariesUnavailable` when
+    ``$KUBEBUILDER_ASSETS`` is set but lacks them: building would not be used either."""
     assets = os.environ.get("KUBEBUILDER_ASSETS")
-    if assets and _complete(Path(assets)):
-        return Path(assets)
+    if assets:
+        return require_binaries(Path(assets), api_only, origin=f"KUBEBUILDER_ASSETS={assets}")
+    needs = API_BINARIES if api_only else ALL_BINARIES
     cache = cache_dir()
-    if _complete(cache, KUBE_BINARIES):
-        if not _complete(cache, ("etcd",)):
-            _link_etcd(cache)
-        if _complete(cache):
-            return cache
-    return None
+    if _complete(cache, [n for n in needs if n != "etcd"]) and not _complete(cache, ("etcd",)):
+        _link_etcd(cache)  # the cache's etcd is a link to Debian's
+    return cache if _complete(cache, needs) else None
 
 
-def ensure_binaries(progress: Progress = print, build: bool = True) -> Path:
+def ensure_binaries(progress: Progress = print, build: bool = True, api_only: bool = False) -> Path:
     """Return a directory holding kube-apiserver, kube-controller-manager,
-    kube-scheduler and etcd, building Kubernetes 1.20.2 into the cache if needed.
+    kube-scheduler and etcd (only etcd and kube-apiserver with ``api_only``), building
+    Kubernetes 1.20.2 into the cache if needed.
 
     ``progress`` receives human-readable lines (build output is streamed through it).
     With ``build=False`` nothing is installed or built. Raises
-    :class:`BinariesUnavailable` with what to install or set when they cannot be had.
+    :class:`BinariesUnavailable` with what to install or set when they cannot be had
+    (:class:`SchedulerUnavailable` when ``$KUBEBUILDER_ASSETS`` runs an API-only cluster
+    only).
     """
-    found = find_binaries()
+    found = find_binaries(api_only)
     if found:
         return found
     if not build:
@@ -116,7 +148,7 @@ def ensure_binaries(progress: Progress = print, build: bool = True) -> Path:
         except BlockingIOError:
             progress(f"another process is building the binaries (lock {lock_path}); waiting")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        found = find_binaries()  # the other process may have finished the job
+        found = find_binaries(api_only)  # the other process may have finished the job
         if found:
             return found
         _install_packages(progress)
@@ -124,7 +156,7 @@ def ensure_binaries(progress: Progress = print, build: bool = True) -> Path:
             _link_etcd(cache)
         else:
             _build_into_cache(cache, progress)
-    found = find_binaries()
+    found = find_binaries(api_only)
     if not found:
         raise BinariesUnavailable(_help_text(f"the build finished but {cache} is incomplete"))
     return found
@@ -144,8 +176,9 @@ def _help_text(reason: str) -> str:
     return (
         f"Kubernetes {K8S_VERSION} control-plane binaries are not available: {reason}.\n"
         "Either set KUBEBUILDER_ASSETS to a directory holding kube-apiserver, "
-        "kube-controller-manager, kube-scheduler and etcd (e.g. from `setup-envtest use "
-        "1.20.2 -p path`), or, on Debian 12 as root, run scripts/setup.sh (it installs "
+        "kube-controller-manager, kube-scheduler and etcd (setup-envtest's holds the first "
+        "and the last only: enough for an API-only cluster), or, on Debian 12 as root, run "
+        "scripts/setup.sh (it installs "
         f"{' '.join(APT_PACKAGES)} and builds them into {cache_dir()})."
     )
 

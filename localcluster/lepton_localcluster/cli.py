@@ -6,7 +6,8 @@ Development only: the operator never imports this package, and its image does no
 records it in ``<state dir>/state.json`` (state dir: ``$LEPTON_LOCAL_DIR`` or
 ``~/.lepton/local``); ``env`` prints the ``KUBECONFIG`` export for kubectl;
 ``status`` shows it; ``down`` stops it (SIGTERM to the supervisor, which
-stops every process of the cluster). ``binaries`` builds; ``demo`` runs a LeptonJob end to end (``lepton_localcluster.demo``). or reuses the binaries.
+stops every process of the cluster). ``binaries`` builds or reuses the binaries; ``demo``
+runs a LeptonJob end to end (``lepton_localcluster.demo``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ Usage::
         api = cluster.api_client()
         ...                                  # or KUBECONFIG=cluster.kubeconfig kubectl ...
 
+``LocalCluster(api_only=True)`` starts etcd and kube-apiserver only (no scheduler,
+controller-manager, nodes or kubelet): enough for what the API server alone does (CRDs,
+schema validation, defaulting, RBAC), and all that setup-envtest's binaries run. Flags
+are chosen by each binary's version (:mod:`.flags`), so newer binaries from
+``$KUBEBUILDER_ASSETS`` start too.
+
 Nothing outlives the cluster: the control plane runs in one process group, every child
 gets ``PR_SET_PDEATHSIG`` (SIGKILL when the owning thread dies), and a small watchdog
 process kills everything carrying the cluster's environment marker (pods' children
@@ -39,8 +45,8 @@ from kubernetes import client, config
 
 from lepton_operator.api.models import DEFAULT_TRAINER_IMAGE
 
-from . import hostsfile, procs
-from .binaries import ensure_binaries
+from . import flags, hostsfile, procs
+from .binaries import ensure_binaries, require_binaries
 from .kubelet import SimulatedKubelet
 from .nodes import SimulatedNode, create_node, default_nodes, delete_node
 from .storage import SimulatedProvisioner
@@ -67,10 +73,15 @@ class LocalCluster:
             ``"process"`` (each pod's container runs as a local process).
         image_commands: process mode: image -> command used when a container has no
             ``command`` (its ``args`` are appended).
-        binaries: directory with the four binaries; :func:`ensure_binaries` when None.
+        binaries: directory with the four binaries (etcd and kube-apiserver with
+            ``api_only``); :func:`ensure_binaries` when None.
         deletion_grace_cap: default mode: the most seconds a deleted pod waits before it
             is removed (min(grace period, cap)).
         progress: receives human-readable progress lines.
+        api_only: start etcd and kube-apiserver only: no scheduler, controller-manager,
+            nodes, kubelet or provisioner (pods stay Pending).
+        extra_args: component name (``kube-apiserver``, ...) -> flags appended to its
+            command line (e.g. audit logging); kept when the component restarts.
     """
 
     def __init__(
@@ -82,12 +93,18 @@ class LocalCluster:
         binaries: str | os.PathLike | None = None,
         deletion_grace_cap: float = 2.0,
         progress=None,
+        api_only: bool = False,
+        extra_args: dict[str, list[str]] | None = None,
     ) -> None:
         if kubelet_mode not in ("default", "process"):
             raise ValueError(f"kubelet_mode must be 'default' or 'process', not {kubelet_mode!r}")
+        if api_only and (nodes or kubelet_mode != "default"):
+            raise ValueError("an API-only cluster has no scheduler: nodes and a kubelet mode would run nothing")
+        self.api_only = api_only
+        self.extra_args = {name: list(args) for name, args in (extra_args or {}).items()}
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else None
-        self.nodes = list(nodes) if nodes is not None else default_nodes()
+        self.nodes = [] if api_only else list(nodes) if nodes is not None else default_nodes()
         self.kubelet_mode = kubelet_mode
         self.image_commands = dict(TRAINER_IMAGE_COMMANDS if image_commands is None else image_commands)
         self.binaries = Path(binaries) if binaries else None
@@ -145,8 +162,10 @@ class LocalCluster:
         if self._started:
             return self
         began = time.monotonic()
+        # Before anything starts: a directory without what this cluster runs says so.
         if self.binaries is None:
-            self.binaries = ensure_binaries(progress=self.progress)
+            self.binaries = ensure_binaries(progress=self.progress, api_only=self.api_only)
+        require_binaries(self.binaries, self.api_only)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="lepton-k8s-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -164,23 +183,8 @@ class LocalCluster:
             self._start_apiserver()
             self._write_kubeconfig()
             self._wait_apiserver()
-            self._start_scheduler()
-            self._start_controller_manager()
-            api = self.api_client()
-            for node in self.nodes:
-                create_node(api, node)
-            self.kubelet = SimulatedKubelet(
-                self.api_client,
-                node_names={n.name for n in self.nodes},
-                mode=self.kubelet_mode,
-                workdir=self.workdir,
-                cluster_id=self.cluster_id,
-                image_commands=self.image_commands,
-                deletion_grace_cap=self.deletion_grace_cap,
-            )
-            self.kubelet.start()
-            self.provisioner = SimulatedProvisioner(self.api_client, self.workdir / "volumes")
-            self.provisioner.start()
+            if not self.api_only:
+                self._start_scheduling()
             threading.Thread(target=self._supervise, name="lepton-supervisor", daemon=True).start()
         except BaseException:
             self.stop()
@@ -188,6 +192,26 @@ class LocalCluster:
         self.start_seconds = time.monotonic() - began
         self.progress(f"local cluster up at {self.server} in {self.start_seconds:.1f} s")
         return self
+
+    def _start_scheduling(self) -> None:
+        # What makes pods run: scheduler, controller-manager, nodes and their simulators.
+        self._start_scheduler()
+        self._start_controller_manager()
+        api = self.api_client()
+        for node in self.nodes:
+            create_node(api, node)
+        self.kubelet = SimulatedKubelet(
+            self.api_client,
+            node_names={n.name for n in self.nodes},
+            mode=self.kubelet_mode,
+            workdir=self.workdir,
+            cluster_id=self.cluster_id,
+            image_commands=self.image_commands,
+            deletion_grace_cap=self.deletion_grace_cap,
+        )
+        self.kubelet.start()
+        self.provisioner = SimulatedProvisioner(self.api_client, self.workdir / "volumes")
+        self.provisioner.start()
 
     def stop(self) -> None:
         """Stop the simulators and the control plane; remove the temp workdir."""
@@ -311,7 +335,7 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [str(self.binaries / args[0]), *args[1:]],
+            [str(self.binaries / args[0]), *args[1:], *self.extra_args.get(name, ())],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -339,26 +363,17 @@ class LocalCluster:
                     f"{name} exited with {proc.returncode}; log tail:\n{self._log_tail(name)}"
                 )
 
+    def _command(self, build, name: str, **kwargs) -> list[str]:
+        """The command line ``build`` gives for the version of binary ``name``."""
+        try:
+            return build(flags.binary_version(self.binaries / name), **kwargs)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:  # unreadable or too old
+            raise ClusterStartError(f"{self.binaries / name}: {e}") from e
+
     def _start_etcd(self) -> None:
         client_port, peer_port = procs.free_port(), procs.free_port()
         self.etcd_url = f"http://127.0.0.1:{client_port}"
-        peer = f"http://127.0.0.1:{peer_port}"
-        self._spawn(
-            "etcd",
-            [
-                "etcd",
-                "--name=default",
-                f"--data-dir={self.workdir / 'etcd'}",
-                f"--listen-client-urls={self.etcd_url}",
-                f"--advertise-client-urls={self.etcd_url}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=default={peer}",
-                # a throwaway test store: durability is not worth the fsync latency
-                "--unsafe-no-fsync=true",
-                "--log-level=warn",
-            ],
-        )
+        self._spawn("etcd", flags.etcd_args(self.workdir / "etcd", self.etcd_url, f"http://127.0.0.1:{peer_port}"))
 
     def _start_apiserver(self) -> None:
         pki = self.workdir / "pki"
@@ -375,26 +390,10 @@ class LocalCluster:
         tokens.write_text(f'{self.token},admin,admin,"system:masters"\n')
         self.apiserver_port = procs.free_port()
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
-        self._spawn(
-            "kube-apiserver",
-            [
-                "kube-apiserver",
-                f"--etcd-servers={self.etcd_url}",
-                f"--cert-dir={pki}",
-                f"--secure-port={self.apiserver_port}",
-                "--bind-address=127.0.0.1",
-                "--insecure-port=0",  # 1.20 would otherwise listen on :8080 and clash
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={sa_key}",
-                f"--service-account-signing-key-file={sa_key}",
-                f"--token-auth-file={tokens}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--disable-admission-plugins=ServiceAccount",
-                "--allow-privileged=true",
-                "--v=1",
-            ],
-        )
+        self._spawn("kube-apiserver", self._command(
+            flags.apiserver_args, "kube-apiserver",
+            etcd_url=self.etcd_url, cert_dir=pki, port=self.apiserver_port, sa_key=sa_key, token_file=tokens,
+        ))
 
     def _write_kubeconfig(self) -> None:
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -435,37 +434,13 @@ class LocalCluster:
         raise ClusterStartError(f"kube-apiserver not ready after {timeout} s ({last}):\n{self._log_tail('kube-apiserver')}")
 
     def _start_scheduler(self) -> None:
-        kc = str(self.kubeconfig)
-        self._spawn(
-            "kube-scheduler",
-            [
-                "kube-scheduler",
-                f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}",
-                f"--authorization-kubeconfig={kc}",
-                "--secure-port=0",
-                "--port=0",
-                "--leader-elect=false",
-                "--v=1",
-            ],
-        )
+        self._spawn("kube-scheduler", self._command(flags.scheduler_args, "kube-scheduler", kubeconfig=self.kubeconfig))
 
     def _start_controller_manager(self) -> None:
-        self._spawn(
-            "kube-controller-manager",
-            [
-                "kube-controller-manager",
-                f"--kubeconfig={self.kubeconfig}",
-                "--secure-port=0",
-                "--port=0",
-                "--leader-elect=false",
-                # no node lifecycle: simulated nodes have no kubelet heartbeats
-                "--controllers=*,-nodelifecycle,-serviceaccount-token",
-                f"--service-account-private-key-file={self.workdir / 'pki' / 'sa.key'}",
-                "--use-service-account-credentials=false",
-                "--v=1",
-            ],
-        )
+        self._spawn("kube-controller-manager", self._command(
+            flags.controller_manager_args, "kube-controller-manager",
+            kubeconfig=self.kubeconfig, sa_key=self.workdir / "pki" / "sa.key",
+        ))
 
     def describe(self) -> dict:
         """A JSON-friendly summary (used by the CLI)."""
@@ -474,6 +449,7 @@ class LocalCluster:
             "kubeconfig": str(self.kubeconfig),
             "workdir": str(self.workdir),
             "kubelet_mode": self.kubelet_mode,
+            "api_only": self.api_only,
             "nodes": [n.name for n in self.nodes],
             "start_seconds": self.start_seconds,
             "pids": self.process_ids(),

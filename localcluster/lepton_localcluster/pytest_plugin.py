@@ -2,10 +2,22 @@
 
 Register with ``pytest_plugins = ["lepton_localcluster.pytest_plugin"]``.
 
+How a test says what it needs: a test that only talks to the API server (CRDs, schema
+validation, defaulting, RBAC; pods stay Pending) requests ``api_cluster``, which runs
+etcd and kube-apiserver only, so it also runs from setup-envtest's ``KUBEBUILDER_ASSETS``.
+Everything else (``local_cluster``, ``process_cluster``, ``k8s_binaries``, and ``cluster``,
+``namespace``, ``k8s``, ``run_operator`` when the test requests no ``api_cluster``) needs
+the scheduler and controller-manager too.
+
 Fixtures:
 
 ``k8s_binaries`` (session)
     Directory with the four binaries (built into the cache on first use).
+``k8s_api_binaries`` (session)
+    Directory with etcd and kube-apiserver (the same as ``k8s_binaries`` unless
+    ``KUBEBUILDER_ASSETS`` holds these two only).
+``api_cluster`` (session)
+    An API-only :class:`LocalCluster` (etcd + kube-apiserver; no nodes, no kubelet).
 ``local_cluster`` (session)
     A :class:`LocalCluster` in default kubelet mode (2 nodes x 8 GPUs).
 ``process_cluster`` (session)
@@ -14,7 +26,8 @@ Fixtures:
     ``python -m lepton_trainer``.
 ``cluster`` (function)
     The cluster the test uses: ``process_cluster`` when the test requests it, else
-    ``local_cluster``. ``namespace``, ``k8s`` and ``run_operator`` follow it.
+    ``api_cluster`` when it requests that, else ``local_cluster``. ``namespace``, ``k8s``
+    and ``run_operator`` follow it.
 ``namespace`` (function)
     A fresh namespace, deleted after the test.
 ``k8s`` (function)
@@ -23,13 +36,15 @@ Fixtures:
 ``run_operator`` (function)
     Factory: ``run_operator(*extra_args, env=None, namespace=None)`` starts
     ``python -m lepton_operator.cli run --namespace <ns> ...`` with ``KUBECONFIG`` set, in
-    its own process group, logging to a file; returns an :class:`OperatorProcess`
-    (``stop()``, ``kill()``, ``restart()``, ``log_text()``, ``wait_for_log()``). Every
-    operator started is stopped after the test.
+    its own process group, logging to a file; returns an
+    :class:`~lepton_localcluster.operator_process.OperatorProcess` (``stop()``,
+    ``kill()``, ``restart()``, ``log_text()``, ``wait_for_log()``). Every operator started
+    is stopped after the test.
 
-When the control-plane binaries cannot be had, the cluster fixtures fail with the reason
-if ``CI`` is set to a true value, and skip with the reason otherwise. Set
-``LEPTON_K8S_NO_BUILD=1`` to forbid building them from source during a test run.
+When the control-plane binaries cannot be had (e.g. ``KUBEBUILDER_ASSETS`` has no
+scheduler for a test that needs one), the cluster fixtures fail with the reason if ``CI``
+is set to a true value, and skip with the reason otherwise. Set ``LEPTON_K8S_NO_BUILD=1``
+to forbid building them from source during a test run.
 
 At the end of the session the plugin checks that no process of a cluster it started
 (control plane, pods, operators) is still alive; if one is, it is killed and the session
@@ -39,8 +54,6 @@ fails.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -51,8 +64,9 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from . import procs
-from .binaries import BinariesUnavailable, ensure_binaries
+from .binaries import BinariesUnavailable, SchedulerUnavailable, ensure_binaries
 from .controlplane import LocalCluster
+from .operator_process import OperatorProcess
 
 _started_clusters: list[str] = []
 
@@ -80,21 +94,36 @@ def _progress(config):
     return progress
 
 
-@pytest.fixture(scope="session")
-def k8s_binaries(request) -> Path:
-    """Directory with the control-plane binaries (built once if needed); fails under
-    CI=true, skips otherwise, when they cannot be had. Use it for extra LocalClusters."""
+def _binaries(request, api_only: bool) -> Path:
     try:
         return ensure_binaries(
-            progress=_progress(request.config), build=not _truthy(os.environ.get("LEPTON_K8S_NO_BUILD"))
+            progress=_progress(request.config),
+            build=not _truthy(os.environ.get("LEPTON_K8S_NO_BUILD")),
+            api_only=api_only,
         )
+    except SchedulerUnavailable as e:
+        reason = f"{e}: this test needs them"
     except BinariesUnavailable as e:
-        _unavailable(str(e))
+        reason = str(e)
+    _unavailable(reason)  # outside the handler: the report shows the reason, not a chain
 
 
-def _start_cluster(request, **kwargs) -> LocalCluster:
-    binaries = request.getfixturevalue("k8s_binaries")
-    cluster = LocalCluster(binaries=binaries, progress=_progress(request.config), **kwargs)
+@pytest.fixture(scope="session")
+def k8s_binaries(request) -> Path:
+    """Directory with the four control-plane binaries (built once if needed); fails under
+    CI=true, skips otherwise, when they cannot be had. Use it for extra LocalClusters."""
+    return _binaries(request, api_only=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_api_binaries(request) -> Path:
+    """Directory with etcd and kube-apiserver, for extra API-only LocalClusters."""
+    return _binaries(request, api_only=True)
+
+
+def _start_cluster(request, api_only: bool = False, **kwargs) -> LocalCluster:
+    binaries = request.getfixturevalue("k8s_api_binaries" if api_only else "k8s_binaries")
+    cluster = LocalCluster(binaries=binaries, progress=_progress(request.config), api_only=api_only, **kwargs)
     _started_clusters.append(cluster.cluster_id)
     try:
         cluster.start()
@@ -102,6 +131,14 @@ def _start_cluster(request, **kwargs) -> LocalCluster:
         cluster.stop()
         _unavailable(f"the cluster did not start: {e}")
     return cluster
+
+
+@pytest.fixture(scope="session")
+def api_cluster(request):
+    """Session-wide API-only cluster: etcd + kube-apiserver, no scheduler or nodes."""
+    cluster = _start_cluster(request, api_only=True)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -122,9 +159,10 @@ def process_cluster(request):
 
 @pytest.fixture
 def cluster(request) -> LocalCluster:
-    """The cluster of this test: process_cluster if requested, else local_cluster."""
-    if "process_cluster" in request.fixturenames:
-        return request.getfixturevalue("process_cluster")
+    """The cluster of this test: process_cluster or api_cluster if requested, else local_cluster."""
+    for name in ("process_cluster", "api_cluster"):
+        if name in request.fixturenames:
+            return request.getfixturevalue(name)
     return request.getfixturevalue("local_cluster")
 
 
@@ -194,98 +232,6 @@ def namespace(cluster, request):
     except ApiException as e:
         if e.status != 404:
             raise
-
-
-class OperatorProcess:
-    """The operator (``lepton-operator run``) as a subprocess in its own process group."""
-
-    def __init__(self, cluster: LocalCluster, namespace: str, args: list[str], env: dict | None, log_path: Path):
-        self.cluster = cluster
-        self.namespace = namespace
-        self.args = list(args)
-        self.extra_env = dict(env or {})
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def command(self) -> list[str]:
-        """The command line used to start the operator."""
-        return [sys.executable, "-m", "lepton_operator.cli", "run", "--namespace", self.namespace, *self.args]
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the running operator, or None."""
-        return self.proc.pid if self.proc else None
-
-    def start(self) -> None:
-        """Start the operator (appending to its log)."""
-        env = dict(os.environ)
-        env.update(self.cluster.env())
-        env[procs.MARKER_ENV] = self.cluster.cluster_id  # leftover check covers it
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(self.extra_env)
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- start: {' '.join(self.command)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=procs.child_setup(None),
-            )
-
-    def running(self) -> bool:
-        """True while the operator process is alive."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM the operator's process group; SIGKILL after ``timeout``; return its exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            procs.signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                procs.signal_group(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        procs.signal_group(self.proc.pid, signal.SIGKILL)  # anything it left behind
-        return self.proc.returncode
-
-    def kill(self) -> int | None:
-        """SIGKILL the operator's process group at once (a crash, as seen by the cluster)."""
-        if self.proc is None:
-            return None
-        procs.signal_group(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        return self.proc.returncode
-
-    def restart(self) -> None:
-        """Stop (gracefully) and start again with the same arguments."""
-        self.stop()
-        self.start()
-
-    def log_text(self) -> str:
-        """Everything the operator has logged so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for_log(self, text: str, timeout: float = 30) -> str:
-        """Wait until ``text`` appears in the log; return the log or fail the test."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log_text()
-            if text in log:
-                return log
-            if not self.running():
-                break
-            time.sleep(0.2)
-        pytest.fail(f"operator log lacks {text!r} after {timeout} s; log tail:\n{self.log_text()[-3000:]}")
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ import yaml
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
+from lepton_localcluster import OperatorProcess
 from lepton_localcluster.crds import install_crds
-from lepton_localcluster.pytest_plugin import OperatorProcess
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration

@@ -42,8 +42,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def api(local_cluster):
-    api_client = local_cluster.api_client()
+def api(api_cluster):
+    api_client = api_cluster.api_client()
     version = client.VersionApi(api_client).get_code().git_version
     install_crd(api_client, crd_for_server(version))
     return api_client
@@ -72,16 +72,16 @@ def rejection(custom, namespace: str, body: dict) -> str:
     return info.value.body
 
 
-def kubectl(local_cluster, *args: str) -> subprocess.CompletedProcess:
+def kubectl(cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["kubectl", "--kubeconfig", str(local_cluster.kubeconfig), *args], capture_output=True, text=True, timeout=60
+        ["kubectl", "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=60
     )
 
 
 # ------------------------------------------------------------------ install
 
 
-def test_crd_installs_and_serves_names(api, local_cluster):
+def test_crd_installs_and_serves_names(api, api_cluster):
     crd = client.ApiextensionsV1Api(api).read_custom_resource_definition(CRD_NAME)
     assert crd.status.accepted_names.short_names == ["lj"]
     assert crd.status.accepted_names.categories == ["lepton"]
@@ -121,7 +121,7 @@ def test_apiserver_1_20_accepts_the_cel_rules_and_drops_them(api):
                 raise
 
 
-def test_openapi_publishes_the_descriptions(api, local_cluster):
+def test_openapi_publishes_the_descriptions(api, api_cluster):
     """What `kubectl explain lj.spec` reads: the published OpenAPI with our descriptions."""
 
     def definition():
@@ -138,7 +138,7 @@ def test_openapi_publishes_the_descriptions(api, local_cluster):
     assert "elastic PyTorch" in spec["description"]
     assert "Fewest workers" in spec["properties"]["workers"]["properties"]["min"]["description"]
     if shutil.which("kubectl"):
-        result = kubectl(local_cluster, "explain", "lj.spec.workers")
+        result = kubectl(api_cluster, "explain", "lj.spec.workers")
         assert result.returncode == 0, result.stderr
         assert "Fewest workers the job may run with" in result.stdout
 
@@ -198,7 +198,7 @@ def test_defaults_are_filled_in_by_the_server(custom, namespace):
 # ------------------------------------------------------------------------ scale
 
 
-def test_scale_subresource_get_and_patch(api, custom, namespace, local_cluster):
+def test_scale_subresource_get_and_patch(api, custom, namespace, api_cluster):
     create(custom, namespace, job_body("scaled", {"workers": {"min": 1, "max": 4}}))
     custom.patch_namespaced_custom_object_status(
         GROUP,
@@ -228,9 +228,9 @@ def test_scale_subresource_get_and_patch(api, custom, namespace, local_cluster):
     assert job["spec"]["workers"]["replicas"] == 3
     assert parse_job("scaled", job["spec"]).requested_workers() == 3
     if shutil.which("kubectl"):
-        result = kubectl(local_cluster, "scale", "lj/scaled", "-n", namespace, "--replicas=2")
+        result = kubectl(api_cluster, "scale", "lj/scaled", "-n", namespace, "--replicas=2")
         assert result.returncode == 0, result.stderr
-        result = kubectl(local_cluster, "get", "lj", "-n", namespace, "scaled")
+        result = kubectl(api_cluster, "get", "lj", "-n", namespace, "scaled")
         assert result.returncode == 0, result.stderr
         header, row = result.stdout.splitlines()[:2]
         assert header.split() == ["NAME", "PHASE", "READY", "WORKERS", "MIN", "MAX", "THROUGHPUT", "AGE"]
