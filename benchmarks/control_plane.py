@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/control_plane.py [--ks 1,10,100] [--workers 8]
         [--idle-seconds 40] [--api-jobs 5] [--churn-seconds 600] [--churn-jobs 10]
-        [--json out.json] [--markdown out.md] [--artifacts DIR]
+        [--api-threads N] [--json out.json] [--markdown out.md] [--artifacts DIR]
 
 One local control plane (real etcd, kube-apiserver 1.20.2, scheduler and
 controller-manager; `lepton_localcluster`) with enough simulated 8-GPU nodes for
@@ -42,8 +42,10 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -53,12 +55,11 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from lepton_localcluster import LocalCluster, OperatorProcess, SimulatedNode
+from lepton_localcluster.procs import free_port
 from lepton_operator.api.crd import crd_for_server
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, parse_job
 from lepton_operator.desired import LABEL_JOB_NAME, JobRef, build_worker_pod
-from lepton_localcluster import LocalCluster, SimulatedNode
-from lepton_localcluster.procs import free_port
-from lepton_localcluster.pytest_plugin import OperatorProcess
 
 NS_LJ = "bench-lj"
 NS_JOB = "bench-job"
@@ -81,44 +82,40 @@ def log(msg: str) -> None:
 class AuditedCluster(LocalCluster):
     """A LocalCluster whose apiserver writes an audit log of one user's requests.
 
-    The audit flags are appended where the apiserver is spawned (`_spawn`, LocalCluster's
-    single place for starting binaries); the policy logs only `audit_user`, at level
-    Metadata, once per request (ResponseComplete), so other clients pay nothing for it.
+    The audit flags go through LocalCluster's `extra_args`; the policy logs only
+    `audit_user`, at level Metadata, once per request (ResponseComplete), so other clients
+    pay nothing for it. Policy and log live in a directory of their own, removed on stop.
     """
 
     def __init__(self, *args, audit_user: str, admin_user: str = "admin", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.audit_user = audit_user
-        self.admin_user = admin_user
+        self.audit_dir = Path(tempfile.mkdtemp(prefix="bench-audit-"))
+        self.audit_log = self.audit_dir / "audit.log"
+        policy = self.audit_dir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump({
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [
+                {"level": "Metadata", "users": [audit_user]},
+                # Creates by the admin user (this harness, and the controller-manager,
+                # which runs on the admin kubeconfig): the apiserver's own timestamps
+                # for job create -> pod creates, for both controllers.
+                # Pods at level Request: the Job controller's have generateName, and
+                # only the body (ownerReferences) says which Job a pod belongs to.
+                {"level": "Request", "users": [admin_user], "verbs": ["create"],
+                 "resources": [{"group": "", "resources": ["pods"]}]},
+                {"level": "Metadata", "users": [admin_user], "verbs": ["create"],
+                 "resources": [{"group": "batch", "resources": ["jobs"]}, {"group": GROUP, "resources": [PLURAL]}]},
+                {"level": "None"},
+            ],
+        }))
+        audit = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                 "--audit-log-maxsize=0", "--audit-log-format=json"]
+        super().__init__(*args, extra_args={"kube-apiserver": audit}, **kwargs)
 
-    @property
-    def audit_log(self) -> Path:
-        return self.workdir / "audit.log"
-
-    def _spawn(self, name, args):
-        if name == "kube-apiserver":
-            policy = self.workdir / "audit-policy.yaml"
-            policy.write_text(yaml.safe_dump({
-                "apiVersion": "audit.k8s.io/v1",
-                "kind": "Policy",
-                "omitStages": ["RequestReceived", "ResponseStarted"],
-                "rules": [
-                    {"level": "Metadata", "users": [self.audit_user]},
-                    # Creates by the admin user (this harness, and the controller-manager,
-                    # which runs on the admin kubeconfig): the apiserver's own timestamps
-                    # for job create -> pod creates, for both controllers.
-                    # Pods at level Request: the Job controller's have generateName, and
-                    # only the body (ownerReferences) says which Job a pod belongs to.
-                    {"level": "Request", "users": [self.admin_user], "verbs": ["create"],
-                     "resources": [{"group": "", "resources": ["pods"]}]},
-                    {"level": "Metadata", "users": [self.admin_user], "verbs": ["create"],
-                     "resources": [{"group": "batch", "resources": ["jobs"]}, {"group": GROUP, "resources": [PLURAL]}]},
-                    {"level": "None"},
-                ],
-            }))
-            args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
-                    "--audit-log-maxsize=0", "--audit-log-format=json"]
-        return super()._spawn(name, args)
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.audit_dir, ignore_errors=True)
 
 
 def raw(api: client.ApiClient, method: str, path: str, body=None, query=None, content_type=None,
@@ -194,37 +191,6 @@ def operator_kubeconfig(cluster: LocalCluster, api: client.ApiClient, path: Path
     path.write_text(yaml.safe_dump(cfg))
     path.chmod(0o600)
     return path
-
-
-# A what-if (--what-if-threads N): the operator as shipped, but its blocking API calls
-# (`asyncio.to_thread` in reconcile/handlers.py) run on N threads instead of asyncio's
-# default min(32, cpus + 4), and the client keeps N connections. Operator code is
-# unchanged; this previews the fix proposed in RESULTS.md.
-WHAT_IF_BOOT = """
-import asyncio, concurrent.futures, contextvars, functools, os, sys
-N = int(os.environ["LEPTON_BENCH_THREADS"])
-_pool = concurrent.futures.ThreadPoolExecutor(max_workers=N, thread_name_prefix="api")
-async def _to_thread(func, /, *args, **kwargs):
-    ctx = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(_pool, functools.partial(ctx.run, func, *args, **kwargs))
-asyncio.to_thread = _to_thread
-from kubernetes.client import configuration as _c
-_init = _c.Configuration.__init__
-def _patched(self, *a, **k):
-    _init(self, *a, **k)
-    self.connection_pool_maxsize = N
-_c.Configuration.__init__ = _patched
-from lepton_operator.cli import main
-sys.exit(main())
-"""
-
-
-class WhatIfOperator(OperatorProcess):
-    """The operator started through WHAT_IF_BOOT (see above)."""
-
-    @property
-    def command(self) -> list[str]:
-        return [sys.executable, "-c", WHAT_IF_BOOT, "run", "--namespace", self.namespace, *self.args]
 
 
 # ------------------------------------------------------------------ workloads
@@ -598,16 +564,11 @@ class Bench:
             self.watches[wl.namespace] = w
         self.metrics_port = free_port()
         env = {"KUBECONFIG": str(kubeconfig)}
-        factory = OperatorProcess
-        if self.args.what_if_threads:
-            factory = WhatIfOperator
-            env["LEPTON_BENCH_THREADS"] = str(self.args.what_if_threads)
-            log(f"what-if: operator API calls on {self.args.what_if_threads} threads")
-        self.operator = factory(
-            self.cluster, NS_LJ,
-            ["--standalone", "--liveness-port", "0", "--metrics-port", str(self.metrics_port)],
-            env, self.cluster.logs_dir / "operator.log",
-        )
+        op_args = ["--standalone", "--liveness-port", "0", "--metrics-port", str(self.metrics_port)]
+        if a.api_threads:
+            op_args += ["--api-threads", str(a.api_threads)]
+            log(f"operator API calls on {a.api_threads} threads")
+        self.operator = OperatorProcess(self.cluster, NS_LJ, op_args, env, self.cluster.logs_dir / "operator.log")
         self.sampler = ProcSampler(self.operator.pid, interval=1.0)
         self.sampler.start()
         # Warm-up (not measured): both controllers have their watches open and caches full.
@@ -1000,8 +961,9 @@ def main(argv=None) -> int:
     p.add_argument("--api-jobs", type=int, default=5, help="lifecycles for the API-cost phase (default 5; 0 skips)")
     p.add_argument("--churn-seconds", type=float, default=600, help="create/delete churn duration (default 600; 0 skips)")
     p.add_argument("--churn-jobs", type=int, default=10, help="jobs per churn cycle (default 10)")
-    p.add_argument("--what-if-threads", type=int, default=0,
-                   help="experiment: run the operator's API calls on this many threads (see WHAT_IF_BOOT)")
+    p.add_argument("--api-threads", type=int, default=0,
+                   help="the operator's --api-threads (threads and pooled connections for its API calls; "
+                        "default: the operator's own)")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--artifacts", help="copy the operator log and the audit log here before the cluster goes")
