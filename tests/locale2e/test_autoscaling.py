@@ -16,18 +16,11 @@ import time
 
 import pytest
 
-from lepton_operator.api.conditions import (
-    CONDITION_METRICS_UNAVAILABLE,
-)
-from lepton_operator.api.models import (
-    API_VERSION,
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
-)from lepton_localcluster.crds import install_crds
+from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port
 from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
+from lepton_operator.api.conditions import CONDITION_METRICS_UNAVAILABLE
+from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient
 
 pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(600)]
@@ -63,16 +56,29 @@ def _need_prometheus():
 
 def _exporter_pod(name, job, generation, rate, world):
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {
             "name": name,
             "labels": {"lepton.ai/job-name": job, "lepton.ai/generation": str(generation)},
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9400"},
         },
-        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
-            "name": "main", "image": "busybox", "command": ["python", "-c", EXPORTER],
-            "env": DOWNWARD_ENV + [{"name": "RATE", "value": str(rate)}, {"name": "WORLD", "value": str(world)}],
-        }]},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["python", "-c", EXPORTER],
+                    "env": [
+                        *DOWNWARD_ENV,
+                        {"name": "RATE", "value": str(rate)},
+                        {"name": "WORLD", "value": str(world)},
+                    ],
+                }
+            ],
+        },
     }
 
 
@@ -95,12 +101,17 @@ def test_prometheus_scrapes_workers_with_the_labels_the_autoscaler_queries(proce
     for i in range(2):
         k8s.core.create_namespaced_pod(namespace, _exporter_pod(f"demo-worker-{i}", "demo", 1, 50, 2))
     k8s.core.create_namespaced_pod(namespace, _exporter_pod("other-worker-0", "other", 1, 1000, 1))
-    prom = LocalPrometheus(process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom")
+    prom = LocalPrometheus(
+        process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom"
+    )
     try:
         prom.start()
         client = PrometheusClient(prom.url, timeout=3)
-        _poll(lambda: client.reporting_workers(namespace, "demo", now=time.time(), generation=1) == 2, 90,
-              message=f"both workers scraped\n{prom.log_tail()}")
+        _poll(
+            lambda: client.reporting_workers(namespace, "demo", now=time.time(), generation=1) == 2,
+            90,
+            message=f"both workers scraped\n{prom.log_tail()}",
+        )
         time.sleep(6)  # a full rate window of both
         sample = client.throughput(namespace, "demo", 5, now=time.time(), generation=1)
         assert 80 <= sample.value <= 120, sample  # 2 workers x 50 samples/s, the other job excluded
@@ -119,8 +130,11 @@ def test_prometheus_scrapes_workers_with_the_labels_the_autoscaler_queries(proce
             client.throughput(namespace, "demo", 5, now=time.time())
         assert err.value.kind == "connection"
         prom.start()
-        _poll(lambda: client.throughput(namespace, "demo", 5, now=time.time(), generation=1), 90,
-              message="throughput after a Prometheus restart")
+        _poll(
+            lambda: client.throughput(namespace, "demo", 5, now=time.time(), generation=1),
+            90,
+            message="throughput after a Prometheus restart",
+        )
     finally:
         prom.close()
 
@@ -142,7 +156,9 @@ def _job(name, lo, hi, curve, gpus=0, rendezvous_port=None):
     # torch's TCPStore binds every interface: a fixed port would clash with any other
     # process-mode job on this machine (another test session, the demo).
     return {
-        "apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name},
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name},
         "spec": {
             "args": ["--synthetic", "--pace-curve", json.dumps(curve)],
             "env": [{"name": "LEPTON_MAX_STEPS", "value": "1000000"}],
@@ -151,9 +167,17 @@ def _job(name, lo, hi, curve, gpus=0, rendezvous_port=None):
             "nprocPerNode": 1,
             "rendezvousPort": rendezvous_port or free_port(),
             "terminationGracePeriodSeconds": 10,
-            "autoscaling": {"enabled": True, "intervalSeconds": 5, "windowSeconds": 10, "warmupSeconds": 15,
-                            "cooldownSeconds": 10, "efficiencyThreshold": 0.5, "maxRescalesPerHour": 20,
-                            "capacityTimeoutSeconds": 15, "capacityBackoffSeconds": 600},
+            "autoscaling": {
+                "enabled": True,
+                "intervalSeconds": 5,
+                "windowSeconds": 10,
+                "warmupSeconds": 15,
+                "cooldownSeconds": 10,
+                "efficiencyThreshold": 0.5,
+                "maxRescalesPerHour": 20,
+                "capacityTimeoutSeconds": 15,
+                "capacityBackoffSeconds": 600,
+            },
         },
     }
 
@@ -168,9 +192,12 @@ def _condition(status, type_):
 
 
 def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
-        process_cluster, crds, k8s, namespace, run_operator, tmp_path):
+    process_cluster, crds, k8s, namespace, run_operator, tmp_path
+):
     _need_prometheus()
-    prom = LocalPrometheus(process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom")
+    prom = LocalPrometheus(
+        process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom"
+    )
     prom.start()
     operator = None
     try:
@@ -180,8 +207,13 @@ def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
         def at_knee():
             st = _status(k8s, namespace, "knee")
             decision = (st.get("autoscaling") or {}).get("lastDecision") or {}
-            return (st.get("phase") == "Running" and st.get("worldSize") == KNEE
-                    and decision.get("reason", "").startswith("AtKnee") and st)
+            return (
+                st.get("phase") == "Running"
+                and st.get("worldSize") == KNEE
+                and decision.get("reason", "").startswith("AtKnee")
+                and st
+            )
+
         _poll(at_knee, 420, 2, message=f"the job to settle at {KNEE} workers\n{operator.log_text()[-3000:]}")
         # Holds there: no new generation for a while.
         generation = _status(k8s, namespace, "knee")["workerGeneration"]
@@ -191,13 +223,27 @@ def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
         assert st["autoscaling"]["lastDecision"]["target"] == KNEE
 
         prom.stop()
-        _poll(lambda: (_condition(_status(k8s, namespace, "knee"), CONDITION_METRICS_UNAVAILABLE) or {}).get(
-            "status") == "True", 60, 2, message="MetricsUnavailable=True")
+        _poll(
+            lambda: (
+                (_condition(_status(k8s, namespace, "knee"), CONDITION_METRICS_UNAVAILABLE) or {}).get("status")
+                == "True"
+            ),
+            60,
+            2,
+            message="MetricsUnavailable=True",
+        )
         st = _status(k8s, namespace, "knee")
         assert st["worldSize"] == KNEE and st["workerGeneration"] == generation  # held, not scaled down
         prom.start()
-        _poll(lambda: (_condition(_status(k8s, namespace, "knee"), CONDITION_METRICS_UNAVAILABLE) or {}).get(
-            "status") == "False", 90, 2, message="MetricsUnavailable=False after Prometheus returned")
+        _poll(
+            lambda: (
+                (_condition(_status(k8s, namespace, "knee"), CONDITION_METRICS_UNAVAILABLE) or {}).get("status")
+                == "False"
+            ),
+            90,
+            2,
+            message="MetricsUnavailable=False after Prometheus returned",
+        )
         assert _status(k8s, namespace, "knee")["worldSize"] == KNEE
     finally:
         if operator is not None:
@@ -205,8 +251,9 @@ def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
         prom.close()
 
 
-def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster, crds, k8s, namespace, run_operator,
-                                                                 tmp_path):
+def test_scale_up_without_capacity_keeps_the_running_generation(
+    process_cluster, crds, k8s, namespace, run_operator, tmp_path
+):
     """GPUs for 3 workers, a curve that wants 6: the job stays at 3, untouched, and says why."""
     _need_prometheus()
     from lepton_localcluster import SimulatedNode
@@ -215,7 +262,9 @@ def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster,
     node = SimulatedNode(name=f"cap3-{namespace}"[:63], gpus=3, labels={"lepton.ai/test-pool": namespace})
     process_cluster.add_node(node)
     linear = {str(n): 40 * n for n in range(1, 7)}
-    prom = LocalPrometheus(process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom")
+    prom = LocalPrometheus(
+        process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom"
+    )
     prom.start()
     operator = None
     try:
@@ -231,6 +280,7 @@ def test_scale_up_without_capacity_keeps_the_running_generation(process_cluster,
             st = _status(k8s, namespace, "capped")
             cond = _condition(st, "Rescaling") or {}
             return cond.get("reason") == "InsufficientCapacity" and st
+
         st = _poll(refused, 240, 2, message=f"InsufficientCapacity\n{operator.log_text()[-3000:]}")
         assert st["worldSize"] == 3 and st["workerGeneration"] == generation
         assert st["autoscaling"].get("backoffUntil")

@@ -17,7 +17,6 @@ from lepton_operator.api.conditions import (
     REASON_INSUFFICIENT_CAPACITY,
 )
 from lepton_operator.api.models import LeptonJobSpec, Observation, parse_status
-
 from lepton_operator.scaling import policy
 from lepton_operator.scaling.policy import (
     RescaleEvent,
@@ -25,14 +24,22 @@ from lepton_operator.scaling.policy import (
     decide,
     fit_scaling,
 )
+
 pytestmark = pytest.mark.unit
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
 def spec(lo=1, hi=8, **auto) -> LeptonJobSpec:
-    settings = {"enabled": True, "intervalSeconds": 30, "warmupSeconds": 60, "cooldownSeconds": 120,
-                "efficiencyThreshold": 0.5, "maxRescalesPerHour": 6, **auto}
+    settings = {
+        "enabled": True,
+        "intervalSeconds": 30,
+        "warmupSeconds": 60,
+        "cooldownSeconds": 120,
+        "efficiencyThreshold": 0.5,
+        "maxRescalesPerHour": 6,
+        **auto,
+    }
     return LeptonJobSpec.model_validate({"workers": {"min": lo, "max": hi}, "autoscaling": settings})
 
 
@@ -44,8 +51,15 @@ def amdahl(serial: float):
     return lambda n: 100.0 * n / (1 + serial * (n - 1))
 
 
-def converge(curve, s: LeptonJobSpec, start: int = 1, noise: float = 0.0, seed: int = 0, steps: int = 200,
-             capacity: int | None = None):
+def converge(
+    curve,
+    s: LeptonJobSpec,
+    start: int = 1,
+    noise: float = 0.0,
+    seed: int = 0,
+    steps: int = 200,
+    capacity: int | None = None,
+):
     """Drive `decide` like the operator does: measure after warm-up, rescale, repeat."""
     rng = random.Random(seed)
     now, size, gen_start = T0, start, T0
@@ -241,8 +255,15 @@ def test_capacity_backoff_blocks_the_failed_size_but_allows_a_smaller_step():
     d = decide(seen, s, ScalingState(2, T0, backoff_until=backoff), now)  # failed size unknown
     assert d.reason == conditions.HOLD_BACKOFF
     after = backoff + timedelta(seconds=1)
-    assert decide([obs(1, 100, T0), obs(2, 200, after)], s,
-                  ScalingState(2, T0, backoff_until=backoff, capacity_failed_size=3), after).target == 8
+    assert (
+        decide(
+            [obs(1, 100, T0), obs(2, 200, after)],
+            s,
+            ScalingState(2, T0, backoff_until=backoff, capacity_failed_size=3),
+            after,
+        ).target
+        == 8
+    )
 
 
 def test_capacity_limited_job_stays_at_what_fits():
@@ -252,16 +273,18 @@ def test_capacity_limited_job_stays_at_what_fits():
 
 
 def test_state_from_status_reads_history_backoff_and_failed_size():
-    status = parse_status({
-        "worldSize": 3,
-        "generationStartTime": "2025-01-01T00:10:00Z",
-        "rescaleHistory": [
-            {"from": 1, "to": 3, "reason": "ScaleUpPaysOff", "time": "2025-01-01T00:09:00Z", "downtimeSeconds": 42},
-            {"from": 3, "to": 3, "reason": "WorkerRestart", "time": "2025-01-01T00:09:30Z"},
-            {"from": 3, "to": 6, "reason": REASON_INSUFFICIENT_CAPACITY, "time": "2025-01-01T00:20:00Z"},
-        ],
-        "autoscaling": {"backoffUntil": "2025-01-01T00:30:00Z"},
-    })
+    status = parse_status(
+        {
+            "worldSize": 3,
+            "generationStartTime": "2025-01-01T00:10:00Z",
+            "rescaleHistory": [
+                {"from": 1, "to": 3, "reason": "ScaleUpPaysOff", "time": "2025-01-01T00:09:00Z", "downtimeSeconds": 42},
+                {"from": 3, "to": 3, "reason": "WorkerRestart", "time": "2025-01-01T00:09:30Z"},
+                {"from": 3, "to": 6, "reason": REASON_INSUFFICIENT_CAPACITY, "time": "2025-01-01T00:20:00Z"},
+            ],
+            "autoscaling": {"backoffUntil": "2025-01-01T00:30:00Z"},
+        }
+    )
     state = ScalingState.from_status(status)
     assert state.world_size == 3 and state.generation_start == T0 + timedelta(minutes=10)
     assert [r.changed_size for r in state.rescales] == [True, False]
