@@ -96,7 +96,7 @@ def test_no_import_cycles():
             if nxt.startswith(node + ".") or node.startswith(nxt + "."):
                 continue  # a package and its own modules
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2

@@ -182,4 +182,3 @@ def test_invalid_edit_of_a_running_job_keeps_its_workers():
     assert (p.creates, p.deletes) == ([], [])
     assert w.status.phase == "Running"
     assert get_condition(w.status, CONDITION_INVALID_SPEC).status == "True"
-

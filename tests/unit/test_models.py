@@ -276,13 +276,22 @@ def test_example_shapes_match_their_promises():
 
 
 def test_status_written_by_a_newer_operator_parses_and_its_unknown_fields_are_ignored():
-    status = parse_status({
-        "phase": "Running",
-        "fencingEpoch": 4,  # unknown top-level field
-        "workers": {"desired": 2, "ready": 2, "cordoned": 1},  # unknown nested field
-        "rescale": {"from": 2, "to": 3, "reason": "ManualScale", "stage": "Starting",
-                    "startedAt": "2026-01-01T00:00:00Z", "targetGeneration": 2, "gate": "open"},
-    })
+    status = parse_status(
+        {
+            "phase": "Running",
+            "fencingEpoch": 4,  # unknown top-level field
+            "workers": {"desired": 2, "ready": 2, "cordoned": 1},  # unknown nested field
+            "rescale": {
+                "from": 2,
+                "to": 3,
+                "reason": "ManualScale",
+                "stage": "Starting",
+                "startedAt": "2026-01-01T00:00:00Z",
+                "targetGeneration": 2,
+                "gate": "open",
+            },
+        }
+    )
     assert status.phase == "Running" and status.workers.ready == 2 and status.rescale.to == 3
     assert "fencingEpoch" not in status.to_k8s() and "cordoned" not in status.to_k8s()["workers"]
     # The spec still refuses what it does not know: a typo there must not pass silently.
