@@ -14,9 +14,9 @@ import sys
 
 SUBCOMMAND_MODULES = [
     "lepton_operator.reconcile.cli",  # run: the operator (kopf)
-    "lepton_operator.api.crd_cli",       # crd: print, --write or --check the generated CRD
+    "lepton_operator.api.crd_cli",  # crd: print, --write or --check the generated CRD
     "lepton_operator.scaling.simulate",  # simulate: autoscaling policy on a throughput curve
-    "lepton_operator.api.reference",     # reference: the LeptonJob field reference (README)
+    "lepton_operator.api.reference",  # reference: the LeptonJob field reference (README)
 ]
 
 

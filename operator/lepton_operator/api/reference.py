@@ -34,8 +34,14 @@ def _bounds(schema: dict) -> str:
     parts = []
     if "enum" in schema:
         parts.append(" \\| ".join(f"`{v}`" for v in schema["enum"]))
-    for key, label in (("minimum", ">="), ("maximum", "<="), ("minLength", "len >="), ("maxLength", "len <="),
-                       ("maxItems", "items <="), ("maxProperties", "keys <=")):
+    for key, label in (
+        ("minimum", ">="),
+        ("maximum", "<="),
+        ("minLength", "len >="),
+        ("maxLength", "len <="),
+        ("maxItems", "items <="),
+        ("maxProperties", "keys <="),
+    ):
         if key in schema:
             parts.append(f"{label} {schema[key]}")
     if "pattern" in schema:

@@ -70,8 +70,9 @@ class AutoscalePlan:
     decision: Optional[ScaleDecision] = None
 
 
-def measurement_window(spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime,
-                       reporting_since: Optional[datetime] = None) -> Optional[int]:
+def measurement_window(
+    spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime, reporting_since: Optional[datetime] = None
+) -> Optional[int]:
     """Seconds of rate window inside this generation after its warm-up (and after all its
     workers began reporting, when known); None while that is shorter than `windowSeconds`.
 
@@ -91,22 +92,34 @@ def measurement_window(spec: LeptonJobSpec, status: LeptonJobStatus, now: dateti
 
 def should_run(spec: LeptonJobSpec, status: LeptonJobStatus) -> bool:
     """The autoscaler acts only on a Running job with no rescale under way."""
-    return (spec.autoscaling.enabled and not spec.suspend and status.phase == "Running"
-            and status.rescale is None and status.world_size > 0)
+    return (
+        spec.autoscaling.enabled
+        and not spec.suspend
+        and status.phase == "Running"
+        and status.rescale is None
+        and status.world_size > 0
+    )
 
 
-def _metrics_condition(status: LeptonJobStatus, unavailable: bool, message: str, now: datetime,
-                       observed_generation: Optional[int]) -> Optional[list]:
+def _metrics_condition(
+    status: LeptonJobStatus, unavailable: bool, message: str, now: datetime, observed_generation: Optional[int]
+) -> Optional[list]:
     """The conditions list with MetricsUnavailable set, or None when it would not change."""
     if not unavailable and get_condition(status, CONDITION_METRICS_UNAVAILABLE) is None:
         return None  # never unavailable so far: nothing to say
     reason = REASON_METRICS_UNAVAILABLE if unavailable else REASON_METRICS_AVAILABLE
-    return conditions_patch(status, CONDITION_METRICS_UNAVAILABLE, unavailable, reason, message, now,
-                            observed_generation)
+    return conditions_patch(
+        status, CONDITION_METRICS_UNAVAILABLE, unavailable, reason, message, now, observed_generation
+    )
 
 
-def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union[Sample, MetricsError, None],
-                   now: datetime, observed_generation: Optional[int] = None) -> AutoscalePlan:
+def plan_autoscale(
+    spec: LeptonJobSpec,
+    status: LeptonJobStatus,
+    measured: Union[Sample, MetricsError, None],
+    now: datetime,
+    observed_generation: Optional[int] = None,
+) -> AutoscalePlan:
     """One autoscaler pass, pure: record the measurement, decide, say what to write.
 
     `measured` is the throughput of the current generation (a Sample), the error that
@@ -122,11 +135,13 @@ def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union
         observations.sort(key=lambda o: o.world_size)
         auto_patch["observations"] = [o.to_k8s() for o in observations]
         plan.status_patch["throughput"] = round(measured.value, 3)
-        conditions = _metrics_condition(status, False, f"throughput {measured.value:.1f} samples/s at {n} workers",
-                                      now, observed_generation)
+        conditions = _metrics_condition(
+            status, False, f"throughput {measured.value:.1f} samples/s at {n} workers", now, observed_generation
+        )
     elif isinstance(measured, MetricsError):
-        conditions = _metrics_condition(status, True, f"Prometheus: {measured}; holding {n} workers",
-                                      now, observed_generation)
+        conditions = _metrics_condition(
+            status, True, f"Prometheus: {measured}; holding {n} workers", now, observed_generation
+        )
         if conditions is not None:
             plan.events.append(("Warning", REASON_METRICS_UNAVAILABLE, str(measured)[:1024]))
     else:
@@ -149,16 +164,23 @@ def plan_autoscale(spec: LeptonJobSpec, status: LeptonJobStatus, measured: Union
     return plan
 
 
-def measure(client: Optional[PrometheusClient], namespace: str, name: str, spec: LeptonJobSpec,
-            status: LeptonJobStatus, now: datetime,
-            reporting_since: dict[int, datetime]) -> Union[Sample, MetricsError, None]:
+def measure(
+    client: Optional[PrometheusClient],
+    namespace: str,
+    name: str,
+    spec: LeptonJobSpec,
+    status: LeptonJobStatus,
+    now: datetime,
+    reporting_since: dict[int, datetime],
+) -> Union[Sample, MetricsError, None]:
     """Query the current generation's throughput (blocking; run it in a thread).
 
     `reporting_since` (per job, kept in the operator context) remembers when every worker
     of a generation was first seen reporting; the rate window starts no earlier than that.
     """
     if status.generation_start_time is None or now < status.generation_start_time + timedelta(
-            seconds=spec.autoscaling.warmup_seconds):
+        seconds=spec.autoscaling.warmup_seconds
+    ):
         return None
     if client is None:
         return MetricsError("connection", "no Prometheus URL configured (--prometheus-url)")
@@ -192,8 +214,9 @@ def prometheus_client(config: OperatorConfig) -> Optional[PrometheusClient]:
     )
 
 
-async def autoscale_pass(ctx: OperatorContext, namespace: str, name: str, interval: float,
-                         logger: logging.Logger) -> None:
+async def autoscale_pass(
+    ctx: OperatorContext, namespace: str, name: str, interval: float, logger: logging.Logger
+) -> None:
     """If `interval` seconds passed since the job was last measured: measure, decide and,
     if the size should change, write spec.workers.replicas; events after the writes."""
     memory = ctx.autoscaler_memory((namespace, name))
@@ -216,8 +239,9 @@ async def autoscale_pass(ctx: OperatorContext, namespace: str, name: str, interv
             return
         memory.last_run = mono
         now = datetime.now(timezone.utc)
-        measured = await asyncio.to_thread(measure, prometheus_client(ctx.config), namespace, name, job, st, now,
-                                           memory.reporting_since)
+        measured = await asyncio.to_thread(
+            measure, prometheus_client(ctx.config), namespace, name, job, st, now, memory.reporting_since
+        )
         plan = plan_autoscale(job, st, measured, now, observed_generation=body["metadata"].get("generation"))
         version = body["metadata"]["resourceVersion"]
         if plan.status_patch:

@@ -31,32 +31,57 @@ DEFAULT_PEERING = "lepton-operator"
 
 def add_parser(subparsers) -> None:
     """Register `run` with the top-level CLI."""
-    p = subparsers.add_parser("run", help="run the operator (kopf)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "run", help="run the operator (kopf)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     scope = p.add_mutually_exclusive_group()
-    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
-                       help="watch this namespace (repeatable; globs allowed as in kopf)")
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; globs allowed as in kopf)",
+    )
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch the whole cluster")
-    p.add_argument("--liveness-port", type=int, default=8080,
-                   help="port of the /healthz liveness endpoint (0: none; default 8080)")
-    p.add_argument("--metrics-port", type=int, default=8081,
-                   help="port of the operator's own /metrics (0: none; default 8081)")
+    p.add_argument(
+        "--liveness-port", type=int, default=8080, help="port of the /healthz liveness endpoint (0: none; default 8080)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=8081, help="port of the operator's own /metrics (0: none; default 8081)"
+    )
     p.add_argument("--bind-address", default="0.0.0.0", help="address the endpoints listen on")
-    p.add_argument("--prometheus-url", default=os.environ.get("LEPTON_PROMETHEUS_URL"),
-                   help="Prometheus HTTP API base URL for autoscaling (env LEPTON_PROMETHEUS_URL)")
+    p.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("LEPTON_PROMETHEUS_URL"),
+        help="Prometheus HTTP API base URL for autoscaling (env LEPTON_PROMETHEUS_URL)",
+    )
     p.add_argument("--prometheus-timeout", type=float, default=5.0, help="seconds per Prometheus query")
     p.add_argument("--prometheus-token-file", default=None, help="bearer token file for Prometheus")
     p.add_argument("--prometheus-ca-file", default=None, help="CA bundle for Prometheus TLS")
-    p.add_argument("--resync-seconds", type=float, default=30.0,
-                   help="reconcile each job at least this often (safety net; default 30)")
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="reconcile each job at least this often (safety net; default 30)",
+    )
     peering = p.add_mutually_exclusive_group()
-    peering.add_argument("--standalone", action="store_true",
-                         help="no peering: this replica acts alone (single-replica installs, tests)")
-    peering.add_argument("--peering", default=DEFAULT_PEERING, metavar="NAME",
-                         help=f"kopf peering object name (default {DEFAULT_PEERING})")
+    peering.add_argument(
+        "--standalone", action="store_true", help="no peering: this replica acts alone (single-replica installs, tests)"
+    )
+    peering.add_argument(
+        "--peering",
+        default=DEFAULT_PEERING,
+        metavar="NAME",
+        help=f"kopf peering object name (default {DEFAULT_PEERING})",
+    )
     p.add_argument("--priority", type=int, default=0, help="peering priority (highest active replica acts)")
-    p.add_argument("--api-threads", type=int, default=DEFAULT_API_THREADS,
-                   help="threads (and pooled connections) for API and Prometheus calls")
+    p.add_argument(
+        "--api-threads",
+        type=int,
+        default=DEFAULT_API_THREADS,
+        help="threads (and pooled connections) for API and Prometheus calls",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=run)
 

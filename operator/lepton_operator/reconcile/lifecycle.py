@@ -188,7 +188,10 @@ def deadline_exceeded(p: JobPass) -> bool:
     running = seconds(p.now - p.s.start_time) - p.s.suspended_seconds
     if running >= deadline:
         finish(
-            p, "Failed", REASON_DEADLINE_EXCEEDED, f"the job ran {running:.0f}s, longer than activeDeadlineSeconds={deadline}"
+            p,
+            "Failed",
+            REASON_DEADLINE_EXCEEDED,
+            f"the job ran {running:.0f}s, longer than activeDeadlineSeconds={deadline}",
         )
         return True
     p.plan.requeue(deadline - running)

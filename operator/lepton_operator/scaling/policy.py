@@ -126,8 +126,14 @@ class ScalingState:
             world_size=status.world_size,
             generation_start=status.generation_start_time,
             rescales=tuple(
-                RescaleEvent(r.time, r.downtime_seconds, changed_size=r.from_ != r.to,
-                             from_size=r.from_, to_size=r.to, reason=r.reason)
+                RescaleEvent(
+                    r.time,
+                    r.downtime_seconds,
+                    changed_size=r.from_ != r.to,
+                    from_size=r.from_,
+                    to_size=r.to,
+                    reason=r.reason,
+                )
                 for r in history
                 if r.reason != REASON_INSUFFICIENT_CAPACITY  # abandoned: nothing was restarted
             ),
@@ -192,25 +198,40 @@ def decide(
     if cur < lo or cur > hi:
         # Bounds changed under a running job: the operator core clamps the requested size.
         target = max(lo, min(hi, cur))
-        return ScaleDecision(target, "up" if target > cur else "down", REASON_OUT_OF_BOUNDS,
-                             f"{cur} is outside [min, max] = [{lo}, {hi}]; moving to {target}")
+        return ScaleDecision(
+            target,
+            "up" if target > cur else "down",
+            REASON_OUT_OF_BOUNDS,
+            f"{cur} is outside [min, max] = [{lo}, {hi}]; moving to {target}",
+        )
 
     warm_from = state.generation_start + timedelta(seconds=auto.warmup_seconds) if state.generation_start else None
     if warm_from is not None and now < warm_from:
         left = (warm_from - now).total_seconds()
-        return _hold(cur, HOLD_WARMUP, f"generation at {cur} workers is warming up ({left:.0f} s of "
-                     f"{auto.warmup_seconds} s warm-up left); holding {cur}")
+        return _hold(
+            cur,
+            HOLD_WARMUP,
+            f"generation at {cur} workers is warming up ({left:.0f} s of "
+            f"{auto.warmup_seconds} s warm-up left); holding {cur}",
+        )
 
     seen = usable_observations(observations)
     current = seen.get(cur)
     max_age = STALE_INTERVALS * auto.interval_seconds
     if current is None:
-        return _hold(cur, HOLD_NO_DATA, f"no throughput measured at {cur} workers; holding {cur} "
-                     "(missing data never scales down)")
+        return _hold(
+            cur,
+            HOLD_NO_DATA,
+            f"no throughput measured at {cur} workers; holding {cur} (missing data never scales down)",
+        )
     age = (now - current.measured_at).total_seconds()
     if age > max_age or (warm_from is not None and current.measured_at < warm_from):
-        return _hold(cur, HOLD_NO_DATA, f"throughput at {cur} workers is stale (measured {age:.0f} s ago, "
-                     f"before this generation warmed up or more than {max_age} s ago); holding {cur}")
+        return _hold(
+            cur,
+            HOLD_NO_DATA,
+            f"throughput at {cur} workers is stale (measured {age:.0f} s ago, "
+            f"before this generation warmed up or more than {max_age} s ago); holding {cur}",
+        )
 
     t_cur = current.throughput
     per_worker_cur = t_cur / cur
@@ -228,16 +249,21 @@ def decide(
         per_worker_low = t_low / lower
         gain_per_worker = (t_cur - t_low) / (cur - lower)
         last_eff = gain_per_worker / per_worker_low if per_worker_low > 0 else 0.0
-        step_text = (f"{lower}->{cur}: {gain_per_worker:+.1f} samples/s per added worker = {last_eff:.2f} of "
-                     f"per-worker throughput ({per_worker_low:.1f})")
+        step_text = (
+            f"{lower}->{cur}: {gain_per_worker:+.1f} samples/s per added worker = {last_eff:.2f} of "
+            f"per-worker throughput ({per_worker_low:.1f})"
+        )
         if last_eff < auto.efficiency_threshold:
             blocked = _guards(state, auto, now, scale_up=False)
             if blocked:
                 return blocked
-            return ScaleDecision(lower, "down", REASON_AUTOSCALE_DOWN,
-                                 f"{step_text} < {auto.efficiency_threshold:.2f}: the last step did not pay; "
-                                 f"{cur}->{lower}",
-                                 dict(efficiency=last_eff, throughput=t_cur, lower_throughput=t_low))
+            return ScaleDecision(
+                lower,
+                "down",
+                REASON_AUTOSCALE_DOWN,
+                f"{step_text} < {auto.efficiency_threshold:.2f}: the last step did not pay; {cur}->{lower}",
+                dict(efficiency=last_eff, throughput=t_cur, lower_throughput=t_low),
+            )
 
     if cur >= hi:
         return _hold(cur, HOLD_AT_BOUND, f"at max = {hi} workers ({t_cur:.1f} samples/s); holding {cur}")
@@ -265,8 +291,11 @@ def decide(
     if worse_above:
         # A larger size measured slower: the peak, if any, lies between; search halfway.
         ceiling = min(ceiling, (cur + min(worse_above)) // 2)
-    stepped_back = [r.from_size for r in state.rescales
-                    if r.reason == REASON_AUTOSCALE_DOWN and r.from_size is not None and r.from_size > cur]
+    stepped_back = [
+        r.from_size
+        for r in state.rescales
+        if r.reason == REASON_AUTOSCALE_DOWN and r.from_size is not None and r.from_size > cur
+    ]
     if stepped_back:
         # A size the autoscaler left because it did not pay is not tried again: noise in a
         # re-measured smaller size must not make the job flap.
@@ -285,21 +314,32 @@ def decide(
         if n in seen and ((t_n - t_cur) / (n - cur)) / per_worker_cur < auto.efficiency_threshold:
             break  # measured before: a size known not to pay is not tried again
         target = n
-    fitted = (f"fitted n/(a+b*n) on sizes {','.join(map(str, sorted(seen)))} "
-              f"(serial fraction {b / (a + b):.2f})") if len(seen) > 1 else (
-              f"one size measured, assuming linear scaling from {per_worker_cur:.1f} samples/s per worker")
+    fitted = (
+        (f"fitted n/(a+b*n) on sizes {','.join(map(str, sorted(seen)))} (serial fraction {b / (a + b):.2f})")
+        if len(seen) > 1
+        else (f"one size measured, assuming linear scaling from {per_worker_cur:.1f} samples/s per worker")
+    )
     if target == cur and in_backoff and ceiling < cur + auto.step:
         left = (state.backoff_until - now).total_seconds()
-        return _hold(cur, HOLD_BACKOFF, f"the scale-up to {state.capacity_failed_size} could not be placed "
-                     f"(insufficient capacity); no new attempt for {left:.0f} s; holding {cur}")
+        return _hold(
+            cur,
+            HOLD_BACKOFF,
+            f"the scale-up to {state.capacity_failed_size} could not be placed "
+            f"(insufficient capacity); no new attempt for {left:.0f} s; holding {cur}",
+        )
     if target == cur:
         nxt = min(hi, cur + auto.step)
         t_next = predict(nxt)
         eff = ((t_next - t_cur) / (nxt - cur)) / per_worker_cur if per_worker_cur > 0 else 0.0
         how = "measured" if nxt in seen else "expected"
-        return _hold(cur, HOLD_AT_KNEE, f"{cur}->{nxt}: {how} {t_cur:.1f} -> {t_next:.1f} samples/s = {eff:.2f} "
-                     f"of per-worker throughput per added worker < {auto.efficiency_threshold:.2f} ({fitted}); "
-                     f"holding {cur}", efficiency=eff)
+        return _hold(
+            cur,
+            HOLD_AT_KNEE,
+            f"{cur}->{nxt}: {how} {t_cur:.1f} -> {t_next:.1f} samples/s = {eff:.2f} "
+            f"of per-worker throughput per added worker < {auto.efficiency_threshold:.2f} ({fitted}); "
+            f"holding {cur}",
+            efficiency=eff,
+        )
 
     expected_gain = predict(target) - t_cur
     blocked = _guards(state, auto, now, scale_up=True)
@@ -308,16 +348,25 @@ def decide(
     # Samples gained over the horizon after the restart, against samples lost by restarting.
     benefit = expected_gain * max(0.0, horizon - restart_s)
     if benefit <= restart_cost:
-        return _hold(cur, HOLD_NOT_WORTH_RESTART,
-                     f"{cur}->{target} would gain ~{expected_gain:.1f} samples/s, {benefit:.0f} samples over "
-                     f"{horizon:.0f} s, less than a {restart_s:.0f} s restart costs ({restart_cost:.0f} samples); "
-                     f"holding {cur}", expected_gain=expected_gain, restart_cost=restart_cost)
+        return _hold(
+            cur,
+            HOLD_NOT_WORTH_RESTART,
+            f"{cur}->{target} would gain ~{expected_gain:.1f} samples/s, {benefit:.0f} samples over "
+            f"{horizon:.0f} s, less than a {restart_s:.0f} s restart costs ({restart_cost:.0f} samples); "
+            f"holding {cur}",
+            expected_gain=expected_gain,
+            restart_cost=restart_cost,
+        )
     last = f"{step_text} >= {auto.efficiency_threshold:.2f}; " if last_eff is not None else ""
-    return ScaleDecision(target, "up", REASON_AUTOSCALE_UP,
-                         f"{last}{fitted}: expected {t_cur:.1f} -> {t_cur + expected_gain:.1f} samples/s at "
-                         f"{target}, +{expected_gain:.1f} samples/s pays the {restart_s:.0f} s restart "
-                         f"({benefit:.0f} > {restart_cost:.0f} samples over {horizon:.0f} s); {cur}->{target}",
-                         dict(expected_gain=expected_gain, restart_cost=restart_cost, throughput=t_cur))
+    return ScaleDecision(
+        target,
+        "up",
+        REASON_AUTOSCALE_UP,
+        f"{last}{fitted}: expected {t_cur:.1f} -> {t_cur + expected_gain:.1f} samples/s at "
+        f"{target}, +{expected_gain:.1f} samples/s pays the {restart_s:.0f} s restart "
+        f"({benefit:.0f} > {restart_cost:.0f} samples over {horizon:.0f} s); {cur}->{target}",
+        dict(expected_gain=expected_gain, restart_cost=restart_cost, throughput=t_cur),
+    )
 
 
 def fit_scaling(points: dict[int, float]) -> tuple[float, float]:
@@ -345,20 +394,34 @@ def fit_scaling(points: dict[int, float]) -> tuple[float, float]:
 def _guards(state: ScalingState, auto, now: datetime, scale_up: bool) -> Optional[ScaleDecision]:
     """Cooldown, hourly budget and capacity backoff: a hold decision, or None to go ahead."""
     cur = state.world_size
-    if (scale_up and state.backoff_until is not None and now < state.backoff_until
-            and state.capacity_failed_size is None):
+    if (
+        scale_up
+        and state.backoff_until is not None
+        and now < state.backoff_until
+        and state.capacity_failed_size is None
+    ):
         left = (state.backoff_until - now).total_seconds()
-        return _hold(cur, HOLD_BACKOFF, f"the last scale-up could not be placed (insufficient capacity); "
-                     f"no new attempt for {left:.0f} s; holding {cur}")
+        return _hold(
+            cur,
+            HOLD_BACKOFF,
+            f"the last scale-up could not be placed (insufficient capacity); "
+            f"no new attempt for {left:.0f} s; holding {cur}",
+        )
     times = [r.time for r in state.rescales]
     if times:
         since = (now - max(times)).total_seconds()
         if since < auto.cooldown_seconds:
-            return _hold(cur, HOLD_COOLDOWN, f"last rescale {since:.0f} s ago, cooldown is "
-                         f"{auto.cooldown_seconds} s; holding {cur}")
+            return _hold(
+                cur,
+                HOLD_COOLDOWN,
+                f"last rescale {since:.0f} s ago, cooldown is {auto.cooldown_seconds} s; holding {cur}",
+            )
     hour_ago = now - timedelta(hours=1)
     recent = [r for r in state.rescales if r.changed_size and r.time > hour_ago]
     if len(recent) >= auto.max_rescales_per_hour:
-        return _hold(cur, HOLD_BUDGET, f"{len(recent)} rescales in the last hour, budget is "
-                     f"{auto.max_rescales_per_hour}; holding {cur}")
+        return _hold(
+            cur,
+            HOLD_BUDGET,
+            f"{len(recent)} rescales in the last hour, budget is {auto.max_rescales_per_hour}; holding {cur}",
+        )
     return None

@@ -14,9 +14,14 @@ from typing import Optional
 SCRAPE_JOB = "lepton-trainer"
 
 
-def scrape_config(api_server: Optional[str] = None, token_file: Optional[str] = None,
-                  ca_file: Optional[str] = None, insecure_skip_verify: bool = False,
-                  namespaces: Optional[list[str]] = None, scrape_interval: str = "15s") -> dict:
+def scrape_config(
+    api_server: Optional[str] = None,
+    token_file: Optional[str] = None,
+    ca_file: Optional[str] = None,
+    insecure_skip_verify: bool = False,
+    namespaces: Optional[list[str]] = None,
+    scrape_interval: str = "15s",
+) -> dict:
     """The scrape job for LeptonJob workers (a `scrape_configs` entry).
 
     In a cluster, leave `api_server`/`token_file`/`ca_file` unset: Prometheus then uses its
@@ -51,13 +56,20 @@ def scrape_config(api_server: Optional[str] = None, token_file: Optional[str] = 
 def relabel_configs() -> list[dict]:
     """Keep annotated running pods; scrape podIP:port; label namespace, pod, job_name, generation."""
     return [
-        {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "regex": "true",
-         "action": "keep"},
+        {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "regex": "true", "action": "keep"},
         {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Pending|Succeeded|Failed", "action": "drop"},
-        {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "regex": "(.+)",
-         "target_label": "__metrics_path__", "replacement": "$1"},
-        {"source_labels": ["__meta_kubernetes_pod_ip", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
-         "regex": "(.+);([0-9]+)", "target_label": "__address__", "replacement": "$1:$2"},
+        {
+            "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
+            "regex": "(.+)",
+            "target_label": "__metrics_path__",
+            "replacement": "$1",
+        },
+        {
+            "source_labels": ["__meta_kubernetes_pod_ip", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
+            "regex": "(.+);([0-9]+)",
+            "target_label": "__address__",
+            "replacement": "$1:$2",
+        },
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         {"source_labels": ["__meta_kubernetes_pod_label_lepton_ai_job_name"], "target_label": "job_name"},

@@ -149,8 +149,13 @@ def hpa_policy(curve: Curve) -> PolicyFn:
     return policy
 
 
-def simulate(curve: Curve, policy: str = "lepton", seed: int = 0, settings: Optional[dict] = None,
-             max_seconds: float = 30 * 24 * 3600) -> dict:
+def simulate(
+    curve: Curve,
+    policy: str = "lepton",
+    seed: int = 0,
+    settings: Optional[dict] = None,
+    max_seconds: float = 30 * 24 * 3600,
+) -> dict:
     """Run the job to completion under `policy` ("lepton", "hpa" or "fixed:N"); return the result."""
     spec = curve.spec(settings)
     auto = spec.autoscaling
