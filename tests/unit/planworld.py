@@ -45,6 +45,9 @@ class World:
         self.events: list[tuple[str, str, str]] = []
         self.meta_generation = 1
         self.last = None
+        self.uids = 0
+        self.nodes = None  # the node view plan() gets (None: unknown)
+        self.capacity: dict[str, int] | None = None  # worker slots per node (None: unlimited)
 
     # --- passes -----------------------------------------------------------------
 
@@ -57,18 +60,32 @@ class World:
     def step(self, seconds: float = 0):
         self.now += timedelta(seconds=seconds)
         p = plan(
-            self.job, self.meta_generation, self.parsed(), self.status,
-            [copy.deepcopy(x) for x in self.pods.values()], self.service, self.pvc, self.now,
+            self.job,
+            self.meta_generation,
+            self.parsed(),
+            self.status,
+            [copy.deepcopy(x) for x in self.pods.values()],
+            self.service,
+            self.pvc,
+            self.now,
+            self.nodes,
         )
         self.status = parse_status(p.status.to_k8s())  # what the apiserver would store
-        for kind, name, _grace in p.deletes:
-            assert kind == "Pod"
-            if name in self.pods:
-                self.pods[name]["metadata"]["deletionTimestamp"] = self.now.isoformat()
+        for delete in p.deletes:
+            assert delete.kind == "Pod"
+            pod = self.pods.get(delete.name)
+            if pod is None or pod["metadata"]["uid"] != delete.uid:  # the uid precondition
+                continue
+            if delete.grace == 0:
+                del self.pods[delete.name]  # force delete: gone from the API at once
+            else:
+                pod["metadata"]["deletionTimestamp"] = self.now.isoformat()
         for obj in p.creates:
             if obj["kind"] == "Pod":
                 if obj["metadata"]["name"] not in self.pods:  # AlreadyExists otherwise
                     pod = copy.deepcopy(obj)
+                    self.uids += 1
+                    pod["metadata"]["uid"] = f"{obj['metadata']['name']}-u{self.uids}"
                     pod["status"] = {"phase": "Pending"}
                     self.pods[obj["metadata"]["name"]] = pod
             elif obj["kind"] == "Service":
@@ -92,15 +109,39 @@ class World:
 
     # --- the simulated kubelet ----------------------------------------------------
 
-    def schedule(self, *names):
+    def schedule(self, *names, node: str = "node-1"):
         for n in names or list(self.pods):
-            self.pods[n].setdefault("spec", {})["nodeName"] = "node-1"
+            self.pods[n].setdefault("spec", {})["nodeName"] = node
+
+    def place(self, pod: dict) -> bool:
+        """The scheduler: any node without `capacity`, else a Ready, uncordoned node with a
+        free slot (lowest name first). True when the pod is (now) bound."""
+        spec = pod.setdefault("spec", {})
+        if spec.get("nodeName"):
+            return True
+        if self.capacity is None:
+            spec["nodeName"] = "node-1"
+            return True
+        used: dict[str, int] = {}
+        for other in self.pods.values():
+            node = (other.get("spec") or {}).get("nodeName")
+            if node and other["status"].get("phase") in ("Pending", "Running"):
+                used[node] = used.get(node, 0) + 1
+        for node, slots in sorted(self.capacity.items()):
+            info = (self.nodes or {}).get(node)
+            if info is not None and (not info.ready or info.unschedulable):
+                continue
+            if used.get(node, 0) < slots:
+                spec["nodeName"] = node
+                return True
+        return False
 
     def run_all(self):
+        """Bind what fits and start it (pods that fit nowhere stay Pending, unbound)."""
         for pod in self.pods.values():
             if pod["status"]["phase"] == "Pending" and not pod["metadata"].get("deletionTimestamp"):
-                pod.setdefault("spec", {})["nodeName"] = "node-1"
-                pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+                if self.place(pod):
+                    pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
 
     def exit(self, name: str, code: int):
         self.pods[name]["status"] = {
@@ -129,7 +170,7 @@ class World:
         return sorted(o["metadata"]["name"] for o in self.last.creates if o["kind"] == "Pod")
 
     def deleted(self) -> list[str]:
-        return [name for _k, name, _g in self.last.deletes]
+        return [d.name for d in self.last.deletes]
 
     def reasons(self) -> list[str]:
         return [reason for _t, reason, _m in self.events]
@@ -148,4 +189,3 @@ def scale_to(w: World, replicas: int):
     workers = dict(w.spec["workers"])
     workers["replicas"] = replicas
     w.set_spec(workers=workers)
-

@@ -151,7 +151,9 @@ def test_torchrun_env_contract():
         assert env["PET_RDZV_ENDPOINT"] == "demo-worker-0.demo-workers.ml.svc:29400"
         assert env["PET_RDZV_ID"] == f"{UID}-g3"
         assert env["PET_MAX_RESTARTS"] == "0"
-        assert env["PET_RDZV_CONF"] == ("is_host=1" if i == 0 else "is_host=0")
+        # Wait for the store through capacity confirmation (120 s), the old generation's stop
+        # (grace 60 s) and worker 0's start (300 s): torch retries the connection that long.
+        assert env["PET_RDZV_CONF"] == f"is_host={int(i == 0)},read_timeout=480,join_timeout=600"
         assert env["LEPTON_JOB_NAME"] == "demo"
         assert env["LEPTON_GENERATION"] == "3"
         assert env["LEPTON_WORLD_SIZE"] == env["LEPTON_JOB_TOTAL_WORKERS"] == "3"
@@ -202,10 +204,11 @@ def test_user_env_comes_after_operator_env_and_is_passed_through():
     assert len(names) == len(set(names))
 
 
-def test_checkpoint_dir_follows_the_mount_path():
+def test_checkpoint_dir_is_the_jobs_own_directory_on_the_volume():
     spec = parse_job("demo", {"checkpoint": {"size": "10Gi", "mountPath": "/ckpt"}})
     pod = build_worker_pod(ref(), spec, 0, 1, 1)
-    assert env_of(pod)["LEPTON_CHECKPOINT_DIR"] == "/ckpt"
+    # Per job uid: a claim reused by a new job of the same name never resumes the old one.
+    assert env_of(pod)["LEPTON_CHECKPOINT_DIR"] == f"/ckpt/{UID}"
     [container] = pod["spec"]["containers"]
     assert {"name": "checkpoints", "mountPath": "/ckpt"} in container["volumeMounts"]
     assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "demo-checkpoints"}} in pod["spec"]["volumes"]
@@ -321,6 +324,18 @@ def test_only_worker_0_exposes_the_rendezvous_port():
     ports1 = build_worker_pod(ref(), spec, 1, 1, 2)["spec"]["containers"][0]["ports"]
     assert {p["name"]: p["containerPort"] for p in ports0} == {"metrics": 9500, "rendezvous": 29400}
     assert {p["name"]: p["containerPort"] for p in ports1} == {"metrics": 9500}
+
+
+def test_consecutive_generations_use_different_rendezvous_ports():
+    # Workers of g+1 created while g runs resolve worker 0's name to g's worker 0: on a
+    # port of their own they cannot join g's store, and wait until g+1's worker 0 serves it.
+    spec = parse_job("demo", {"workers": {"min": 2, "max": 4}, "rendezvousPort": 31000})
+    endpoints = [env_of(build_worker_pod(ref(), spec, 1, g, 2))["PET_RDZV_ENDPOINT"] for g in (1, 2, 3, 4)]
+    assert [e.rsplit(":", 1)[1] for e in endpoints] == ["31000", "31001", "31000", "31001"]
+    ports = build_worker_pod(ref(), spec, 0, 2, 2)["spec"]["containers"][0]["ports"]
+    assert {p["name"]: p["containerPort"] for p in ports}["rendezvous"] == 31001
+    service_ports = {p["name"]: p["port"] for p in build_service(ref(), spec)["spec"]["ports"]}
+    assert service_ports == {"rendezvous": 31000, "rendezvous-alt": 31001, "metrics": 9400}
 
 
 def test_service_is_headless_and_publishes_not_ready_workers():

@@ -46,16 +46,17 @@ def test_success_running_pending():
 
 
 @pytest.mark.parametrize("reason", ["Evicted", "Preempting", "NodeLost", "Shutdown", "OutOfnvidia.com/gpu"])
-def test_cluster_made_failures_are_retryable_whatever_the_code(reason):
+def test_cluster_made_failures_are_disruptions_whatever_the_code(reason):
     # An evicted pod's container may report 1 or nothing at all: the node took it away.
-    assert classify_pod(pod("Failed", 1, reason=reason)).outcome == "retryable"
-    assert classify_pod(pod("Failed", reason=reason)).outcome == "retryable"
+    assert classify_pod(pod("Failed", 1, reason=reason)).outcome == "disrupted"
+    assert classify_pod(pod("Failed", reason=reason)).outcome == "disrupted"
+    assert classify_pod(pod("Failed", reason=reason)).failed
 
 
-def test_disruption_condition_and_unknown_phase_are_retryable():
+def test_disruption_condition_and_unknown_phase_are_disruptions():
     disrupted = pod("Failed", 1, conditions=[{"type": "DisruptionTarget", "status": "True"}])
-    assert classify_pod(disrupted).outcome == "retryable"
-    assert classify_pod(pod("Unknown")).outcome == "retryable"
+    assert classify_pod(disrupted).outcome == "disrupted"
+    assert classify_pod(pod("Unknown")).outcome == "disrupted"
 
 
 def test_failed_without_exit_code_is_retryable():

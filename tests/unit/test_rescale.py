@@ -17,6 +17,7 @@ from lepton_operator.api.conditions import (
     REASON_INSUFFICIENT_CAPACITY,
     REASON_MANUAL_SCALE,
     REASON_RESTARTS_EXHAUSTED,
+    REASON_WORKER_DISRUPTED,
     REASON_WORKER_LOST,
     REASON_WORKER_RESTART,
 )
@@ -38,7 +39,13 @@ def test_scale_up_creates_only_the_added_workers_first_and_leaves_the_running_ge
     assert w.created_pods() == ["job-worker-2"]
     assert p.deletes == []
     r = w.status.rescale
-    assert (r.stage, r.from_, r.to, r.target_generation, r.reason) == ("ConfirmingCapacity", 2, 3, 2, REASON_MANUAL_SCALE)
+    assert (r.stage, r.from_, r.to, r.target_generation, r.reason) == (
+        "ConfirmingCapacity",
+        2,
+        3,
+        2,
+        REASON_MANUAL_SCALE,
+    )
     assert w.generations() == {"job-worker-0": 1, "job-worker-1": 1, "job-worker-2": 2}
     assert w.status.phase == "Rescaling"
     assert get_condition(w.status, CONDITION_RESCALING).status == "True"
@@ -53,6 +60,7 @@ def test_scale_up_abandoned_when_added_workers_are_not_scheduled_and_backoff_is_
     assert p.deletes == [] and w.status.rescale is not None
     p = w.step(2)  # past capacityTimeoutSeconds
     assert w.deleted() == ["job-worker-2"]
+    assert p.deletes[0].grace == 5  # gracefully: a started container is stopped cleanly
     assert w.status.rescale is None
     assert w.status.worker_generation == 1 and w.status.world_size == 2
     assert w.status.autoscaling.backoff_until == w.now + timedelta(seconds=600)
@@ -67,12 +75,14 @@ def test_scale_up_abandoned_when_added_workers_are_not_scheduled_and_backoff_is_
     assert p.creates == [] and w.status.rescale is None
     assert p.requeue_after == pytest.approx(300)
     assert "held" in w.status.message
-    # After the backoff a new attempt starts (the abandoned workers are long gone, so no
-    # pod of the target generation exists any more).
+    # After the backoff a new attempt starts with a generation number never used before,
+    # although the abandoned workers of generation 2 are long gone (same rendezvous id
+    # otherwise); 3 has the running generation's parity (its rendezvous port), so 4.
     w.step(301)
     assert w.status.rescale.stage == "ConfirmingCapacity"
-    assert w.status.rescale.target_generation == 2
+    assert w.status.rescale.target_generation == 4 and w.status.latest_generation == 4
     assert w.created_pods() == ["job-worker-2"]
+    assert set(w.generations().values()) == {1, 4}
 
 
 def test_scale_up_with_capacity_stops_old_generation_waits_until_gone_then_starts_new():
@@ -83,7 +93,7 @@ def test_scale_up_with_capacity_stops_old_generation_waits_until_gone_then_start
     p = w.step(5)
     assert w.status.rescale.stage == "Stopping"
     assert w.deleted() == ["job-worker-1", "job-worker-0"]  # highest index first, worker 0 last
-    assert all(grace == 5 for _k, _n, grace in p.deletes)  # graceful: the trainer checkpoints
+    assert all(d.grace == 5 for d in p.deletes)  # graceful: the trainer checkpoints
     # Old pods still terminating: nothing of generation 2 at their indices yet.
     p = w.step(3)
     assert w.created_pods() == []
@@ -202,11 +212,16 @@ def test_a_replayed_failure_pass_does_not_double_count():
     assert again.status.restarts == 1
 
 
-def test_eviction_is_retryable():
-    w = running_world()
+def test_eviction_is_a_disruption_that_spends_no_restart():
+    w = running_world(base_spec(restart={"maxRestarts": 0, "backoffSeconds": 60}))
     w.evict("job-worker-0")
+    w.exit("job-worker-1", 171)  # its peer then fails the rendezvous: the eviction is the cause
     w.step()
-    assert w.status.restarts == 1 and w.status.phase == "Pending"
+    assert (w.status.restarts, w.status.disruptions, w.status.phase) == (0, 1, "Pending")
+    assert w.status.rescale.reason == REASON_WORKER_DISRUPTED
+    w.reap()
+    w.step()  # no restart backoff for a disruption
+    assert w.status.worker_generation == 2 and w.created_pods() == ["job-worker-0", "job-worker-1"]
 
 
 def test_spent_restart_budget_fails_the_job():
@@ -228,7 +243,7 @@ def test_worker_lost_in_a_running_generation_starts_a_new_generation():
     del w.pods["job-worker-1"]  # deleted by hand and already gone
     w.step()
     assert w.status.rescale.reason == REASON_WORKER_LOST
-    assert w.status.restarts == 1
+    assert (w.status.restarts, w.status.disruptions) == (0, 1)
     w.reap()
     w.step()
     assert w.status.worker_generation == 2
@@ -258,4 +273,3 @@ def test_old_generation_pods_are_deleted():
     w.step()
     assert w.deleted() == ["job-worker-3"]
     assert w.status.restarts == 0
-

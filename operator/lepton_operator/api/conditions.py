@@ -47,9 +47,22 @@ CONDITION_METRICS_UNAVAILABLE = "MetricsUnavailable"
 REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"
 REASON_METRICS_AVAILABLE = "MetricsAvailable"
 
-# --- restarts: a new generation at the same size (Ready turns False with these) -------
+# --- restarts: a new generation at the same size, counted in status.restarts ----------
+# (Ready turns False with these.) The job's own fault, as far as anyone can tell.
 REASON_WORKER_RESTART = "WorkerRestart"
+REASON_HUNG = "Hung"
+
+# --- disruptions: a new generation at the same size, counted in status.disruptions -----
+# The cluster took workers away (never the job's fault): the restart budget is not spent.
 REASON_WORKER_LOST = "WorkerLost"
+REASON_WORKER_DISRUPTED = "WorkerDisrupted"
+REASON_NODE_LOST = "NodeLost"
+REASON_NODE_DRAINING = "NodeDraining"
+DISRUPTION_REASONS = frozenset({REASON_WORKER_LOST, REASON_WORKER_DISRUPTED, REASON_NODE_LOST, REASON_NODE_DRAINING})
+
+# --- capacity: a generation whose workers cannot all be placed -------------------------
+REASON_SHRUNK_FOR_CAPACITY = "ShrunkForCapacity"
+REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
 
 # --- events only ------------------------------------------------------------------------
 REASON_RESCALING = "Rescaling"

@@ -137,10 +137,27 @@ def _structural(node: dict, defs: dict) -> dict:
 
 # Key order of the generated YAML: what a reader looks for first comes first.
 _KEY_ORDER = [
-    "description", "type", "format", "enum", "default",
-    "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems", "minProperties", "maxProperties",
-    "properties", "required", "items", "additionalProperties", "x-kubernetes-validations",
+    "description",
+    "type",
+    "format",
+    "enum",
+    "default",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "properties",
+    "required",
+    "items",
+    "additionalProperties",
+    "x-kubernetes-validations",
 ]
 
 
@@ -234,6 +251,18 @@ def _add_cel_rules(spec: dict) -> None:
         )
     ]
 
+    port_rule = _rule(
+        "!has(self.metricsPort) || !has(self.rendezvousPort) || "
+        "(self.metricsPort != self.rendezvousPort && self.metricsPort != self.rendezvousPort + 1)",
+        "metricsPort must differ from rendezvousPort and rendezvousPort + 1 (generations alternate between them)",
+    )
+    props["restart"]["x-kubernetes-validations"] = [
+        _rule(
+            "!has(self.hangSeconds) || self.hangSeconds == 0 || self.hangSeconds >= 10",
+            "restart.hangSeconds must be 0 (off) or at least 10",
+        ),
+    ]
+
     # Immutability: a transition rule on each field compares old and new values when both
     # exist; Optional fields additionally may not appear or disappear (rule on spec).
     spec_rules = []
@@ -247,8 +276,7 @@ def _add_cel_rules(spec: dict) -> None:
             spec_rules.append(
                 _rule(f"has(self.{key}) == has(oldSelf.{key})", f"{key} is immutable: it cannot be added or removed")
             )
-    if spec_rules:
-        spec["x-kubernetes-validations"] = spec_rules
+    spec["x-kubernetes-validations"] = [port_rule] + spec_rules
 
 
 def _reorder(node: Any) -> Any:

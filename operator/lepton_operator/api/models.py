@@ -244,6 +244,24 @@ class RestartSpec(ApiModel):
         ge=0,
         le=3600,
     )
+    node_lost_seconds: int = Field(
+        60,
+        description=(
+            "A worker whose node has not been Ready for this long is lost: its pod is force-deleted "
+            "and a new generation starts without that node (a disruption, not a restart)."
+        ),
+        ge=10,
+        le=86400,
+    )
+    hang_seconds: int = Field(
+        1800,
+        description=(
+            "A Running job whose trainers report no new samples (lepton_trainer_samples_total) for "
+            "this long is hung: a new generation starts, counted as a restart. 0: never (needs Prometheus)."
+        ),
+        ge=0,
+        le=7 * 24 * 3600,
+    )
 
 
 # Cap of the exponential restart backoff, as the Job controller's (6 min there).
@@ -332,7 +350,9 @@ IMMUTABLE_FIELDS = (
 class LeptonJobSpec(ApiModel):
     """Desired state of a LeptonJob: an elastic PyTorch training job."""
 
-    image: str = Field(DEFAULT_TRAINER_IMAGE, description="Container image of the workers.", min_length=1, max_length=512)
+    image: str = Field(
+        DEFAULT_TRAINER_IMAGE, description="Container image of the workers.", min_length=1, max_length=512
+    )
     image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(
         None, description="Image pull policy of the workers."
     )
@@ -351,7 +371,13 @@ class LeptonJobSpec(ApiModel):
         None, description="Training processes per worker (default: `resources.gpus`, or 1).", ge=1, le=64
     )
     rendezvous_port: int = Field(
-        DEFAULT_RENDEZVOUS_PORT, description="Port of the c10d rendezvous store on worker 0.", ge=1024, le=65535
+        DEFAULT_RENDEZVOUS_PORT,
+        description=(
+            "Port of the c10d rendezvous store on worker 0. Generations alternate between this port and "
+            "the next one, so workers of the next generation can never reach the running one's store."
+        ),
+        ge=1024,
+        le=65534,
     )
     metrics_port: int = Field(
         DEFAULT_METRICS_PORT, description="Port on which workers serve Prometheus metrics.", ge=1024, le=65535
@@ -380,7 +406,9 @@ class LeptonJobSpec(ApiModel):
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=dict, description="Node labels the workers require.", max_length=32
     )
-    tolerations: list[Toleration] = Field(default_factory=list, description="Taints the workers tolerate.", max_length=32)
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the workers tolerate.", max_length=32
+    )
     priority_class_name: Optional[str] = Field(
         None, description="PriorityClass of the workers.", max_length=253, pattern=DNS_LABEL_PATTERN
     )
@@ -472,6 +500,17 @@ class RescaleInProgress(StatusModel):
     started_at: Timestamp = Field(description="When the rescale started.")
     stopped_at: Optional[Timestamp] = Field(None, description="When the old generation was asked to stop.")
     target_generation: int = Field(description="Generation being started.", ge=1)
+    not_before: Optional[Timestamp] = Field(
+        None, description="The new generation starts no earlier than this (waiting for capacity)."
+    )
+
+
+class HangReport(StatusModel):
+    """The hang watchdog's finding: a generation made no progress for `hangSeconds`."""
+
+    generation: int = Field(description="The generation that stopped making progress.", ge=1)
+    detected_at: Timestamp = Field(description="When the watchdog found it.")
+    message: str = Field("", description="What was measured.", max_length=4096)
 
 
 class Observation(StatusModel):
@@ -516,7 +555,14 @@ class LeptonJobStatus(StatusModel):
     world_size: int = Field(0, description="Workers in the current generation.", ge=0)
     generation_start_time: Optional[Timestamp] = Field(None, description="When the current generation started.")
     template_hash: Optional[str] = Field(None, description="Digest of the immutable spec fields in use.")
-    restarts: int = Field(0, description="Generations started because workers failed.", ge=0)
+    restarts: int = Field(0, description="Generations started because workers failed (spends maxRestarts).", ge=0)
+    disruptions: int = Field(
+        0, description="Generations started because the cluster took workers away (eviction, node loss, drain).", ge=0
+    )
+    latest_generation: int = Field(
+        0, description="Highest generation number assigned so far (abandoned attempts included).", ge=0
+    )
+    hang: Optional[HangReport] = Field(None, description="Set by the hang watchdog; the core restarts that generation.")
     start_time: Optional[Timestamp] = Field(None, description="When the first workers were created.")
     completion_time: Optional[Timestamp] = Field(None, description="When the job Succeeded or Failed.")
     suspended_at: Optional[Timestamp] = Field(None, description="When the current suspension began.")
@@ -569,12 +615,23 @@ def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
         if (var.value is not None) and (var.value_from is not None):
             errors.append(f"spec.env[{var.name}] sets both value and valueFrom")
         if var.value_from is not None:
-            sources = [s for s in (var.value_from.config_map_key_ref, var.value_from.secret_key_ref, var.value_from.field_ref) if s]
+            sources = [
+                s
+                for s in (var.value_from.config_map_key_ref, var.value_from.secret_key_ref, var.value_from.field_ref)
+                if s
+            ]
             if len(sources) != 1:
                 errors.append(f"spec.env[{var.name}].valueFrom needs exactly one source")
     mounts = [v.mount_path for v in spec.data_volumes] + ([spec.checkpoint.mount_path] if spec.checkpoint else [])
     if len(set(mounts)) != len(mounts):
         errors.append("spec.dataVolumes and spec.checkpoint mount paths must differ")
+    if spec.metrics_port in (spec.rendezvous_port, spec.rendezvous_port + 1):
+        errors.append(
+            f"spec.metricsPort ({spec.metrics_port}) must differ from spec.rendezvousPort and the port after it "
+            f"({spec.rendezvous_port}, {spec.rendezvous_port + 1}): generations alternate between those two"
+        )
+    if 0 < spec.restart.hang_seconds < 10:
+        errors.append(f"spec.restart.hangSeconds ({spec.restart.hang_seconds}) must be 0 (off) or at least 10")
     return errors
 
 

@@ -29,6 +29,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 METRICS_PATH = "/metrics"
 PORT_NAME_METRICS = "metrics"
 PORT_NAME_RENDEZVOUS = "rendezvous"
+PORT_NAME_RENDEZVOUS_ALT = "rendezvous-alt"  # odd generations' store
 
 VOLUME_SHM = "dshm"
 VOLUME_CHECKPOINTS = "checkpoints"
@@ -70,23 +71,50 @@ def _field_env(name: str, field_path: str) -> dict:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
 
 
+def rendezvous_port(spec: LeptonJobSpec, generation: int) -> int:
+    """The c10d store's port for a generation: `rendezvousPort` or the next port, by parity.
+
+    Consecutive generations use different ports (the operator never gives the next
+    generation the running one's parity). Workers of generation g+1 created before g has
+    stopped (capacity confirmation) resolve worker 0's name to g's worker 0, but nothing
+    listens there on their port: they keep retrying until g+1's worker 0 hosts it, and
+    never join g's rendezvous (which cost a restart whenever g then stopped).
+    """
+    return spec.rendezvous_port + (generation - 1) % 2  # generation 1 uses rendezvousPort itself
+
+
+def rendezvous_wait_seconds(spec: LeptonJobSpec) -> int:
+    """How long a worker may wait for the store: through capacity confirmation, the old
+    generation's graceful stop and worker 0's start (5 minutes for pulling and starting)."""
+    return spec.autoscaling.capacity_timeout_seconds + spec.termination_grace_period_seconds + 300
+
+
+def checkpoint_dir(job: JobRef, spec: LeptonJobSpec) -> str:
+    """The job's own directory on the checkpoint volume: a reused claim never resumes
+    another job's checkpoints."""
+    return f"{spec.checkpoint.mount_path.rstrip('/')}/{job.uid}"
+
+
 def worker_env(job: JobRef, spec: LeptonJobSpec, index: int, generation: int, world_size: int) -> list[dict]:
     """The environment of worker `index` (operator variables first, then the user's).
 
     torchrun reads PET_*: a fixed `--nnodes` per generation and a rendezvous id unique to
     the generation (pytorch#82160), hosted by worker 0 (`is_host` says so explicitly:
-    guessing from host names fails behind /etc/hosts, kubeflow/trainer#2041). The
+    guessing from host names fails behind /etc/hosts, kubeflow/trainer#2041) on a port
+    that alternates between generations (`rendezvous_port`); `read_timeout` lets a worker
+    wait that long for the store (torch retries the connection until then). The
     operator owns restarts, so torchrun's own are off. Lepton's names are set too so that
     scripts written for Lepton (`${LEPTON_JOB_WORKER_PREFIX}-0.${LEPTON_SUBDOMAIN}`) run
     unchanged. User variables come last: they may refer to ours as `$(POD_IP)`.
     """
+    wait = rendezvous_wait_seconds(spec)
     env = [
         _env("PET_NNODES", world_size),
         _env("PET_NPROC_PER_NODE", spec.processes_per_worker),
         _env("PET_RDZV_BACKEND", "c10d"),
-        _env("PET_RDZV_ENDPOINT", f"{worker_host(job, 0)}:{spec.rendezvous_port}"),
+        _env("PET_RDZV_ENDPOINT", f"{worker_host(job, 0)}:{rendezvous_port(spec, generation)}"),
         _env("PET_RDZV_ID", f"{job.uid}-g{generation}"),
-        _env("PET_RDZV_CONF", "is_host=1" if index == 0 else "is_host=0"),
+        _env("PET_RDZV_CONF", f"is_host={int(index == 0)},read_timeout={wait},join_timeout={max(600, wait + 60)}"),
         _env("PET_MAX_RESTARTS", 0),
         _env("LEPTON_JOB_NAME", job.name),
         _env("LEPTON_GENERATION", generation),
@@ -101,7 +129,7 @@ def worker_env(job: JobRef, spec: LeptonJobSpec, index: int, generation: int, wo
     if spec.checkpoint is not None:
         # Unset without a checkpoint volume: the trainer then keeps no checkpoints
         # (a directory in the container would vanish with the pod anyway).
-        env.append(_env("LEPTON_CHECKPOINT_DIR", spec.checkpoint.mount_path))
+        env.append(_env("LEPTON_CHECKPOINT_DIR", checkpoint_dir(job, spec)))
     env += [
         _field_env("POD_IP", "status.podIP"),
         _field_env("POD_NAME", "metadata.name"),
@@ -194,7 +222,8 @@ def build_worker_pod(job: JobRef, spec: LeptonJobSpec, index: int, generation: i
     name = worker_pod_name(job.name, index)
     ports = [{"name": PORT_NAME_METRICS, "containerPort": spec.metrics_port, "protocol": "TCP"}]
     if index == 0:
-        ports.append({"name": PORT_NAME_RENDEZVOUS, "containerPort": spec.rendezvous_port, "protocol": "TCP"})
+        port = rendezvous_port(spec, generation)
+        ports.append({"name": PORT_NAME_RENDEZVOUS, "containerPort": port, "protocol": "TCP"})
     volumes, mounts = _volumes(job, spec)
 
     container: dict = {"name": CONTAINER_NAME, "image": spec.image}
@@ -269,10 +298,24 @@ def build_service(job: JobRef, spec: LeptonJobSpec) -> dict:
             "publishNotReadyAddresses": True,
             "selector": worker_selector(job.name),
             "ports": [
-                {"name": PORT_NAME_RENDEZVOUS, "port": spec.rendezvous_port, "targetPort": spec.rendezvous_port,
-                 "protocol": "TCP"},
-                {"name": PORT_NAME_METRICS, "port": spec.metrics_port, "targetPort": spec.metrics_port,
-                 "protocol": "TCP"},
+                {
+                    "name": PORT_NAME_RENDEZVOUS,
+                    "port": spec.rendezvous_port,
+                    "targetPort": spec.rendezvous_port,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": PORT_NAME_RENDEZVOUS_ALT,
+                    "port": spec.rendezvous_port + 1,
+                    "targetPort": spec.rendezvous_port + 1,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": PORT_NAME_METRICS,
+                    "port": spec.metrics_port,
+                    "targetPort": spec.metrics_port,
+                    "protocol": "TCP",
+                },
             ],
         },
     }
@@ -312,4 +355,3 @@ def build_checkpoint_pvc(job: JobRef, spec: LeptonJobSpec) -> Optional[dict]:
         "metadata": _metadata(job, checkpoint_pvc_name(job.name), worker_selector(job.name)),
         "spec": pvc_spec,
     }
-

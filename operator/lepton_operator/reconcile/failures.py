@@ -1,10 +1,11 @@
-"""Classify worker pods: running, succeeded, retryable failure, permanent failure.
+"""Classify worker pods: running, succeeded, retryable or permanent failure, disrupted.
 
 The rule is the training-operator `ExitCode` policy (docs/rescale-protocol.md, "Failures use the
 same path"): exit code 0 is success; 1-127 is a permanent failure (a bug, a bad argument:
 retrying repeats it); 128-255 is retryable (killed by a signal, OOM-killed, or the
-trainer's own PEER_LOST / RENDEZVOUS_FAILED codes); a pod evicted, preempted or lost with
-its node is retryable whatever its code says.
+trainer's own PEER_LOST / RENDEZVOUS_FAILED codes). A pod evicted, preempted or lost with
+its node is "disrupted" whatever its code says: the cluster took it away, so its new
+generation does not spend the job's restart budget (docs/rescale-protocol.md).
 
 Pure: takes pod dicts (the API's JSON form), imports neither kopf nor the client.
 """
@@ -14,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-Outcome = Literal["pending", "running", "succeeded", "retryable", "permanent"]
+Outcome = Literal["pending", "running", "succeeded", "retryable", "permanent", "disrupted"]
 
 # Pod `status.reason` values that mean the node or the cluster took the pod away, not the
-# program: Evicted (kubelet pressure, Eviction API), Preempting (scheduler preemption),
-# NodeLost (node controller), Shutdown / NodeShutdown / Terminated (graceful node
-# shutdown), UnexpectedAdmissionError and OutOf<resource> (kubelet admission: the pod
-# never ran).
-RETRYABLE_POD_REASONS = frozenset(
+# program (outcome "disrupted": a new generation that does not spend the restart budget):
+# Evicted (kubelet pressure, Eviction API), Preempting (scheduler preemption), NodeLost
+# (node controller), Shutdown / NodeShutdown / Terminated (graceful node shutdown),
+# UnexpectedAdmissionError and OutOf<resource> (kubelet admission: the pod never ran).
+DISRUPTION_POD_REASONS = frozenset(
     {
         "Evicted",
         "Preempting",
@@ -47,7 +48,8 @@ class PodOutcome:
 
     @property
     def failed(self) -> bool:
-        return self.outcome in ("retryable", "permanent")
+        """The worker stopped without success, whoever was at fault."""
+        return self.outcome in ("retryable", "permanent", "disrupted")
 
     def describe(self, pod_name: str) -> str:
         """A sentence naming the worker and why it stopped, for conditions and events."""
@@ -98,17 +100,17 @@ def classify_pod(pod: dict) -> PodOutcome:
     phase = status.get("phase") or "Pending"
     reason = status.get("reason") or ""
 
-    if reason in RETRYABLE_POD_REASONS or reason.startswith("OutOf"):
+    if reason in DISRUPTION_POD_REASONS or reason.startswith("OutOf"):
         codes = _terminated_codes(pod)
-        return PodOutcome("retryable", codes[0] if codes else None, reason)
+        return PodOutcome("disrupted", codes[0] if codes else None, reason)
     if phase == "Unknown":  # the node stopped reporting: treat the worker as lost
-        return PodOutcome("retryable", None, reason or "NodeLost")
+        return PodOutcome("disrupted", None, reason or "NodeLost")
     if phase == "Succeeded":
         return PodOutcome("succeeded", 0, "")
     if phase == "Failed":
         codes = _terminated_codes(pod)
         if _disrupted(pod):
-            return PodOutcome("retryable", codes[0] if codes else None, reason or "DisruptionTarget")
+            return PodOutcome("disrupted", codes[0] if codes else None, reason or "DisruptionTarget")
         permanent = [c for c in codes if classify_exit_code(c) == "permanent"]
         if permanent:
             return PodOutcome("permanent", permanent[0], reason)

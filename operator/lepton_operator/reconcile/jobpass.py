@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from lepton_operator.api.conditions import REASON_NAME_TAKEN
 from lepton_operator.api.models import LeptonJobSpec, LeptonJobStatus
@@ -23,9 +23,20 @@ from lepton_operator.desired import (
 )
 from lepton_operator.reconcile.conditions import set_condition
 from lepton_operator.reconcile.failures import classify_pod, is_ready, is_terminating
+from lepton_operator.reconcile.nodes import NodeInfo
 
 NORMAL = "Normal"
 WARNING = "Warning"
+
+
+class Delete(NamedTuple):
+    """A delete the plan asks for. `uid` is a precondition: a pod of the same name created
+    since (the next generation's) is never deleted in its place."""
+
+    kind: str
+    name: str
+    grace: Optional[int]
+    uid: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -35,7 +46,7 @@ class Plan:
 
     status: LeptonJobStatus
     creates: list[dict] = dataclasses.field(default_factory=list)
-    deletes: list[tuple[str, str, Optional[int]]] = dataclasses.field(default_factory=list)
+    deletes: list[Delete] = dataclasses.field(default_factory=list)
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     requeue_after: Optional[float] = None
     delete_job: bool = False
@@ -49,9 +60,10 @@ class Plan:
         self.events.append((type_, reason, message))
 
     def delete_pod(self, pod: dict, grace: Optional[int]) -> None:
-        name = pod["metadata"]["name"]
-        if not any(kind == "Pod" and n == name for kind, n, _ in self.deletes):
-            self.deletes.append(("Pod", name, grace))
+        """Delete this very pod (by uid); the first delete planned for it wins."""
+        meta = pod["metadata"]
+        if not any(d.kind == "Pod" and d.name == meta["name"] and d.uid == meta.get("uid") for d in self.deletes):
+            self.deletes.append(Delete("Pod", meta["name"], grace, meta.get("uid")))
 
 
 def seconds(delta: timedelta) -> float:
@@ -77,8 +89,10 @@ class JobPass:
         service_exists: bool,
         pvc_exists: bool,
         now: datetime,
+        nodes: Optional[dict[str, NodeInfo]] = None,
     ):
         self.job = job
+        self.nodes = nodes
         self.gen_meta = meta_generation
         self.spec = spec
         self.now = now
@@ -103,11 +117,42 @@ class JobPass:
         return {pod_index(p): p for p in self.ours if pod_generation(p) == generation}
 
     def next_generation(self) -> int:
-        """A generation number no pod or record has used: rendezvous ids stay unique."""
-        seen = [self.s.worker_generation] + [pod_generation(p) for p in self.ours]
-        if self.s.rescale is not None:
-            seen.append(self.s.rescale.target_generation)
-        return max(seen) + 1
+        """Assign a generation number never used before, abandoned attempts included
+        (`status.latestGeneration` records it before any pod of it exists): rendezvous ids
+        stay unique and the number fences checkpoints. Its parity differs from the running
+        generation's, so its rendezvous port does too (`desired.rendezvous_port`)."""
+        s = self.s
+        seen = [s.worker_generation, s.latest_generation] + [pod_generation(p) for p in self.ours]
+        if s.rescale is not None:
+            seen.append(s.rescale.target_generation)
+        generation = max(seen) + 1
+        if s.worker_generation and generation % 2 == s.worker_generation % 2:
+            generation += 1
+        s.latest_generation = generation
+        return generation
+
+    def node_lost(self, pod: dict) -> Optional[str]:
+        """Why the pod's node counts as lost (not Ready for `nodeLostSeconds`, or gone), or None."""
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or self.nodes is None:
+            return None
+        info = self.nodes.get(node)
+        if info is None:
+            return f"node {node} no longer exists"
+        if info.ready:
+            return None
+        down = seconds(self.now - info.not_ready_since)
+        if down < self.spec.restart.node_lost_seconds:
+            return None
+        since = "ever" if info.not_ready_since.year == 1 else f"{down:.0f}s"
+        limit = self.spec.restart.node_lost_seconds
+        return f"node {node} has not been Ready for {since} (restart.nodeLostSeconds={limit})"
+
+    def node_cordoned(self, pod: dict) -> Optional[str]:
+        """The name of the pod's node when it is cordoned (a drain is coming), else None."""
+        node = (pod.get("spec") or {}).get("nodeName")
+        info = self.nodes.get(node) if node and self.nodes else None
+        return node if info is not None and info.unschedulable else None
 
     def grace(self) -> int:
         return self.spec.termination_grace_period_seconds

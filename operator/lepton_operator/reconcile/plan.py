@@ -25,6 +25,10 @@ from lepton_operator.api.conditions import (
     CONDITION_READY,
     REASON_ALL_SUCCEEDED,
     REASON_FOREIGN_POD,
+    REASON_HUNG,
+    REASON_NODE_DRAINING,
+    REASON_NODE_LOST,
+    REASON_WORKER_DISRUPTED,
     REASON_WORKER_FAILED,
     REASON_WORKER_LOST,
     REASON_WORKER_RESTART,
@@ -36,6 +40,7 @@ from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_
 from lepton_operator.reconcile import lifecycle, rescale
 from lepton_operator.reconcile.failures import classify_pod, is_terminating
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan
+from lepton_operator.reconcile.nodes import NodeInfo
 
 
 def plan(
@@ -47,15 +52,17 @@ def plan(
     service_exists: bool,
     pvc_exists: bool,
     now: datetime,
+    nodes: Optional[dict[str, NodeInfo]] = None,
 ) -> Plan:
     """Compute one reconcile pass for a LeptonJob (pure; see the module docstring).
 
     `pods` are all pods carrying the job's labels (the handler's index), including ones
-    the job does not own; `spec` is the parsed spec or the InvalidJob that parsing raised.
+    the job does not own; `spec` is the parsed spec or the InvalidJob that parsing raised;
+    `nodes` is the node view (None when unknown: node loss and drains are not judged).
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
-    return run(JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now))
+    return run(JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes))
 
 
 def run(p: JobPass) -> Plan:
@@ -80,6 +87,7 @@ def run(p: JobPass) -> Plan:
         lifecycle.resume(p)
     if lifecycle.deadline_exceeded(p):
         return p.plan
+    force_delete_on_lost_nodes(p)
     if s.worker_generation == 0:
         return lifecycle.initial_start(p)
     if s.rescale is not None:
@@ -89,36 +97,78 @@ def run(p: JobPass) -> Plan:
     return steady(p)
 
 
+def force_delete_on_lost_nodes(p: JobPass) -> list[str]:
+    """Force-delete (grace 0) our pods on lost nodes, whatever their generation; return why.
+
+    Safe because the node has not been Ready for `nodeLostSeconds`: its kubelet cannot
+    act on a graceful delete, so the pod would stay Terminating for ever and block its
+    name. If the node is only partitioned and the container still runs, it cannot join a
+    later generation (new rendezvous id and port) and cannot overwrite checkpoints (the
+    trainer fences writes by generation).
+    """
+    why = []
+    for pod in p.ours:
+        lost = p.node_lost(pod)
+        if lost:
+            p.plan.delete_pod(pod, 0)
+            why.append(f"worker {pod['metadata']['name']}: {lost}")
+    return why
+
+
 def steady(p: JobPass) -> Plan:
-    """One generation, no rescale under way: finish, restart, count, or start a rescale."""
+    """One generation, no rescale under way: finish, restart, count, or start a rescale.
+
+    What ends a generation, in order: a permanent failure (the job fails), all workers
+    succeeded, the cluster taking workers away (a disruption: lost node, eviction or
+    preemption, a worker deleted by someone else, a cordoned node), a retryable failure
+    or a hang (a restart, which spends `maxRestarts`). A cause the cluster created wins
+    over the retryable exits of the peers it left behind.
+    """
     s = p.s
     g, n = s.worker_generation, s.world_size
     current = p.of_generation(g)
     # Pods of other generations (and indices beyond the world size) are leftovers.
     p.delete_all([pod for pod in p.ours if pod_generation(pod) != g or not 0 <= pod_index(pod) < n])
+    forming = s.phase in (None, "Pending")
+    name = lambda i: worker_pod_name(p.job.name, i)  # noqa: E731
 
     outcomes = {i: classify_pod(pod) for i, pod in current.items() if 0 <= i < n}
     permanent = [(i, o) for i, o in sorted(outcomes.items()) if o.outcome == "permanent"]
     if permanent:
         i, o = permanent[0]
-        return lifecycle.finish(p, "Failed", REASON_WORKER_FAILED, o.describe(worker_pod_name(p.job.name, i)))
+        return lifecycle.finish(p, "Failed", REASON_WORKER_FAILED, o.describe(name(i)))
     if len(outcomes) == n and all(o.outcome == "succeeded" for o in outcomes.values()):
         return lifecycle.finish(p, "Succeeded", REASON_ALL_SUCCEEDED, f"all {n} worker(s) of generation {g} exited 0")
 
-    retryable = [(i, o) for i, o in sorted(outcomes.items()) if o.outcome == "retryable"]
-    if retryable:
-        i, o = retryable[0]
-        return rescale.restart(p, REASON_WORKER_RESTART, o.describe(worker_pod_name(p.job.name, i)))
-
-    forming = s.phase in (None, "Pending")
+    on_lost_nodes = [p.node_lost(pod) for i, pod in sorted(current.items()) if p.node_lost(pod)]
+    if on_lost_nodes:
+        return rescale.restart(p, REASON_NODE_LOST, on_lost_nodes[0])
+    disrupted = [(i, o) for i, o in sorted(outcomes.items()) if o.outcome == "disrupted"]
+    if disrupted:
+        i, o = disrupted[0]
+        return rescale.restart(p, REASON_WORKER_DISRUPTED, o.describe(name(i)))
     if not forming:
         # The generation ran; a worker gone or deleted by someone else is lost.
         lost = [i for i in range(n) if i not in current or is_terminating(current[i])]
         if lost:
-            name = worker_pod_name(p.job.name, lost[0])
             why = "was deleted" if lost[0] not in current else "is being deleted by someone else"
-            return rescale.restart(p, REASON_WORKER_LOST, f"worker {name} {why}")
-    else:
+            return rescale.restart(p, REASON_WORKER_LOST, f"worker {name(lost[0])} {why}")
+        cordoned = sorted({node for pod in current.values() if (node := p.node_cordoned(pod))})
+        if cordoned:
+            return rescale.restart(
+                p, REASON_NODE_DRAINING, f"node {cordoned[0]} is cordoned: moving the job off it with a checkpoint"
+            )
+
+    retryable = [(i, o) for i, o in sorted(outcomes.items()) if o.outcome == "retryable"]
+    if retryable:
+        i, o = retryable[0]
+        return rescale.restart(p, REASON_WORKER_RESTART, o.describe(name(i)))
+    if s.hang is not None:
+        hang, s.hang = s.hang, None  # a report is acted on once
+        if hang.generation == g and not forming:
+            return rescale.restart(p, REASON_HUNG, hang.message or f"generation {g} made no progress")
+
+    if forming:
         # Still forming: (re)create what is missing once its old pod is fully gone.
         p.create_missing(g, n, range(n))
 
@@ -133,6 +183,9 @@ def steady(p: JobPass) -> Plan:
         if forming:
             s.message = f"generation {g}: {s.workers.ready}/{n} worker(s) ready"
             p.cond(CONDITION_READY, False, REASON_WORKERS_STARTING, s.message)
+            shrunk = rescale.shrink_if_unplaceable(p, current)
+            if shrunk is not None:
+                return shrunk
 
     rescale.maybe_start_rescale(p)
     return p.plan

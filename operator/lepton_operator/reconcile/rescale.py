@@ -36,15 +36,18 @@ from lepton_operator.api.conditions import (
     CONDITION_INVALID_SPEC,
     CONDITION_READY,
     CONDITION_RESCALING,
+    DISRUPTION_REASONS,
     REASON_AUTOSCALE_DOWN,
     REASON_AUTOSCALE_UP,
+    REASON_HUNG,
     REASON_INSUFFICIENT_CAPACITY,
     REASON_MANUAL_SCALE,
     REASON_RESCALED,
     REASON_RESCALING,
     REASON_RESTARTS_EXHAUSTED,
     REASON_SCALE_UP_ABANDONED,
-    REASON_WORKER_LOST,
+    REASON_SHRUNK_FOR_CAPACITY,
+    REASON_WAITING_FOR_CAPACITY,
     REASON_WORKER_RESTART,
     REASON_WORKERS_READY,
 )
@@ -68,15 +71,25 @@ AUTOSCALER_DECISION_FRESHNESS = timedelta(minutes=10)
 
 
 def restart(p: JobPass, reason: str, detail: str) -> Plan:
-    """A worker failed (retryably) or was lost: new generation at the same size."""
+    """Start a new generation at the same size because workers failed or were taken away.
+
+    A disruption (`DISRUPTION_REASONS`: eviction, preemption, node lost or drained, a
+    worker deleted by someone else) is counted in `status.disruptions` and never spends
+    the restart budget; anything else is the job's failure, counted in `status.restarts`.
+    """
     s = p.s
-    budget = p.spec.restart.max_restarts
-    if s.restarts >= budget:
-        return finish(p, "Failed", REASON_RESTARTS_EXHAUSTED, f"{detail}; the restart budget ({budget}) is spent")
-    # Counted here, in the same status write that records the target generation: a
-    # later pass sees the rescale under way and never counts this failure again.
-    s.restarts += 1
     n = s.world_size
+    if reason in DISRUPTION_REASONS:
+        s.disruptions += 1
+        s.message = f"{detail}; disruption {s.disruptions} (not a failure): stopping generation {s.worker_generation}"
+    else:
+        budget = p.spec.restart.max_restarts
+        if s.restarts >= budget:
+            return finish(p, "Failed", REASON_RESTARTS_EXHAUSTED, f"{detail}; the restart budget ({budget}) is spent")
+        # Counted here, in the same status write that records the target generation: a
+        # later pass sees the rescale under way and never counts this failure again.
+        s.restarts += 1
+        s.message = f"{detail}; restart {s.restarts}/{budget}: stopping generation {s.worker_generation}"
     s.rescale = RescaleInProgress(
         from_=n,
         to=n,
@@ -88,7 +101,6 @@ def restart(p: JobPass, reason: str, detail: str) -> Plan:
         target_generation=p.next_generation(),
     )
     s.phase = "Pending"
-    s.message = f"{detail}; restart {s.restarts}/{budget}: stopping generation {s.worker_generation}"
     p.cond(CONDITION_READY, False, reason, s.message)
     p.plan.event(WARNING, reason, s.message)
     p.delete_all(p.ours)
@@ -171,7 +183,10 @@ def continue_rescale(p: JobPass) -> Optional[Plan]:
 
 
 def abandon_scale_up(p: JobPass, added: dict[int, dict]) -> None:
-    p.delete_all(added.values(), grace=0)  # they never joined a running world
+    # With their grace period: a container that already started is stopped cleanly (it
+    # waits on another port and rendezvous id than any later attempt, which gets a new
+    # generation number).
+    p.delete_all(added.values())
     p.s.rescale = None
     p.s.phase = "Running" if p.s.workers.ready == p.s.world_size else "Pending"
 
@@ -195,8 +210,11 @@ def confirm_capacity(p: JobPass) -> Optional[Plan]:
         return None
 
     wanted = range(n, r.to)
+    # An added worker that exited before its generation started (it waited too long for
+    # the store, say) is replaced, not counted as a restart.
+    p.delete_all([pod for pod in added.values() if classify_pod(pod).outcome not in ("pending", "running")])
     p.create_missing(r.target_generation, r.to, wanted)
-    placed = [i for i in wanted if i in added and is_scheduled(added[i]) and not is_terminating(added[i])]
+    placed = [i for i in wanted if i in added and usable_added_worker(added[i])]
     if len(placed) == len(wanted):
         r.stage = "Stopping"
         r.stopped_at = p.now
@@ -233,7 +251,7 @@ def stop_old_generation(p: JobPass) -> Plan:
     keep = {
         i: pod
         for i, pod in p.of_generation(r.target_generation).items()
-        if r.from_ <= i < r.to and not is_terminating(pod)
+        if r.from_ <= i < r.to and usable_added_worker(pod)
     }
     others = [pod for pod in p.ours if pod not in keep.values()]
     p.delete_all(others)
@@ -243,7 +261,7 @@ def stop_old_generation(p: JobPass) -> Plan:
     if others:
         s.message = f"{r.reason}: waiting for {len(others)} worker(s) of the old generation to stop"
         return p.plan
-    if r.reason in (REASON_WORKER_RESTART, REASON_WORKER_LOST):
+    if r.reason in (REASON_WORKER_RESTART, REASON_HUNG):
         # Back off before a restart's new generation, so a cause that lasts a while (a
         # port still held, a node rebooting) does not spend the whole budget at once.
         backoff = timedelta(seconds=restart_backoff_seconds(p.spec.restart, s.restarts))
@@ -252,6 +270,11 @@ def stop_old_generation(p: JobPass) -> Plan:
             s.message = f"{r.reason}: restart {s.restarts} backs off; generation {r.target_generation} in {wait:.0f}s"
             p.plan.requeue(wait)
             return p.plan
+    if r.not_before is not None and p.now < r.not_before:
+        wait = seconds(r.not_before - p.now)
+        s.message = f"{r.reason}: generation {r.target_generation} with {r.to} worker(s) tries again in {wait:.0f}s"
+        p.plan.requeue(wait)
+        return p.plan
     # The added workers of a scale-up already exist: create only the others.
     if not p.start_generation(r.target_generation, r.to, skip_indices=set(keep)):
         return p.plan
@@ -278,7 +301,7 @@ def start_new_generation(p: JobPass) -> Optional[Plan]:
     p.count_workers(g, n)
     if s.workers.ready < n:
         s.message = f"{r.reason}: generation {g} {s.workers.ready}/{n} worker(s) ready"
-        return p.plan
+        return shrink_if_unplaceable(p, current) or p.plan
     downtime = seconds(p.now - (r.stopped_at or r.started_at))
     record(p, r, downtime)
     s.rescale = None
@@ -288,6 +311,67 @@ def start_new_generation(p: JobPass) -> Optional[Plan]:
         p.cond(CONDITION_RESCALING, False, REASON_RESCALED, s.message)
     p.cond(CONDITION_READY, True, REASON_WORKERS_READY, s.message)
     p.plan.event(NORMAL, REASON_RESCALED, s.message)
+    return p.plan
+
+
+def usable_added_worker(pod: dict) -> bool:
+    """An added worker (capacity confirmation) that can join its generation: placed, not
+    being deleted, not exited."""
+    return is_scheduled(pod) and not is_terminating(pod) and not classify_pod(pod).failed
+
+
+def shrink_if_unplaceable(p: JobPass, current: dict[int, dict]) -> Optional[Plan]:
+    """Bound a forming generation by `capacityTimeoutSeconds`: when its workers have not all
+    been placed by then, restart at the largest size that fits (>= min, in `step`s), or
+    below min stop every worker and wait `capacityBackoffSeconds` holding no GPUs.
+
+    Returns the plan when it acted, None while the generation may still be placed.
+    """
+    s = p.s
+    g, n = s.worker_generation, s.world_size
+    timeout = p.spec.autoscaling.capacity_timeout_seconds
+    started = s.generation_start_time or p.now
+    placed = [pod for i, pod in current.items() if 0 <= i < n and usable_added_worker(pod)]
+    if len(placed) == n:
+        return None
+    waited = seconds(p.now - started)
+    if waited < timeout:
+        p.plan.requeue(timeout - waited)
+        return None
+    lo, step = p.spec.workers.min, max(1, p.spec.autoscaling.step)
+    fits = len(placed)
+    backoff = p.spec.autoscaling.capacity_backoff_seconds
+    # No scale-up attempt until the backoff passed: capacity just proved short.
+    s.autoscaling.backoff_until = p.now + timedelta(seconds=backoff)
+    if fits >= lo:
+        k = lo + (fits - lo) // step * step
+        reason, to, not_before = REASON_SHRUNK_FOR_CAPACITY, k, None
+        s.message = (
+            f"generation {g}: only {fits} of {n} worker(s) placed within {timeout}s; "
+            f"restarting at {k} (min {lo}, step {step})"
+        )
+    else:
+        reason, to, not_before = REASON_WAITING_FOR_CAPACITY, n, p.now + timedelta(seconds=backoff)
+        s.message = (
+            f"generation {g}: only {fits} of {n} worker(s) placed within {timeout}s, fewer than min {lo}; "
+            f"stopping all workers (no GPUs held) and trying again in {backoff}s"
+        )
+    s.rescale = RescaleInProgress(
+        from_=n,
+        to=to,
+        reason=reason,
+        message=s.message,
+        stage="Stopping",
+        started_at=p.now,
+        stopped_at=p.now,
+        target_generation=p.next_generation(),
+        not_before=not_before,
+    )
+    s.phase = "Rescaling" if to != n else "Pending"
+    p.delete_all(p.ours)
+    p.cond(CONDITION_RESCALING, True, reason, s.message)
+    p.cond(CONDITION_READY, False, reason, s.message)
+    p.plan.event(WARNING, reason, s.message)
     return p.plan
 
 
