@@ -7,6 +7,7 @@ import time
 import pytest
 
 from lepton_operator.reconcile.context import EventRecorder, Expectations, OperatorContext, WatchHealth
+from lepton_operator.reconcile.podcache import PodCache
 
 pytestmark = pytest.mark.unit
 
@@ -14,8 +15,8 @@ KEY = ("ns", "job")
 NOW = "2026-01-01T00:00:00+00:00"
 
 
-def pod(name, deleting=False):
-    meta = {"name": name, "labels": {"lepton.ai/generation": "1"}}
+def pod(name, deleting=False, uid=None):
+    meta = {"name": name, "uid": uid or f"{name}-uid", "labels": {"lepton.ai/generation": "1"}}
     if deleting:
         meta["deletionTimestamp"] = NOW
     return {"metadata": meta, "spec": {}, "status": {"phase": "Running"}}
@@ -35,18 +36,20 @@ def test_a_created_pod_counts_as_pending_until_the_index_shows_it():
 
 def test_a_deleted_pod_counts_as_terminating_until_the_index_shows_it():
     e = Expectations()
-    e.deleted(KEY, "job-worker-0")
-    [shown] = e.overlay(KEY, [pod("job-worker-0")], NOW)
+    e.deleted(KEY, "job-worker-0-uid")
+    # A new pod that already took the name (the next generation's) is not the deleted one.
+    [other, shown] = e.overlay(KEY, [pod("job-worker-0", uid="new"), pod("job-worker-0")], NOW)
+    assert "deletionTimestamp" not in other["metadata"]
     assert shown["metadata"]["deletionTimestamp"] == NOW
     assert e.overlay(KEY, [], NOW) == []  # gone: nothing is invented
-    [again] = e.overlay(KEY, [pod("job-worker-0")], NOW)  # a new pod of that name later
+    [again] = e.overlay(KEY, [pod("job-worker-0")], NOW)  # and forgotten once gone
     assert "deletionTimestamp" not in again["metadata"]
 
 
 def test_expectations_expire_so_the_api_stays_the_truth():
     e = Expectations(ttl=0.01)
     e.created(KEY, pod("job-worker-1"))
-    e.deleted(KEY, "job-worker-0")
+    e.deleted(KEY, "job-worker-0-uid")
     time.sleep(0.02)
     [only] = e.overlay(KEY, [pod("job-worker-0")], NOW)
     assert only["metadata"]["name"] == "job-worker-0" and "deletionTimestamp" not in only["metadata"]
@@ -93,3 +96,19 @@ def test_watch_health_turns_stale_when_the_watch_lags_the_api_for_long():
     health.watched(KEY, "7")
     health.compare(KEY, "7")
     assert health.stale() == []
+
+
+def test_pod_cache_drops_ghosts_the_api_no_longer_has_and_reports_a_lasting_disagreement():
+    cache = PodCache(relist_seconds=3600, stale_after=0.01)
+    assert cache.relist_due(KEY)
+    ghost, live = pod("job-worker-1", uid="old"), pod("job-worker-1", uid="new")
+    used = cache.listed(KEY, indexed_before=[ghost], listed=[{**live, "kind": "Pod"}])
+    assert [p["metadata"]["uid"] for p in used] == ["new"] and not cache.relist_due(KEY)
+    # Later passes use the index, without the ghost it still holds.
+    assert [p["metadata"]["uid"] for p in cache.view(KEY, [ghost, live])] == ["new"]
+    time.sleep(0.02)
+    assert cache.stale() == ["ns/job"]  # index and API disagreed and no list has agreed since
+    cache.request_relist(KEY)
+    assert cache.relist_due(KEY)
+    cache.listed(KEY, indexed_before=[live], listed=[live])
+    assert cache.stale() == [] and cache.view(KEY, [live]) == [live]

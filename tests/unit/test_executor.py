@@ -13,7 +13,7 @@ from lepton_operator.api.models import parse_status
 from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.executor import apply_plan, status_patch
-from lepton_operator.reconcile.jobpass import Plan
+from lepton_operator.reconcile.jobpass import Delete, Plan
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 
 pytestmark = pytest.mark.unit
@@ -27,6 +27,7 @@ class FakeKube:
     def __init__(self, fail: dict | None = None):
         self.calls: list[tuple] = []
         self.fail = fail or {}
+        self.gone: set[str] = set()  # deletes that find their pod gone (404, or 409 on the uid)
 
     def _maybe_fail(self, *key):
         for k in (key, key[:1]):
@@ -38,10 +39,10 @@ class FakeKube:
         self._maybe_fail("status")
         return {**BODY, "metadata": {**BODY["metadata"], "resourceVersion": "8"}}
 
-    def delete(self, namespace, kind, name, grace):
+    def delete(self, namespace, kind, name, grace, uid=None):
         self.calls.append(("delete", name, grace))
         self._maybe_fail("delete", name)
-        return True
+        return name not in self.gone
 
     def create(self, obj):
         self.calls.append(("create", obj["metadata"]["name"]))
@@ -64,7 +65,7 @@ def a_plan() -> tuple:
     after = before.model_copy(deep=True)
     after.phase = "Rescaling"
     plan = Plan(status=after)
-    plan.deletes = [("Pod", "job-worker-1", 30), ("Pod", "job-worker-0", 30)]
+    plan.deletes = [Delete("Pod", "job-worker-1", 30, "u1"), Delete("Pod", "job-worker-0", 30, "u0")]
     plan.creates = [pod("job-worker-2")]
     plan.event("Normal", "Rescaling", "scaling 2 -> 3")
     return before, plan
@@ -137,12 +138,22 @@ def test_ttl_deletes_the_job_after_its_events():
 
 
 def test_status_patch_writes_changed_fields_only_and_never_the_autoscalers():
-    before = parse_status({
-        "phase": "Running", "restarts": 1, "throughput": 10.0,
-        "rescale": {"from": 2, "to": 3, "reason": "ManualScale", "stage": "Starting",
-                    "startedAt": "2026-01-01T00:00:00Z", "targetGeneration": 2},
-        "autoscaling": {"lastDecision": {"target": 3, "reason": "x", "time": "2026-01-01T00:00:00Z"}},
-    })
+    before = parse_status(
+        {
+            "phase": "Running",
+            "restarts": 1,
+            "throughput": 10.0,
+            "rescale": {
+                "from": 2,
+                "to": 3,
+                "reason": "ManualScale",
+                "stage": "Starting",
+                "startedAt": "2026-01-01T00:00:00Z",
+                "targetGeneration": 2,
+            },
+            "autoscaling": {"lastDecision": {"target": 3, "reason": "x", "time": "2026-01-01T00:00:00Z"}},
+        }
+    )
     after = before.model_copy(deep=True)
     after.rescale = None
     after.restarts = 2
@@ -152,3 +163,14 @@ def test_status_patch_writes_changed_fields_only_and_never_the_autoscalers():
     after.autoscaling.backoff_until = T0
     assert status_patch(before, after)["autoscaling"] == {"backoffUntil": "2026-01-01T12:00:00Z"}
     assert status_patch(before, before) == {}
+
+
+def test_a_delete_that_finds_its_pod_gone_makes_the_next_pass_relist_the_pods():
+    kube = FakeKube()
+    kube.gone.add("job-worker-0")  # the index still showed it: a ghost
+    before, plan = a_plan()
+    ctx = OperatorContext(kube=kube)
+    ctx.pods.listed(("ns", "job"), [], [])
+    assert not ctx.pods.relist_due(("ns", "job"))
+    asyncio.run(apply_plan(ctx, BODY, before, plan))
+    assert ctx.pods.relist_due(("ns", "job"))

@@ -19,6 +19,8 @@ from typing import Optional
 
 from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.kube import Kube
+from lepton_operator.reconcile.nodes import NodeCache
+from lepton_operator.reconcile.podcache import PodCache
 
 JobKey = tuple[str, str]  # (namespace, name)
 
@@ -114,23 +116,28 @@ class Expectations:
     def created(self, key: JobKey, pod: dict) -> None:
         self._created.setdefault(key, {})[pod["metadata"]["name"]] = (time.monotonic(), pod)
 
-    def deleted(self, key: JobKey, name: str) -> None:
-        self._deleted.setdefault(key, {})[name] = time.monotonic()
+    def deleted(self, key: JobKey, uid: str) -> None:
+        self._deleted.setdefault(key, {})[uid] = time.monotonic()
 
     def overlay(self, key: JobKey, pods: list[dict], now_text: str) -> list[dict]:
-        """`pods` from the index, with expected creations added and deletions marked."""
+        """`pods` from the index, with expected creations added and deletions marked.
+
+        Deletions are remembered by uid: a new pod that reuses a deleted pod's name (the
+        next generation's worker) is never taken for the one being deleted.
+        """
         fresh = time.monotonic() - self.ttl
-        seen = {p["metadata"]["name"]: p for p in pods}
-        created = {n: v for n, v in self._created.get(key, {}).items() if v[0] > fresh and n not in seen}
+        names = {p["metadata"]["name"] for p in pods}
+        by_uid = {p["metadata"].get("uid"): p for p in pods}
+        created = {n: v for n, v in self._created.get(key, {}).items() if v[0] > fresh and n not in names}
         deleted = {
-            n: t
-            for n, t in self._deleted.get(key, {}).items()
-            if t > fresh and n in seen and not seen[n]["metadata"].get("deletionTimestamp")
+            u: t
+            for u, t in self._deleted.get(key, {}).items()
+            if t > fresh and u in by_uid and not by_uid[u]["metadata"].get("deletionTimestamp")
         }
         self._created[key], self._deleted[key] = created, deleted
         out = []
         for pod in pods:
-            if pod["metadata"]["name"] in deleted:
+            if pod["metadata"].get("uid") in deleted:
                 pod = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": now_text}}
             out.append(pod)
         for _, body in created.values():
@@ -144,12 +151,14 @@ class Expectations:
 
 @dataclasses.dataclass
 class AutoscalerMemory:
-    """What the autoscaler remembers about one job between its timer ticks."""
+    """What the autoscaler and the hang watchdog remember about one job between timer ticks."""
 
     last_run: Optional[float] = None
     """time.monotonic() of the last pass that measured (None: measure at the next tick)."""
     reporting_since: dict[int, object] = dataclasses.field(default_factory=dict)
     """generation -> when every worker of it was first seen reporting (a datetime)."""
+    hang_checked: Optional[float] = None
+    """time.monotonic() of the hang watchdog's last look (None: look at the next tick)."""
 
 
 @dataclasses.dataclass
@@ -162,6 +171,8 @@ class OperatorContext:
     events: EventRecorder = dataclasses.field(default_factory=EventRecorder)
     watch: WatchHealth = dataclasses.field(default_factory=WatchHealth)
     expected: Expectations = dataclasses.field(default_factory=Expectations)
+    pods: PodCache = dataclasses.field(default_factory=PodCache)
+    nodes: NodeCache = dataclasses.field(default_factory=NodeCache)
     autoscaler: dict[JobKey, AutoscalerMemory] = dataclasses.field(default_factory=dict)
 
     def __copy__(self) -> OperatorContext:
@@ -176,4 +187,9 @@ class OperatorContext:
         self.triggers.forget(key)
         self.watch.forget(key)
         self.expected.forget(key)
+        self.pods.forget(key)
         self.autoscaler.pop(key, None)
+
+    def stale_watches(self) -> list[str]:
+        """Jobs whose job watch or pod index stopped following the API (liveness)."""
+        return sorted(set(self.watch.stale()) | set(self.pods.stale()))

@@ -81,12 +81,14 @@ async def apply_plan(
     refused: list[str] = []
     transient: list[TransientApiError] = []
 
-    async def delete(kind: str, child: str, grace: Optional[int]) -> None:
+    async def delete(kind: str, child: str, grace: Optional[int], uid: Optional[str]) -> None:
         try:
-            if await asyncio.to_thread(kube.delete, namespace, kind, child, grace):
+            if await asyncio.to_thread(kube.delete, namespace, kind, child, grace, uid):
                 logger.info(f"deleted {kind} {child} (grace {grace})")
-            if kind == "Pod":
-                ctx.expected.deleted(key, child)
+                if kind == "Pod" and uid:
+                    ctx.expected.deleted(key, uid)
+            elif kind == "Pod":
+                ctx.pods.request_relist(key)  # our view still had it: check the index
         except PermanentApiError as e:
             refused.append(str(e))
         except TransientApiError as e:
@@ -103,8 +105,8 @@ async def apply_plan(
         except TransientApiError as e:
             transient.append(e)
 
-    for kind, child, grace in result.deletes:  # in order: highest worker index first
-        await delete(kind, child, grace)
+    for d in result.deletes:  # in order: highest worker index first
+        await delete(d.kind, d.name, d.grace, d.uid)
     # Concurrently: a generation's workers are independent objects (the API thread pool
     # bounds how many calls are in flight).
     await asyncio.gather(*(create(obj) for obj in result.creates))

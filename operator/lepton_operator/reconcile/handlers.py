@@ -6,7 +6,8 @@ the autoscaler timer. Every handler gets the `OperatorContext` as kopf's `memo`.
 - `@kopf.on.event` handlers on the job and its children wake the job's loop.
 - One `@kopf.daemon` per LeptonJob runs its reconcile loop (`loop.job_loop`).
 - One `@kopf.timer` per LeptonJob with `spec.autoscaling.enabled` runs the autoscaler
-  (`autoscaling.autoscale_pass`).
+  (`autoscaling.autoscale_pass`), another per job with `spec.restart.hangSeconds > 0`
+  the hang watchdog (`watchdog.watchdog_pass`).
 
 kopf's daemons put a finalizer on the job (kopf stops the daemon before the job goes).
 Pods get none: children are removed by ownerReferences and the garbage collector. A job
@@ -18,48 +19,21 @@ from __future__ import annotations
 
 import kopf
 
-from lepton_operator.api.models import GROUP, PLURAL, VERSION
+from lepton_operator.api.models import GROUP, PLURAL, VERSION, RestartSpec
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, JobRef
 from lepton_operator.reconcile.autoscaling import autoscale_pass
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.loop import job_loop
+from lepton_operator.reconcile.podcache import trim_pod
+from lepton_operator.reconcile.watchdog import watchdog_pass
 
 MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
-# The autoscaler timer's tick; the job's own interval (>= 5 s) is checked against it.
+# The timers' tick; each job's own interval (>= 5 s) is checked against the time elapsed.
 AUTOSCALER_TICK_SECONDS = 5.0
+DEFAULT_HANG_SECONDS = RestartSpec.model_fields["hang_seconds"].default
 
 
 # ------------------------------------------------------------------ indexes
-
-
-def trim_pod(body) -> dict:
-    """The parts of a pod that plan() reads (kopf bodies are live views: copy)."""
-    meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
-    return {
-        "metadata": {
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-            "labels": dict(meta.get("labels") or {}),
-            "ownerReferences": [dict(r) for r in meta.get("ownerReferences") or []],
-            "deletionTimestamp": meta.get("deletionTimestamp"),
-        },
-        "spec": {"nodeName": spec.get("nodeName")},
-        "status": {
-            "phase": status.get("phase"),
-            "reason": status.get("reason"),
-            "message": status.get("message"),
-            "conditions": [dict(c) for c in status.get("conditions") or []],
-            "containerStatuses": [
-                {
-                    "name": cs.get("name"),
-                    "state": dict(cs.get("state") or {}),
-                    "lastState": dict(cs.get("lastState") or {}),
-                }
-                for cs in status.get("containerStatuses") or []
-            ],
-        },
-    }
 
 
 @kopf.index("", "v1", "pods", labels=MANAGED)
@@ -101,8 +75,9 @@ async def job_changed(namespace, name, meta, memo: OperatorContext, **_):
 
 @kopf.on.probe(id="watch")
 async def watch_probe(memo: OperatorContext, **_):
-    """Liveness: fails when a job's watch lags the API (see context.WatchHealth)."""
-    stale = memo.watch.stale()
+    """Liveness: fails when a job's watch or pod index lags the API (context.WatchHealth,
+    podcache.PodCache): Kubernetes then restarts the operator, which lists afresh."""
+    stale = memo.stale_watches()
     if stale:
         raise kopf.PermanentError(f"watch events stopped arriving for {', '.join(stale[:5])}")
     return "ok"
@@ -129,3 +104,17 @@ async def autoscale(spec, name, namespace, logger, memo: OperatorContext, **_):
     """The autoscaler, every `spec.autoscaling.intervalSeconds` (autoscaling.autoscale_pass)."""
     interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", AUTOSCALER_TICK_SECONDS)
     await autoscale_pass(memo, namespace, name, interval, logger)
+
+
+def _hang_seconds(spec) -> float:
+    return float(((spec or {}).get("restart") or {}).get("hangSeconds", DEFAULT_HANG_SECONDS))
+
+
+def _watchdog_enabled(spec, **_) -> bool:
+    return _hang_seconds(spec) > 0
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALER_TICK_SECONDS, when=_watchdog_enabled)
+async def hang_watchdog(spec, name, namespace, logger, memo: OperatorContext, **_):
+    """The hang watchdog (watchdog.watchdog_pass)."""
+    await watchdog_pass(memo, namespace, name, _hang_seconds(spec), logger)

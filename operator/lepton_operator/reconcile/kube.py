@@ -7,7 +7,8 @@ know. Calls are synchronous; the handlers run them with `asyncio.to_thread`.
 
 Error mapping (docs/style.md, house rule 4):
 - 409 AlreadyExists on a create of a deterministic name: success ("exists").
-- 404 on a delete: success (already gone).
+- 404 on a delete: success (already gone); 409 on a delete with a uid precondition:
+  success too (the name now belongs to another object, ours is gone).
 - 409 Conflict on the status write (resourceVersion precondition): `Conflict`, redo the pass.
 - 400/403/422: `PermanentApiError` with the server's message (RBAC, admission, schema).
 - anything else (5xx, 429, connection trouble, timeouts): `TransientApiError`.
@@ -162,7 +163,10 @@ class Kube:
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name) + "/status"
         body = {"metadata": {"resourceVersion": resource_version}, "status": status_patch}
         return self._call(
-            f"patch {KIND} {namespace}/{name} status", "PATCH", path, body=body,
+            f"patch {KIND} {namespace}/{name} status",
+            "PATCH",
+            path,
+            body=body,
             content_type="application/merge-patch+json",
         )
 
@@ -172,15 +176,22 @@ class Kube:
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"workers": {"replicas": replicas}}}
         return self._call(
-            f"patch {KIND} {namespace}/{name} replicas", "PATCH", path, body=body,
+            f"patch {KIND} {namespace}/{name} replicas",
+            "PATCH",
+            path,
+            body=body,
             content_type="application/merge-patch+json",
         )
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job itself (TTL after finish); children follow by garbage collection."""
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
-                "preconditions": {"uid": uid}}
+        body = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+            "preconditions": {"uid": uid},
+        }
         try:
             self._call(f"delete {KIND} {namespace}/{name}", "DELETE", path, body=body)
         except ApiError as e:
@@ -199,19 +210,39 @@ class Kube:
             return "exists"
         return "created"
 
-    def delete(self, namespace: str, kind: str, name: str, grace: Optional[int]) -> bool:
-        """Delete a child (returns False when it was already gone)."""
+    def delete(self, namespace: str, kind: str, name: str, grace: Optional[int], uid: Optional[str] = None) -> bool:
+        """Delete a child, only the object with `uid` when given; False when it was
+        already gone (404, or 409: the uid precondition failed, another object holds the name)."""
         path = _PATHS[kind].format(ns=quote(namespace)) + "/" + quote(name)
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        body: dict = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if grace is not None:
             body["gracePeriodSeconds"] = int(grace)
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             self._call(f"delete {kind} {namespace}/{name}", "DELETE", path, body=body)
         except ApiError as e:
-            if e.status == 404:
+            if e.status == 404 or (e.status == 409 and uid is not None):
                 return False
             raise
         return True
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
+        """Pods of a namespace matching a label selector, as stored now."""
+        path = _PATHS["Pod"].format(ns=quote(namespace))
+        items = (
+            self._call(
+                f"list pods {namespace} {label_selector}", "GET", path, query={"labelSelector": label_selector}
+            ).get("items")
+            or []
+        )
+        for item in items:  # a list's items carry no kind
+            item.setdefault("kind", "Pod")
+        return items
+
+    def list_nodes(self) -> list[dict]:
+        """Every node (cluster-scoped, read-only: for node loss and drains)."""
+        return self._call("list nodes", "GET", "/api/v1/nodes").get("items") or []
 
     def exists(self, namespace: str, kind: str, name: str) -> bool:
         path = _PATHS[kind].format(ns=quote(namespace)) + "/" + quote(name)
@@ -250,5 +281,9 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        self._call(f"post event {reason} for {meta['namespace']}/{meta['name']}", "POST",
-                   _PATHS["Event"].format(ns=quote(meta["namespace"])), body=event)
+        self._call(
+            f"post event {reason} for {meta['namespace']}/{meta['name']}",
+            "POST",
+            _PATHS["Event"].format(ns=quote(meta["namespace"])),
+            body=event,
+        )

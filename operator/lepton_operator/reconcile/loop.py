@@ -8,7 +8,9 @@ pod events makes one pass.
 
 Pods, Services and PVCs are read from kopf indexes (kept current by kopf's watches: no
 list call per pass), with the operator's own recent creates and deletes overlaid
-(`Expectations`). The job itself is read with one GET per pass, so a pass always decides
+(`Expectations`); a job's pods are re-listed now and then so that a stale index cannot
+keep a deleted pod (`podcache.PodCache`). Nodes come from one shared, briefly cached list
+(`nodes.NodeCache`) for node loss and drains. The job itself is read with one GET per pass, so a pass always decides
 on the latest status (the watch may lag the operator's own last write).
 
 Errors: a status conflict redoes the pass at once; API trouble (5xx, timeouts) retries
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 
 from lepton_operator import metrics
 from lepton_operator.api.models import InvalidJob, parse_job, parse_status
-from lepton_operator.desired import JobRef, checkpoint_pvc_name, service_name
+from lepton_operator.desired import JobRef, checkpoint_pvc_name, selector_string, service_name
 from lepton_operator.reconcile.context import JobKey, OperatorContext
 from lepton_operator.reconcile.executor import apply_plan
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
@@ -59,11 +61,18 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
         spec = e
     status = parse_status(body.get("status"))
     now = datetime.now(timezone.utc)
-    pods = ctx.expected.overlay(key, [dict(p) for p in indexes["pods_by_job"].get(key, [])], now.isoformat())
+    indexed = [dict(p) for p in indexes["pods_by_job"].get(key, [])]
+    if ctx.pods.relist_due(key):
+        listed = await asyncio.to_thread(ctx.kube.list_pods, namespace, selector_string(name))
+        observed = ctx.pods.listed(key, indexed, listed)
+    else:
+        observed = ctx.pods.view(key, indexed)
+    pods = ctx.expected.overlay(key, observed, now.isoformat())
+    nodes = await asyncio.to_thread(ctx.nodes.get, ctx.kube.list_nodes)
     service_exists = service_name(name) in set(indexes["services_by_job"].get(key, []))
     pvc_exists = checkpoint_pvc_name(name) in set(indexes["claims_by_job"].get(key, []))
 
-    result = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now)
+    result = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now, nodes)
     applied = await apply_plan(ctx, body, status, result, logger)
     return GONE if applied.job_deleted else applied.requeue_after
 

@@ -52,9 +52,7 @@ class Sample:
 
 def promql_string(value: str) -> str:
     """`value` as a PromQL double-quoted string literal (backslash, quote and newline escaped)."""
-    escaped = (
-        str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    )
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     return f'"{escaped}"'
 
 
@@ -76,6 +74,15 @@ def throughput_query(namespace: str, job_name: str, window_seconds: int, generat
     return f"sum(rate({selector(SAMPLES_METRIC, namespace, job_name, generation)}[{window}s]))"
 
 
+def progress_query(namespace: str, job_name: str, window_seconds: int, generation: int) -> str:
+    """Samples processed by the whole job over the window (the hang watchdog's measure):
+    `sum(increase(lepton_trainer_samples_total{...}[<w>s]))`."""
+    window = int(window_seconds)
+    if window <= 0:
+        raise ValueError("window_seconds must be positive")
+    return f"sum(increase({selector(SAMPLES_METRIC, namespace, job_name, generation)}[{window}s]))"
+
+
 def world_size_query(namespace: str, job_name: str, generation: Optional[int] = None) -> str:
     """Workers reporting metrics (one series per worker pod): `count(lepton_trainer_world_size{...})`."""
     return f"count({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
@@ -84,8 +91,14 @@ def world_size_query(namespace: str, job_name: str, generation: Optional[int] = 
 class PrometheusClient:
     """Instant queries against Prometheus' HTTP API (`/api/v1/query`)."""
 
-    def __init__(self, url: str, timeout: float = 5.0, token_file: Optional[str] = None,
-                 ca_file: Optional[str] = None, max_age_seconds: float = 120.0):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        token_file: Optional[str] = None,
+        ca_file: Optional[str] = None,
+        max_age_seconds: float = 120.0,
+    ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.token_file = token_file
@@ -111,8 +124,7 @@ class PrometheusClient:
         if at is not None:
             params["time"] = f"{at:.3f}"
         body = urllib.parse.urlencode(params).encode()
-        request = urllib.request.Request(f"{self.url}/api/v1/query", data=body, headers=self._headers(),
-                                         method="POST")
+        request = urllib.request.Request(f"{self.url}/api/v1/query", data=body, headers=self._headers(), method="POST")
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._context()) as response:
@@ -167,16 +179,20 @@ class PrometheusClient:
             raise MetricsError("stale", f"sample is {now - ts:.0f} s old (limit {self.max_age_seconds:.0f} s)")
         return Sample(value=value, timestamp=ts, labels=dict(series.get("metric") or {}))
 
-    def throughput(self, namespace: str, job_name: str, window_seconds: int, now: float,
-                   generation: Optional[int] = None) -> Sample:
+    def progress(self, namespace: str, job_name: str, window_seconds: int, now: float, generation: int) -> Sample:
+        """Samples the job's workers processed over the last `window_seconds`."""
+        return self.query_scalar(progress_query(namespace, job_name, window_seconds, generation), now)
+
+    def throughput(
+        self, namespace: str, job_name: str, window_seconds: int, now: float, generation: Optional[int] = None
+    ) -> Sample:
         """Whole-job samples/s over the window (negative rates are malformed)."""
         sample = self.query_scalar(throughput_query(namespace, job_name, window_seconds, generation), now)
         if sample.value < 0:
             raise MetricsError("malformed", f"negative throughput {sample.value}")
         return sample
 
-    def reporting_workers(self, namespace: str, job_name: str, now: float,
-                          generation: Optional[int] = None) -> int:
+    def reporting_workers(self, namespace: str, job_name: str, now: float, generation: Optional[int] = None) -> int:
         """How many worker pods report metrics (for the given generation)."""
         return int(self.query_scalar(world_size_query(namespace, job_name, generation), now).value)
 

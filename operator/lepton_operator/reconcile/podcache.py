@@ -1,0 +1,105 @@
+"""The pods a pass sees: kopf's index, checked against a fresh list now and then.
+
+kopf's index follows a watch. After a watch gap (410 Gone, an apiserver restart, a
+partition) it can keep pods that were deleted meanwhile ("ghosts"): a ghost of an old
+generation shares its name with a live pod of the next one. Deletes carry a uid
+precondition, so a ghost can never get the live pod deleted; and so that no pass waits
+for ever on a ghost, each job's pods are re-listed from the API every `relist_seconds`
+and whenever a delete found its pod already gone. A pass after a re-list uses the listed
+pods; later passes use the index without the ghosts that list exposed.
+
+The re-list is also the pod watch's health check: when index and API disagree for longer
+than `stale_after` seconds (pods the index lacks, ghosts it keeps), events are not
+arriving and the liveness probe fails (docs/reliability.md, rows 7 and 19).
+"""
+
+from __future__ import annotations
+
+import time
+
+JobKey = tuple[str, str]
+
+
+def trim_pod(body) -> dict:
+    """The parts of a pod that plan() reads (kopf bodies are live views: copy)."""
+    meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [dict(r) for r in meta.get("ownerReferences") or []],
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "spec": {"nodeName": spec.get("nodeName")},
+        "status": {
+            "phase": status.get("phase"),
+            "reason": status.get("reason"),
+            "message": status.get("message"),
+            "conditions": [dict(c) for c in status.get("conditions") or []],
+            "containerStatuses": [
+                {
+                    "name": cs.get("name"),
+                    "state": dict(cs.get("state") or {}),
+                    "lastState": dict(cs.get("lastState") or {}),
+                }
+                for cs in status.get("containerStatuses") or []
+            ],
+        },
+    }
+
+
+def _uids(pods: list[dict]) -> set[str]:
+    return {p["metadata"]["uid"] for p in pods if p["metadata"].get("uid")}
+
+
+class PodCache:
+    """Per job: when its pods were last listed, the ghosts found, and index health."""
+
+    def __init__(self, relist_seconds: float = 60.0, stale_after: float = 120.0) -> None:
+        self.relist_seconds = relist_seconds
+        self.stale_after = stale_after
+        self._listed_at: dict[JobKey, float] = {}
+        self._ghosts: dict[JobKey, set[str]] = {}
+        self._disagree_since: dict[JobKey, float] = {}
+
+    def relist_due(self, key: JobKey) -> bool:
+        return time.monotonic() - self._listed_at.get(key, float("-inf")) >= self.relist_seconds
+
+    def request_relist(self, key: JobKey) -> None:
+        """A delete found its pod gone: the index may be stale; list at the next pass."""
+        self._listed_at.pop(key, None)
+
+    def listed(self, key: JobKey, indexed_before: list[dict], listed: list[dict]) -> list[dict]:
+        """Record a list made after the index showed `indexed_before`; return the pods to use.
+
+        A pod the index showed before the list started and the list lacks is a ghost. A pod
+        the list has and the index lacked may just be new; both count as disagreement.
+        """
+        now = time.monotonic()
+        self._listed_at[key] = now
+        before, api = _uids(indexed_before), _uids(listed)
+        self._ghosts[key] = before - api
+        if before != api:
+            self._disagree_since.setdefault(key, now)
+        else:
+            self._disagree_since.pop(key, None)
+        return [trim_pod(p) for p in listed]
+
+    def view(self, key: JobKey, indexed: list[dict]) -> list[dict]:
+        """The index without the ghosts the last list exposed (dropped once the index has)."""
+        ghosts = self._ghosts.get(key)
+        if not ghosts:
+            return indexed
+        ghosts &= _uids(indexed)
+        return [p for p in indexed if p["metadata"].get("uid") not in ghosts]
+
+    def stale(self) -> list[str]:
+        """Jobs whose pod index has disagreed with the API for longer than `stale_after`."""
+        now = time.monotonic()
+        return [f"{ns}/{name}" for (ns, name), t in self._disagree_since.items() if now - t > self.stale_after]
+
+    def forget(self, key: JobKey) -> None:
+        for table in (self._listed_at, self._ghosts, self._disagree_since):
+            table.pop(key, None)
