@@ -17,15 +17,30 @@ from lepton_operator.scaling.prometheus import MetricsError, Sample
 pytestmark = pytest.mark.unit
 
 NOW = datetime(2025, 1, 1, 1, tzinfo=timezone.utc)
-SPEC = LeptonJobSpec.model_validate({"workers": {"min": 1, "max": 4}, "autoscaling": {
-    "enabled": True, "intervalSeconds": 5, "windowSeconds": 10, "warmupSeconds": 10, "cooldownSeconds": 10}})
+SPEC = LeptonJobSpec.model_validate(
+    {
+        "workers": {"min": 1, "max": 4},
+        "autoscaling": {
+            "enabled": True,
+            "intervalSeconds": 5,
+            "windowSeconds": 10,
+            "warmupSeconds": 10,
+            "cooldownSeconds": 10,
+        },
+    }
+)
 
 
 def status(**extra):
-    base = {"phase": "Running", "worldSize": 2, "workerGeneration": 3,
-            "generationStartTime": (NOW - timedelta(seconds=100)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "conditions": [{"type": "Ready", "status": "True", "reason": "WorkersReady",
-                            "lastTransitionTime": "2025-01-01T00:00:00Z"}]}
+    base = {
+        "phase": "Running",
+        "worldSize": 2,
+        "workerGeneration": 3,
+        "generationStartTime": (NOW - timedelta(seconds=100)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "WorkersReady", "lastTransitionTime": "2025-01-01T00:00:00Z"}
+        ],
+    }
     return parse_status({**base, **extra})
 
 
@@ -39,7 +54,9 @@ def test_window_covers_the_generation_after_warm_up():
 
 
 def test_measurement_is_recorded_and_a_paying_step_writes_replicas():
-    st = status(autoscaling={"observations": [{"worldSize": 1, "throughput": 100, "measuredAt": "2025-01-01T00:30:00Z"}]})
+    st = status(
+        autoscaling={"observations": [{"worldSize": 1, "throughput": 100, "measuredAt": "2025-01-01T00:30:00Z"}]}
+    )
     plan = plan_autoscale(SPEC, st, Sample(195.0, NOW.timestamp(), {}), NOW)
     obs = plan.status_patch["autoscaling"]["observations"]
     assert [(o["worldSize"], o["throughput"]) for o in obs] == [(1, 100.0), (2, 195.0)]
@@ -50,10 +67,15 @@ def test_measurement_is_recorded_and_a_paying_step_writes_replicas():
 
 
 def test_error_sets_metrics_unavailable_keeps_other_conditions_and_holds():
-    st = status(autoscaling={"observations": [{"worldSize": 1, "throughput": 300, "measuredAt": "2025-01-01T00:30:00Z"}]})
+    st = status(
+        autoscaling={"observations": [{"worldSize": 1, "throughput": 300, "measuredAt": "2025-01-01T00:30:00Z"}]}
+    )
     plan = plan_autoscale(SPEC, st, MetricsError("connection", "refused"), NOW)
     conds = {c["type"]: c for c in plan.status_patch["conditions"]}
-    assert conds[CONDITION_METRICS_UNAVAILABLE]["status"] == "True" and "refused" in conds[CONDITION_METRICS_UNAVAILABLE]["message"]
+    assert (
+        conds[CONDITION_METRICS_UNAVAILABLE]["status"] == "True"
+        and "refused" in conds[CONDITION_METRICS_UNAVAILABLE]["message"]
+    )
     assert conds["Ready"]["status"] == "True"
     assert plan.replicas is None and plan.decision.action == "hold"  # 1 was faster, but data is missing
     assert "observations" not in plan.status_patch.get("autoscaling", {})

@@ -85,7 +85,12 @@ def test_foreign_pods_are_never_adopted_deleted_or_counted():
     foreign = {
         "metadata": {
             "name": "job-worker-0",
-            "labels": {LABEL_JOB_NAME: "job", LABEL_MANAGED_BY: "lepton-operator", LABEL_GENERATION: "1", LABEL_WORKER_INDEX: "0"},
+            "labels": {
+                LABEL_JOB_NAME: "job",
+                LABEL_MANAGED_BY: "lepton-operator",
+                LABEL_GENERATION: "1",
+                LABEL_WORKER_INDEX: "0",
+            },
             "ownerReferences": [{"uid": "someone-else"}],
         },
         "spec": {"nodeName": "n"},
@@ -101,4 +106,3 @@ def test_foreign_pods_are_never_adopted_deleted_or_counted():
         assert "job-worker-0" not in w.deleted()
     assert w.status.phase == "Pending"  # its exit code 1 did not fail our job
     assert w.status.workers.active == 1
-
