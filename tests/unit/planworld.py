@@ -48,6 +48,7 @@ class World:
         self.uids = 0
         self.nodes = None  # the node view plan() gets (None: unknown)
         self.capacity: dict[str, int] | None = None  # worker slots per node (None: unlimited)
+        self.budget: int | None = None  # the PodDisruptionBudget's minAvailable
 
     # --- passes -----------------------------------------------------------------
 
@@ -69,6 +70,7 @@ class World:
             self.pvc,
             self.now,
             self.nodes,
+            self.budget,
         )
         self.status = parse_status(p.status.to_k8s())  # what the apiserver would store
         for delete in p.deletes:
@@ -92,6 +94,11 @@ class World:
                 self.service = True
             elif obj["kind"] == "PersistentVolumeClaim":
                 self.pvc = True
+            elif obj["kind"] == "PodDisruptionBudget" and self.budget is None:
+                self.budget = obj["spec"]["minAvailable"]
+        for kind, _name, patch in p.patches:
+            assert kind == "PodDisruptionBudget"
+            self.budget = patch["spec"]["minAvailable"]
         self.events += p.events
         self.last = p
         return p

@@ -83,12 +83,17 @@ NAMESPACED_ALLOWLIST = (
     _triples("", ["pods"], ["get", "list", "watch", "create", "delete", "patch"])
     | _triples("", ["services"], ["get", "list", "watch", "create", "delete"])
     | _triples("", ["persistentvolumeclaims"], ["get", "list", "watch", "create"])
+    | _triples("policy", ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch"])
     | _triples("", ["events"], ["create", "patch"])
     | _triples("events.k8s.io", ["events"], ["create", "patch"])
     | _triples("lepton.ai", ["leptonjobs"], ["get", "list", "watch", "patch", "update", "delete"])
     | _triples("lepton.ai", ["leptonjobs/status", "leptonjobs/scale"], ["get", "patch", "update"])
 )
-CRD_READ = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"])
+CRD_READ = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"]) | _triples(
+    "",
+    ["nodes"],
+    ["list"],  # read-only: lost and cordoned nodes under the workers
+)
 CLUSTER_PEERING = _triples("kopf.dev", ["clusterkopfpeerings"], ["get", "list", "watch", "patch"])
 NAMESPACED_PEERING = _triples("kopf.dev", ["kopfpeerings"], ["get", "list", "watch", "patch"])
 NAMESPACE_READ = _triples("", ["namespaces"], ["list", "watch"])
@@ -255,7 +260,8 @@ def test_rbac_has_no_wildcards_secrets_or_node_writes(helm, tmp_path, values):
         assert "nonResourceURLs" not in rule and "resourceNames" not in rule
     triples = grants(rules)
     resources = {r for _, r, _ in triples}
-    assert not resources & {"secrets", "configmaps", "nodes", "serviceaccounts", "pods/exec", "pods/attach"}
+    assert not resources & {"secrets", "configmaps", "serviceaccounts", "pods/exec", "pods/attach"}
+    assert {v for _, r, v in triples if r == "nodes"} == {"list"}  # nodes: read-only, list only
     assert not {v for *_, v in triples} & {"escalate", "bind", "impersonate", "deletecollection"}
 
 

@@ -87,7 +87,7 @@ def test_a_stale_same_name_pod_of_an_older_generation_never_gets_the_live_pod_de
     live_uid = w.pods["job-worker-1"]["metadata"]["uid"]
     pods = [copy.deepcopy(p) for p in w.pods.values()] + [ghost]
     for _ in range(3):  # every pass
-        result = plan(w.job, 1, w.parsed(), w.status, pods, True, False, w.now)
+        result = plan(w.job, 1, w.parsed(), w.status, pods, True, False, w.now, budget=w.budget)
         assert [(d.name, d.uid) for d in result.deletes] == [("job-worker-1", ghost["metadata"]["uid"])]
         assert live_uid not in {d.uid for d in result.deletes}
         assert result.status.restarts == 0 and result.creates == []
@@ -193,6 +193,17 @@ def test_node_info_reads_ready_and_cordon():
 
 
 # --------------------------------------------------------- drains and disruptions (row 21)
+
+
+def test_the_disruption_budget_follows_the_running_world_size():
+    w = running_world(base_spec(workers={"min": 1, "max": 4, "initial": 2}))
+    assert w.budget == 2
+    scale_to(w, 3)
+    w.settle(10)
+    assert (w.status.world_size, w.budget) == (3, 3)
+    w.set_spec(suspend=True)
+    w.settle(3)
+    assert w.budget == 0
 
 
 def test_a_cordoned_node_moves_the_job_with_a_graceful_stop_and_spends_no_restart():

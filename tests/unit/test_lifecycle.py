@@ -24,7 +24,9 @@ def test_first_pass_creates_service_and_workers_and_records_the_generation():
     w = World(base_spec())
     p = w.step()
     kinds = sorted(o["kind"] for o in p.creates)
-    assert kinds == ["Pod", "Pod", "Service"]
+    assert kinds == ["Pod", "Pod", "PodDisruptionBudget", "Service"]
+    [budget] = [o for o in p.creates if o["kind"] == "PodDisruptionBudget"]
+    assert budget["spec"]["minAvailable"] == 2  # every worker of the running generation
     assert w.created_pods() == ["job-worker-0", "job-worker-1"]
     for obj in p.creates:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
@@ -80,7 +82,8 @@ def test_suspend_deletes_workers_keeps_service_and_resume_starts_a_new_generatio
 def test_suspended_from_the_start_creates_no_workers():
     w = World(base_spec(suspend=True))
     p = w.step()
-    assert [o["kind"] for o in p.creates] == ["Service"]
+    assert [o["kind"] for o in p.creates] == ["Service", "PodDisruptionBudget"]
+    assert w.budget == 0  # nothing to protect: a drain is never blocked
     assert w.status.phase == "Suspended" and w.status.worker_generation == 0
     w.set_spec(suspend=False)
     w.step(5)

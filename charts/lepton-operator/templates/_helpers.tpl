@@ -69,6 +69,11 @@ privilege: no secrets, no configmaps, no wildcards, no nodes.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "delete"]
+# Each job's PodDisruptionBudget (minAvailable = its world size, so a drain waits for the
+# operator's checkpoint-aware move; deleted by garbage collection via ownerRefs).
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # The checkpoint claim a job may ask for (deleted by garbage collection via ownerRefs).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
@@ -91,9 +96,13 @@ privilege: no secrets, no configmaps, no wildcards, no nodes.
   verbs: ["get", "patch", "update"]
 {{- end }}
 
-{{/* Cluster-scoped reads kopf needs in both modes: it watches CRDs to notice its resource. */}}
+{{/* Cluster-scoped reads in both modes: kopf watches CRDs to notice its resource; the
+operator lists nodes (read-only) to see lost and cordoned nodes under its workers. */}}
 {{- define "lepton-operator.crdRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list"]
 {{- end }}

@@ -76,6 +76,11 @@ def worker_host(job: JobRef, index: int) -> str:
     return f"{worker_pod_name(job.name, index)}.{service_name(job.name)}.{job.namespace}.svc"
 
 
+def disruption_budget_name(job_name: str) -> str:
+    """The job's PodDisruptionBudget (another kind than the Service of the same name)."""
+    return f"{job_name}-workers"
+
+
 def worker_selector(job_name: str) -> dict[str, str]:
     """Labels that select every worker of a job, whatever its generation."""
     return {LABEL_JOB_NAME: job_name, LABEL_MANAGED_BY: MANAGED_BY}

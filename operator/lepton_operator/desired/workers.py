@@ -16,6 +16,7 @@ from .names import (
     ANNOTATION_TEMPLATE_HASH,
     JobRef,
     checkpoint_pvc_name,
+    disruption_budget_name,
     service_name,
     worker_host,
     worker_labels,
@@ -354,4 +355,23 @@ def build_checkpoint_pvc(job: JobRef, spec: LeptonJobSpec) -> Optional[dict]:
         "kind": "PersistentVolumeClaim",
         "metadata": _metadata(job, checkpoint_pvc_name(job.name), worker_selector(job.name)),
         "spec": pvc_spec,
+    }
+
+
+# --------------------------------------------------------------------------- pdb
+
+
+def build_disruption_budget(job: JobRef, min_available: int) -> dict:
+    """A PodDisruptionBudget over all the job's workers: `minAvailable` = the running world
+    size, so a voluntary eviction (kubectl drain) waits until the operator has moved the
+    job with a checkpoint-aware stop (a cordoned node starts a new generation elsewhere).
+
+    `policy/v1`; `kube.py` sends it as `policy/v1beta1` to servers older than 1.21.
+    """
+    job.check()
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(job, disruption_budget_name(job.name), worker_selector(job.name)),
+        "spec": {"minAvailable": int(min_available), "selector": {"matchLabels": worker_selector(job.name)}},
     }

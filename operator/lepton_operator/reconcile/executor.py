@@ -1,4 +1,4 @@
-"""Carry out a `Plan`: the status write, then deletes, then creates, then events.
+"""Carry out a `Plan`: the status write, then deletes, then creates and patches, then events.
 
 Writing status first records intent (a rescale's target, a restart's count) before any
 pod is touched, so an operator killed mid-pass resumes the same step and never counts a
@@ -110,6 +110,14 @@ async def apply_plan(
     # Concurrently: a generation's workers are independent objects (the API thread pool
     # bounds how many calls are in flight).
     await asyncio.gather(*(create(obj) for obj in result.creates))
+    for kind, child, change in result.patches:
+        try:
+            await asyncio.to_thread(kube.patch, namespace, kind, child, change)
+            logger.info(f"patched {kind} {child}: {change}")
+        except PermanentApiError as e:
+            refused.append(str(e))
+        except TransientApiError as e:
+            transient.append(e)
 
     events = list(result.events) + [(WARNING, REASON_API_REQUEST_REFUSED, text) for text in refused]
     await post_events(ctx, body, events, logger)

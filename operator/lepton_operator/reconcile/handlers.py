@@ -55,12 +55,21 @@ async def claims_by_job(namespace, name, labels, **_):
     return {(namespace, job): name} if job else {}
 
 
+# No version: kopf serves the preferred one (policy/v1beta1 before 1.21, policy/v1 after).
+@kopf.index("policy", "poddisruptionbudgets", labels=MANAGED)
+async def budgets_by_job(namespace, labels, spec, **_):
+    """The minAvailable of each job's PodDisruptionBudget."""
+    job = labels.get(LABEL_JOB_NAME)
+    return {(namespace, job): spec.get("minAvailable")} if job else {}
+
+
 # ------------------------------------------------------------------ triggers and health
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels=MANAGED)
+@kopf.on.event("policy", "poddisruptionbudgets", labels=MANAGED)
 async def child_changed(namespace, labels, memo: OperatorContext, **_):
     """A child changed: wake its job's loop."""
     memo.triggers.fire(namespace, labels.get(LABEL_JOB_NAME))
@@ -88,10 +97,25 @@ async def watch_probe(memo: OperatorContext, **_):
 
 @kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", cancellation_timeout=10)
 async def reconcile_loop(
-    namespace, name, uid, stopped, logger, memo: OperatorContext, pods_by_job, services_by_job, claims_by_job, **_
+    namespace,
+    name,
+    uid,
+    stopped,
+    logger,
+    memo: OperatorContext,
+    pods_by_job,
+    services_by_job,
+    claims_by_job,
+    budgets_by_job,
+    **_,
 ):
     """The job's reconcile loop (loop.job_loop)."""
-    indexes = {"pods_by_job": pods_by_job, "services_by_job": services_by_job, "claims_by_job": claims_by_job}
+    indexes = {
+        "pods_by_job": pods_by_job,
+        "services_by_job": services_by_job,
+        "claims_by_job": claims_by_job,
+        "budgets_by_job": budgets_by_job,
+    }
     await job_loop(memo, JobRef(name=name, namespace=namespace, uid=uid), indexes, lambda: bool(stopped), logger)
 
 

@@ -42,11 +42,13 @@ class Delete(NamedTuple):
 @dataclasses.dataclass
 class Plan:
     """What one reconcile pass does. The executor writes `status` first, then deletes,
-    then creates, then posts `events` (after the status write succeeded)."""
+    then creates and patches, then posts `events` (after the status write succeeded)."""
 
     status: LeptonJobStatus
     creates: list[dict] = dataclasses.field(default_factory=list)
     deletes: list[Delete] = dataclasses.field(default_factory=list)
+    patches: list[tuple[str, str, dict]] = dataclasses.field(default_factory=list)
+    """(kind, name, merge patch) of children that exist but differ."""
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     requeue_after: Optional[float] = None
     delete_job: bool = False
@@ -90,9 +92,11 @@ class JobPass:
         pvc_exists: bool,
         now: datetime,
         nodes: Optional[dict[str, NodeInfo]] = None,
+        budget: Optional[int] = None,
     ):
         self.job = job
         self.nodes = nodes
+        self.budget = budget
         self.gen_meta = meta_generation
         self.spec = spec
         self.now = now

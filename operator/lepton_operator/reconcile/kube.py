@@ -40,6 +40,7 @@ _PATHS = {
     "PersistentVolumeClaim": "/api/v1/namespaces/{ns}/persistentvolumeclaims",
     "Event": "/api/v1/namespaces/{ns}/events",
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
+    "PodDisruptionBudget": "/apis/{policy}/namespaces/{ns}/poddisruptionbudgets",
 }
 
 
@@ -112,6 +113,21 @@ class Kube:
 
     def __init__(self, api_client: client.ApiClient):
         self.api = api_client
+        self._policy_version: Optional[str] = None
+
+    def policy_version(self) -> str:
+        """`policy/v1` where the server has it (>= 1.21), else `policy/v1beta1` (asked once)."""
+        if self._policy_version is None:
+            group = self._call("discover the policy API group", "GET", "/apis/policy")
+            served = [v.get("groupVersion") for v in group.get("versions") or []]
+            self._policy_version = "policy/v1" if "policy/v1" in served else "policy/v1beta1"
+        return self._policy_version
+
+    def _path(self, kind: str, namespace: str) -> str:
+        template = _PATHS[kind]
+        if "{policy}" in template:
+            return template.format(ns=quote(namespace), policy=self.policy_version())
+        return template.format(ns=quote(namespace))
 
     def request(self, method: str, path: str, body=None, query=None, content_type: Optional[str] = None) -> dict:
         headers = {"Accept": "application/json"}
@@ -203,7 +219,9 @@ class Kube:
     def create(self, obj: dict) -> str:
         """Create a child; returns "created", or "exists" when the name is taken (409)."""
         kind, meta = obj["kind"], obj["metadata"]
-        path = _PATHS[kind].format(ns=quote(meta["namespace"]))
+        path = self._path(kind, meta["namespace"])
+        if kind == "PodDisruptionBudget":
+            obj = {**obj, "apiVersion": self.policy_version()}  # same shape in both versions
         try:
             self._call(f"create {kind} {meta['namespace']}/{meta['name']}", "POST", path, body=obj)
         except Conflict:
@@ -213,7 +231,7 @@ class Kube:
     def delete(self, namespace: str, kind: str, name: str, grace: Optional[int], uid: Optional[str] = None) -> bool:
         """Delete a child, only the object with `uid` when given; False when it was
         already gone (404, or 409: the uid precondition failed, another object holds the name)."""
-        path = _PATHS[kind].format(ns=quote(namespace)) + "/" + quote(name)
+        path = self._path(kind, namespace) + "/" + quote(name)
         body: dict = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if grace is not None:
             body["gracePeriodSeconds"] = int(grace)
@@ -226,6 +244,21 @@ class Kube:
                 return False
             raise
         return True
+
+    def patch(self, namespace: str, kind: str, name: str, patch: dict) -> None:
+        """Merge-patch a child (a 404 is left to the next pass, which creates it)."""
+        path = self._path(kind, namespace) + "/" + quote(name)
+        try:
+            self._call(
+                f"patch {kind} {namespace}/{name}",
+                "PATCH",
+                path,
+                body=patch,
+                content_type="application/merge-patch+json",
+            )
+        except ApiError as e:
+            if e.status != 404:
+                raise
 
     def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
         """Pods of a namespace matching a label selector, as stored now."""

@@ -40,7 +40,14 @@ from lepton_operator.api.models import (
     LeptonJobStatus,
     RescaleInProgress,
 )
-from lepton_operator.desired import JobRef, build_checkpoint_pvc, build_service, selector_string
+from lepton_operator.desired import (
+    JobRef,
+    build_checkpoint_pvc,
+    build_disruption_budget,
+    build_service,
+    disruption_budget_name,
+    selector_string,
+)
 from lepton_operator.reconcile.conditions import get_condition, set_condition
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan, seconds
 
@@ -119,6 +126,21 @@ def ensure_service_and_pvc(p: JobPass) -> None:
         pvc = build_checkpoint_pvc(p.job, p.spec)
         if pvc is not None:
             p.plan.creates.append(pvc)
+
+
+def ensure_disruption_budget(p: JobPass) -> None:
+    """The job's PodDisruptionBudget protects every running worker (minAvailable = the
+    world size); 0 once nothing runs (suspended, finished), so a drain is never blocked
+    by a job that has no workers to move."""
+    s = p.s
+    active = s.phase not in FINISHED_PHASES and s.phase != "Suspended"
+    wanted = s.world_size if active else 0
+    if p.budget is None:
+        p.plan.creates.append(build_disruption_budget(p.job, wanted))
+    elif p.budget != wanted:
+        p.plan.patches.append(
+            ("PodDisruptionBudget", disruption_budget_name(p.job.name), {"spec": {"minAvailable": wanted}})
+        )
 
 
 # --- the first generation -------------------------------------------------------------

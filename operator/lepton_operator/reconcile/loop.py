@@ -72,7 +72,9 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     service_exists = service_name(name) in set(indexes["services_by_job"].get(key, []))
     pvc_exists = checkpoint_pvc_name(name) in set(indexes["claims_by_job"].get(key, []))
 
-    result = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now, nodes)
+    budgets = list(indexes["budgets_by_job"].get(key, []))
+    budget = budgets[0] if budgets else None
+    result = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now, nodes, budget)
     applied = await apply_plan(ctx, body, status, result, logger)
     return GONE if applied.job_deleted else applied.requeue_after
 

@@ -53,16 +53,22 @@ def plan(
     pvc_exists: bool,
     now: datetime,
     nodes: Optional[dict[str, NodeInfo]] = None,
+    budget: Optional[int] = None,
 ) -> Plan:
     """Compute one reconcile pass for a LeptonJob (pure; see the module docstring).
 
     `pods` are all pods carrying the job's labels (the handler's index), including ones
     the job does not own; `spec` is the parsed spec or the InvalidJob that parsing raised;
-    `nodes` is the node view (None when unknown: node loss and drains are not judged).
+    `nodes` is the node view (None when unknown: node loss and drains are not judged);
+    `budget` the job's PodDisruptionBudget's minAvailable (None: there is none).
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
-    return run(JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes))
+    p = JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes, budget)
+    result = run(p)
+    if not result.delete_job:
+        lifecycle.ensure_disruption_budget(p)  # after the pass: it follows the world size it decided
+    return result
 
 
 def run(p: JobPass) -> Plan:

@@ -62,7 +62,6 @@ from lepton_operator.api.models import (
     Observation,
 )
 
-
 # A rescale's downtime before any has been measured (stop, checkpoint, start, rendezvous).
 DEFAULT_RESTART_SECONDS = 60.0
 # How far ahead a rescale's gain is counted when the job's remaining time is unknown.

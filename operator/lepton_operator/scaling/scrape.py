@@ -4,7 +4,8 @@
 `job_name`, `generation`); the chart's docs and the local Prometheus use the same text.
 Print it with:
 
-    python -c 'import yaml; from lepton_operator.scaling.scrape import scrape_config; print(yaml.safe_dump([scrape_config()]))'
+    python -c 'import yaml; from lepton_operator.scaling.scrape import scrape_config
+    print(yaml.safe_dump([scrape_config()]))'
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ stays flat, below the smallest it scales linearly from zero.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -87,7 +88,7 @@ class Curve:
             return self.points[xs[0]] * n / xs[0]
         if n >= xs[-1]:
             return self.points[xs[-1]]
-        for a, b in zip(xs, xs[1:]):
+        for a, b in itertools.pairwise(xs):
             if a <= n <= b:
                 return self.points[a] + (self.points[b] - self.points[a]) * (n - a) / (b - a)
         raise AssertionError("unreachable")
