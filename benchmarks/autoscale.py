@@ -41,25 +41,29 @@ def run(seeds: int) -> list[dict]:
         curve = Curve.load(str(path))
         lep = [simulate(curve, "lepton", seed=s, settings=SETTINGS) for s in range(seeds)]
         hpa = [simulate(curve, "hpa", seed=s, settings=SETTINGS) for s in range(seeds)]
-        rows.append({
-            "curve": curve.name,
-            "lepton_s": statistics.mean(r["completion_seconds"] for r in lep),
-            "oracle_s": lep[0]["oracle_completion_seconds"],
-            "oracle_size": lep[0]["oracle_size"],
-            "ratio": statistics.mean(r["ratio_to_oracle"] for r in lep),
-            "worst_ratio": max(r["ratio_to_oracle"] for r in lep),
-            "final_sizes": sorted({r["final_size"] for r in lep}),
-            "hpa_s": statistics.mean(r["completion_seconds"] for r in hpa),
-            "hpa_ratio": statistics.mean(r["ratio_to_oracle"] for r in hpa),
-            "rescales": statistics.mean(r["rescales"] for r in lep),
-            "hpa_rescales": statistics.mean(r["rescales"] for r in hpa),
-        })
+        rows.append(
+            {
+                "curve": curve.name,
+                "lepton_s": statistics.mean(r["completion_seconds"] for r in lep),
+                "oracle_s": lep[0]["oracle_completion_seconds"],
+                "oracle_size": lep[0]["oracle_size"],
+                "ratio": statistics.mean(r["ratio_to_oracle"] for r in lep),
+                "worst_ratio": max(r["ratio_to_oracle"] for r in lep),
+                "final_sizes": sorted({r["final_size"] for r in lep}),
+                "hpa_s": statistics.mean(r["completion_seconds"] for r in hpa),
+                "hpa_ratio": statistics.mean(r["ratio_to_oracle"] for r in hpa),
+                "rescales": statistics.mean(r["rescales"] for r in lep),
+                "hpa_rescales": statistics.mean(r["rescales"] for r in hpa),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| curve | lepton (s) | oracle (s) [size] | lepton/oracle (worst) | final sizes | HPA-style (s) "
-            "| HPA/oracle | rescales lepton / HPA |")
+    head = (
+        "| curve | lepton (s) | oracle (s) [size] | lepton/oracle (worst) | final sizes | HPA-style (s) "
+        "| HPA/oracle | rescales lepton / HPA |"
+    )
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(

@@ -91,26 +91,45 @@ class AuditedCluster(LocalCluster):
         self.audit_dir = Path(tempfile.mkdtemp(prefix="bench-audit-"))
         self.audit_log = self.audit_dir / "audit.log"
         policy = self.audit_dir / "audit-policy.yaml"
-        policy.write_text(yaml.safe_dump({
-            "apiVersion": "audit.k8s.io/v1",
-            "kind": "Policy",
-            "omitStages": ["RequestReceived", "ResponseStarted"],
-            "rules": [
-                {"level": "Metadata", "users": [audit_user]},
-                # Creates by the admin user (this harness, and the controller-manager,
-                # which runs on the admin kubeconfig): the apiserver's own timestamps
-                # for job create -> pod creates, for both controllers.
-                # Pods at level Request: the Job controller's have generateName, and
-                # only the body (ownerReferences) says which Job a pod belongs to.
-                {"level": "Request", "users": [admin_user], "verbs": ["create"],
-                 "resources": [{"group": "", "resources": ["pods"]}]},
-                {"level": "Metadata", "users": [admin_user], "verbs": ["create"],
-                 "resources": [{"group": "batch", "resources": ["jobs"]}, {"group": GROUP, "resources": [PLURAL]}]},
-                {"level": "None"},
-            ],
-        }))
-        audit = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
-                 "--audit-log-maxsize=0", "--audit-log-format=json"]
+        policy.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived", "ResponseStarted"],
+                    "rules": [
+                        {"level": "Metadata", "users": [audit_user]},
+                        # Creates by the admin user (this harness, and the controller-manager,
+                        # which runs on the admin kubeconfig): the apiserver's own timestamps
+                        # for job create -> pod creates, for both controllers.
+                        # Pods at level Request: the Job controller's have generateName, and
+                        # only the body (ownerReferences) says which Job a pod belongs to.
+                        {
+                            "level": "Request",
+                            "users": [admin_user],
+                            "verbs": ["create"],
+                            "resources": [{"group": "", "resources": ["pods"]}],
+                        },
+                        {
+                            "level": "Metadata",
+                            "users": [admin_user],
+                            "verbs": ["create"],
+                            "resources": [
+                                {"group": "batch", "resources": ["jobs"]},
+                                {"group": GROUP, "resources": [PLURAL]},
+                            ],
+                        },
+                        {"level": "None"},
+                    ],
+                }
+            )
+        )
+        audit = [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-maxsize=0",
+            "--audit-log-format=json",
+        ]
         super().__init__(*args, extra_args={"kube-apiserver": audit}, **kwargs)
 
     def stop(self) -> None:
@@ -118,14 +137,28 @@ class AuditedCluster(LocalCluster):
         shutil.rmtree(self.audit_dir, ignore_errors=True)
 
 
-def raw(api: client.ApiClient, method: str, path: str, body=None, query=None, content_type=None,
-        timeout=(5, 60), stream: bool = False):
+def raw(
+    api: client.ApiClient,
+    method: str,
+    path: str,
+    body=None,
+    query=None,
+    content_type=None,
+    timeout=(5, 60),
+    stream: bool = False,
+):
     """One request through the client's REST layer; JSON dict, or the raw response if `stream`."""
     headers = {"Accept": "application/json"}
     if body is not None:
         headers["Content-Type"] = content_type or "application/json"
-    params = api.param_serialize(method=method, resource_path=path, query_params=list((query or {}).items()),
-                                 header_params=headers, body=body, auth_settings=["BearerToken"])
+    params = api.param_serialize(
+        method=method,
+        resource_path=path,
+        query_params=list((query or {}).items()),
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
     resp = api.call_api(*params, _request_timeout=timeout)
     if stream:
         return resp.response
@@ -174,16 +207,19 @@ def operator_kubeconfig(cluster: LocalCluster, api: client.ApiClient, path: Path
         if e.status != 409:
             raise
     try:
-        client.RbacAuthorizationV1Api(api).create_cluster_role_binding({
-            "metadata": {"name": "bench-lepton-operator"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": NS_SYSTEM}],
-        })
+        client.RbacAuthorizationV1Api(api).create_cluster_role_binding(
+            {
+                "metadata": {"name": "bench-lepton-operator"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": NS_SYSTEM}],
+            }
+        )
     except ApiException as e:
         if e.status != 409:
             raise
     token = core.create_namespaced_service_account_token(
-        OPERATOR_SA, NS_SYSTEM, {"spec": {"expirationSeconds": 86400}}).status.token
+        OPERATOR_SA, NS_SYSTEM, {"spec": {"expirationSeconds": 86400}}
+    ).status.token
     cfg = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     cfg["users"] = [{"name": OPERATOR_SA, "user": {"token": token}}]
     for ctx in cfg["contexts"]:
@@ -214,8 +250,9 @@ def batch_job(name: str, workers: int) -> dict:
     """A batch/v1 Job running the same worker pod the operator builds (same container,
     resources, env, security), `parallelism = completions = workers`."""
     spec = parse_job(name, lepton_spec(workers))
-    pod = build_worker_pod(JobRef(name=name, namespace=NS_JOB, uid="00000000-0000-0000-0000-000000000000"),
-                           spec, 0, 1, workers)
+    pod = build_worker_pod(
+        JobRef(name=name, namespace=NS_JOB, uid="00000000-0000-0000-0000-000000000000"), spec, 0, 1, workers
+    )
     pod_spec = dict(pod["spec"])
     for field in ("hostname", "subdomain"):  # one Service identity per LeptonJob pod; none here
         pod_spec.pop(field, None)
@@ -242,14 +279,20 @@ class Workload:
         raw(api, "POST", self.path, body=self.build(name, workers))
 
     def delete_all(self, api) -> None:
-        raw(api, "DELETE", self.path, body={"kind": "DeleteOptions", "apiVersion": "v1",
-                                            "propagationPolicy": "Background"})
+        raw(
+            api,
+            "DELETE",
+            self.path,
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+        )
 
     def count(self, api) -> int:
         return len(raw(api, "GET", self.path, query={"limit": "5000"}).get("items", []))
 
 
-LEPTON = Workload("LeptonJob", NS_LJ, LABEL_JOB_NAME, f"/apis/{GROUP}/{VERSION}/namespaces/{NS_LJ}/{PLURAL}", lepton_job)
+LEPTON = Workload(
+    "LeptonJob", NS_LJ, LABEL_JOB_NAME, f"/apis/{GROUP}/{VERSION}/namespaces/{NS_LJ}/{PLURAL}", lepton_job
+)
 BATCH = Workload("Job", NS_JOB, BATCH_JOB_LABEL, f"/apis/batch/v1/namespaces/{NS_JOB}/jobs", batch_job)
 
 
@@ -282,8 +325,11 @@ class PodWatch(threading.Thread):
             self.live.add(uid)
             rec = self.pods.get(uid)
             if rec is None:
-                rec = self.pods[uid] = {"job": (meta.get("labels") or {}).get(self.job_label),
-                                        "added": now, "running": None}
+                rec = self.pods[uid] = {
+                    "job": (meta.get("labels") or {}).get(self.job_label),
+                    "added": now,
+                    "running": None,
+                }
             if rec["running"] is None and (pod.get("status") or {}).get("phase") == "Running":
                 rec["running"] = now
 
@@ -301,9 +347,14 @@ class PodWatch(threading.Thread):
                         self._see("ADDED", pod, now)
                     rv = listing["metadata"]["resourceVersion"]
                     self.ready.set()
-                resp = raw(self.api, "GET", path, stream=True, timeout=(5, 60),
-                           query={"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
-                                  "timeoutSeconds": "30"})
+                resp = raw(
+                    self.api,
+                    "GET",
+                    path,
+                    stream=True,
+                    timeout=(5, 60),
+                    query={"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": "30"},
+                )
                 if resp.status != 200:
                     rv = None
                     time.sleep(0.5)
@@ -394,7 +445,9 @@ def audit_offset(cluster: AuditedCluster) -> int:
         return 0
 
 
-def audit_events(cluster: AuditedCluster, start: int, end: int | None = None, user: str | None = OPERATOR_USER) -> list[dict]:
+def audit_events(
+    cluster: AuditedCluster, start: int, end: int | None = None, user: str | None = OPERATOR_USER
+) -> list[dict]:
     """Audited requests of `user` (None: anyone) logged between two byte offsets of the audit log."""
     try:
         with open(cluster.audit_log, "rb") as f:
@@ -408,7 +461,10 @@ def audit_events(cluster: AuditedCluster, start: int, end: int | None = None, us
             ev = json.loads(line)
         except ValueError:
             continue
-        if (user is None or (ev.get("user") or {}).get("username") == user) and ev.get("stage") in ("ResponseComplete", "Panic"):
+        if (user is None or (ev.get("user") or {}).get("username") == user) and ev.get("stage") in (
+            "ResponseComplete",
+            "Panic",
+        ):
             out.append(ev)
     return out
 
@@ -476,7 +532,7 @@ def stage_breakdown(events: list[dict], workers: int) -> dict:
     return {k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in steps.items()}
 
 
-_METRIC_LINE = re.compile(r'^apiserver_request_total\{(.*)\} ([0-9.eE+-]+)$')
+_METRIC_LINE = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.eE+-]+)$")
 
 
 def apiserver_request_totals(api: client.ApiClient) -> Counter:
@@ -513,7 +569,7 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return float("nan") if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den * 3600
+    return float("nan") if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 3600
 
 
 def minimum_requests(workers: int) -> dict[str, int]:
@@ -542,8 +598,14 @@ class Bench:
         self.operator: OperatorProcess | None = None
         self.sampler: ProcSampler | None = None
         self.watches: dict[str, PodWatch] = {}
-        self.results: dict = {"args": vars(args), "latency": [], "idle": [], "api": {}, "churn": {},
-                              "create_phase_requests": []}
+        self.results: dict = {
+            "args": vars(args),
+            "latency": [],
+            "idle": [],
+            "api": {},
+            "churn": {},
+            "create_phase_requests": [],
+        }
 
     # --- setup / teardown --------------------------------------------------------
 
@@ -615,15 +677,17 @@ class Bench:
             pods = snap.get(name, [])
             added = sorted(p["added"] for p in pods)
             running = sorted(p["running"] for p in pods if p["running"])
-            per_job.append({
-                "job": name,
-                "created_s": added[self.W - 1] - created[name] if len(added) >= self.W else None,
-                "running_s": running[self.W - 1] - created[name] if len(running) >= self.W else None,
-                "first_pod_s": added[0] - created[name] if added else None,
-                "t_create": created[name],
-                "t_all_created": added[self.W - 1] if len(added) >= self.W else None,
-                "t_all_running": running[self.W - 1] if len(running) >= self.W else None,
-            })
+            per_job.append(
+                {
+                    "job": name,
+                    "created_s": added[self.W - 1] - created[name] if len(added) >= self.W else None,
+                    "running_s": running[self.W - 1] - created[name] if len(running) >= self.W else None,
+                    "first_pod_s": added[0] - created[name] if added else None,
+                    "t_create": created[name],
+                    "t_all_created": added[self.W - 1] if len(added) >= self.W else None,
+                    "t_all_running": running[self.W - 1] if len(running) >= self.W else None,
+                }
+            )
         return {"jobs": per_job, "complete": done, "total": len(names)}
 
     def cleanup(self, wl: Workload, timeout: float = 600) -> float:
@@ -654,9 +718,16 @@ class Bench:
         t_all_created = [j["t_all_created"] for j in jobs if j["t_all_created"] is not None]
         t_all_running = [j["t_all_running"] for j in jobs if j["t_all_running"] is not None]
         row = {
-            "kind": wl.kind, "k": k, "workers": self.W, "complete": run["complete"],
-            "created_p50": pct(created, 50), "created_p99": pct(created, 99), "created_max": pct(created, 100),
-            "running_p50": pct(running, 50), "running_p99": pct(running, 99), "running_max": pct(running, 100),
+            "kind": wl.kind,
+            "k": k,
+            "workers": self.W,
+            "complete": run["complete"],
+            "created_p50": pct(created, 50),
+            "created_p99": pct(created, 99),
+            "created_max": pct(created, 100),
+            "running_p50": pct(running, 50),
+            "running_p99": pct(running, 99),
+            "running_max": pct(running, 100),
             "total_created": (max(t_all_created) - t_first) if len(t_all_created) == k else None,
             "total_running": (max(t_all_running) - t_first) if len(t_all_running) == k else None,
             "create_calls_s": max(j["t_create"] for j in jobs) - t_first,
@@ -668,14 +739,17 @@ class Bench:
         except Exception as e:  # a diagnostic: never lose the run's figures over it
             log(f"step breakdown failed: {type(e).__name__}: {e}")
             row["apiserver_steps"] = {}
-        log(f"{wl.kind} K={k}: {run['complete']}/{k} complete; all pods created p50 {row['created_p50']:.2f}s "
-            f"p99 {row['created_p99']:.2f}s; running p50 {row['running_p50']:.2f}s p99 {row['running_p99']:.2f}s")
+        log(
+            f"{wl.kind} K={k}: {run['complete']}/{k} complete; all pods created p50 {row['created_p50']:.2f}s "
+            f"p99 {row['created_p99']:.2f}s; running p50 {row['running_p50']:.2f}s p99 {row['running_p99']:.2f}s"
+        )
         if wl is LEPTON:
             row["settle_s"] = self.wait_settled()
             evs = audit_events(self.cluster, a0)
             per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch", "list"))
             self.results["create_phase_requests"].append(
-                {"k": k, "requests": sum(per.values()), "per_job": sum(per.values()) / k, "by_kind": dict(per)})
+                {"k": k, "requests": sum(per.values()), "per_job": sum(per.values()) / k, "by_kind": dict(per)}
+            )
             self.idle_phase(k, t_phase)
         row["cleanup_s"] = self.cleanup(wl)
         return row
@@ -710,7 +784,9 @@ class Bench:
         evs = audit_events(self.cluster, a0)
         reqs = [e for e in evs if e.get("verb") not in ("watch", "list")]
         row = {
-            "k": k, "seconds": s1[0] - s0[0], "rss_mib": s1[1],
+            "k": k,
+            "seconds": s1[0] - s0[0],
+            "rss_mib": s1[1],
             "rss_max_mib": max(s[1] for s in self.sampler.window(s0[0], s1[0])),
             "rss_peak_phase_mib": max(s[1] for s in self.sampler.window(t_phase, s1[0])),
             "cpu_percent": 100.0 * (s1[2] - s0[2]) / (s1[0] - s0[0]),
@@ -718,8 +794,10 @@ class Bench:
             "by_kind": dict(Counter(request_key(e) for e in reqs)),
         }
         self.results["idle"].append(row)
-        log(f"idle K={k}: RSS {row['rss_mib']:.1f} MiB, CPU {row['cpu_percent']:.1f} %, "
-            f"{row['requests_per_job_per_min']:.2f} requests/job/min")
+        log(
+            f"idle K={k}: RSS {row['rss_mib']:.1f} MiB, CPU {row['cpu_percent']:.1f} %, "
+            f"{row['requests_per_job_per_min']:.2f} requests/job/min"
+        )
 
     def api_phase(self) -> None:
         """`--api-jobs` sequential lifecycles of one job; operator requests per lifecycle."""
@@ -749,7 +827,8 @@ class Bench:
         # The harness itself sends per lifecycle: 1 create, 1 deletecollection, and its
         # cleanup polls (list) of leptonjobs; the rest of `leptonjobs` traffic is the operator's.
         self.results["api"] = {
-            "lifecycles": n, "seconds": elapsed,
+            "lifecycles": n,
+            "seconds": elapsed,
             "per_lifecycle": {k: v / n for k, v in sorted(per.items())},
             "total_per_lifecycle": sum(per.values()) / n,
             "by_user_agent": {k: v / n for k, v in by_agent.items()},
@@ -759,8 +838,10 @@ class Bench:
             "apiserver_request_total_delta_leptonjobs": {k: v for k, v in sorted(delta.items()) if "leptonjobs" in k},
             "apiserver_request_total_delta_all": dict(sorted(delta.items())),
         }
-        log(f"API cost: {sum(per.values()) / n:.1f} operator requests per lifecycle "
-            f"(minimum {sum(minimum_requests(self.W).values())})")
+        log(
+            f"API cost: {sum(per.values()) / n:.1f} operator requests per lifecycle "
+            f"(minimum {sum(minimum_requests(self.W).values())})"
+        )
 
     def churn_phase(self) -> None:
         """Create/delete cycles for `--churn-seconds`; RSS at cycle boundaries."""
@@ -785,19 +866,26 @@ class Bench:
         mid = boundary[len(boundary) // 2]
         all_pts = [(s[0] - t0, s[1]) for s in self.sampler.window(t0, boundary[-1][0])]
         self.results["churn"] = {
-            "seconds": boundary[-1][0] - t0, "cycles": cycles, "jobs_per_cycle": c, "incomplete_jobs": incomplete,
+            "seconds": boundary[-1][0] - t0,
+            "cycles": cycles,
+            "jobs_per_cycle": c,
+            "incomplete_jobs": incomplete,
             "cycle_p50_s": pct(cycle_s, 50),
-            "rss_start_mib": boundary[0][1], "rss_mid_mib": mid[1], "rss_end_mib": boundary[-1][1],
+            "rss_start_mib": boundary[0][1],
+            "rss_mid_mib": mid[1],
+            "rss_end_mib": boundary[-1][1],
             "rss_max_mib": max(p[1] for p in all_pts) if all_pts else None,
             "slope_boundaries_mib_per_h": slope_per_hour(pts),
             "slope_all_samples_mib_per_h": slope_per_hour(all_pts),
-            "slope_second_half_mib_per_h": slope_per_hour(pts[len(pts) // 2:]),
+            "slope_second_half_mib_per_h": slope_per_hour(pts[len(pts) // 2 :]),
             "cpu_seconds": boundary[-1][2] - boundary[0][2],
             "cpu_percent": 100.0 * (boundary[-1][2] - boundary[0][2]) / max(1e-9, boundary[-1][0] - boundary[0][0]),
         }
         ch = self.results["churn"]
-        log(f"churn: {cycles} cycles, RSS {ch['rss_start_mib']:.1f} -> {ch['rss_mid_mib']:.1f} -> "
-            f"{ch['rss_end_mib']:.1f} MiB, slope {ch['slope_boundaries_mib_per_h']:+.1f} MiB/h")
+        log(
+            f"churn: {cycles} cycles, RSS {ch['rss_start_mib']:.1f} -> {ch['rss_mid_mib']:.1f} -> "
+            f"{ch['rss_end_mib']:.1f} MiB, slope {ch['slope_boundaries_mib_per_h']:+.1f} MiB/h"
+        )
 
     def reconcile_histogram(self) -> dict:
         """The operator's own reconcile-duration histogram (sum, count) from its /metrics."""
@@ -809,8 +897,9 @@ class Bench:
             return {"error": str(e)}
         out = {}
         for line in text.splitlines():
-            if line.startswith("lepton_operator_reconcile_duration_seconds_sum") or \
-               line.startswith("lepton_operator_reconcile_duration_seconds_count"):
+            if line.startswith("lepton_operator_reconcile_duration_seconds_sum") or line.startswith(
+                "lepton_operator_reconcile_duration_seconds_count"
+            ):
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
         return out
@@ -829,7 +918,8 @@ class Bench:
         self.churn_phase()
         self.results["reconcile_histogram"] = self.reconcile_histogram()
         self.results["operator_log_errors"] = [
-            line for line in self.operator.log_text().splitlines() if " ERROR " in line or "Traceback" in line][:20]
+            line for line in self.operator.log_text().splitlines() if " ERROR " in line or "Traceback" in line
+        ][:20]
         self.results["machine"]["loadavg_at_end"] = os.getloadavg()
         return self.results
 
@@ -840,10 +930,12 @@ def operator_version() -> str:
 
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "operator/"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "operator/"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + (" + uncommitted changes in operator/" if dirty else "")
@@ -862,13 +954,19 @@ def report(res: dict) -> str:
     lines = []
     lat = res["latency"]
     lines.append("### Latency: create -> all W pods created / all W pods Running (seconds)\n")
-    lines.append("| K | controller | done | created p50 | created p99 | created total | running p50 | running p99 | running total | operator writes on after all Running (s) | delete all -> all gone (s) | load 1m |")
+    lines.append(
+        "| K | controller | done | created p50 | created p99 | created total | running p50 | running p99 | running total | operator writes on after all Running (s) | delete all -> all gone (s) | load 1m |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in lat:
-        lines.append(f"| {r['k']} | {r['kind']} | {r['complete']}/{r['k']} | {fmt(r['created_p50'])} | "
-                     f"{fmt(r['created_p99'])} | {fmt(r['total_created'])} | {fmt(r['running_p50'])} | "
-                     f"{fmt(r['running_p99'])} | {fmt(r['total_running'])} | {fmt(r.get('settle_s'), 1)} | {fmt(r.get('cleanup_s'), 1)} | {fmt(r['loadavg_1m'], 1)} |")
-    lines.append("\n### Ratio LeptonJob / Job (lower is better for the operator; target created p50 & total <= 1.5 at K=100)\n")
+        lines.append(
+            f"| {r['k']} | {r['kind']} | {r['complete']}/{r['k']} | {fmt(r['created_p50'])} | "
+            f"{fmt(r['created_p99'])} | {fmt(r['total_created'])} | {fmt(r['running_p50'])} | "
+            f"{fmt(r['running_p99'])} | {fmt(r['total_running'])} | {fmt(r.get('settle_s'), 1)} | {fmt(r.get('cleanup_s'), 1)} | {fmt(r['loadavg_1m'], 1)} |"
+        )
+    lines.append(
+        "\n### Ratio LeptonJob / Job (lower is better for the operator; target created p50 & total <= 1.5 at K=100)\n"
+    )
     lines.append("| K | created p50 | created p99 | created total | running p50 | running p99 | running total |")
     lines.append("|---|---|---|---|---|---|---|")
     by = {(r["kind"], r["k"]): r for r in lat}
@@ -877,16 +975,27 @@ def report(res: dict) -> str:
         if not lj or not jb:
             continue
 
-        def ratio(key):
+        def ratio(key, lj=lj, jb=jb):
             a, b = lj.get(key), jb.get(key)
             return fmt(a / b) if a is not None and b and not math.isnan(a) and not math.isnan(b) else "-"
 
-        lines.append(f"| {k} | {ratio('created_p50')} | {ratio('created_p99')} | {ratio('total_created')} | "
-                     f"{ratio('running_p50')} | {ratio('running_p99')} | {ratio('total_running')} |")
-    lines.append("\n### Where the time goes: steps from job create to its W-th pod create, apiserver clock (audit log), p50 / p99 seconds\n")
-    order = ["create->finalizer", "create->first_get", "create->first_status", "create->first_status_ok",
-             "create->service", "create->first pod",
-             "first pod->last pod", "create->last pod"]
+        lines.append(
+            f"| {k} | {ratio('created_p50')} | {ratio('created_p99')} | {ratio('total_created')} | "
+            f"{ratio('running_p50')} | {ratio('running_p99')} | {ratio('total_running')} |"
+        )
+    lines.append(
+        "\n### Where the time goes: steps from job create to its W-th pod create, apiserver clock (audit log), p50 / p99 seconds\n"
+    )
+    order = [
+        "create->finalizer",
+        "create->first_get",
+        "create->first_status",
+        "create->first_status_ok",
+        "create->service",
+        "create->first pod",
+        "first pod->last pod",
+        "create->last pod",
+    ]
     present = {k for r in lat for k in (r.get("apiserver_steps") or {})}
     steps = [k for k in order if k in present]
     lines.append("| K | controller | " + " | ".join(steps) + " |")
@@ -897,21 +1006,29 @@ def report(res: dict) -> str:
         lines.append(f"| {r['k']} | {r['kind']} | " + " | ".join(cells) + " |")
     if res["idle"]:
         lines.append("\n### Operator footprint holding K jobs idle\n")
-        lines.append("| K | RSS MiB (idle) | RSS max MiB (idle) | RSS peak MiB (create + idle) | CPU % idle (1 core = 100) | requests/job/min idle | window s |")
+        lines.append(
+            "| K | RSS MiB (idle) | RSS max MiB (idle) | RSS peak MiB (create + idle) | CPU % idle (1 core = 100) | requests/job/min idle | window s |"
+        )
         lines.append("|---|---|---|---|---|---|---|")
         for r in res["idle"]:
-            lines.append(f"| {r['k']} | {fmt(r['rss_mib'], 1)} | {fmt(r['rss_max_mib'], 1)} | {fmt(r.get('rss_peak_phase_mib'), 1)} | {fmt(r['cpu_percent'], 1)} | "
-                         f"{fmt(r['requests_per_job_per_min'], 2)} | {fmt(r['seconds'], 0)} |")
+            lines.append(
+                f"| {r['k']} | {fmt(r['rss_mib'], 1)} | {fmt(r['rss_max_mib'], 1)} | {fmt(r.get('rss_peak_phase_mib'), 1)} | {fmt(r['cpu_percent'], 1)} | "
+                f"{fmt(r['requests_per_job_per_min'], 2)} | {fmt(r['seconds'], 0)} |"
+            )
         pts = [(r["k"], r.get("rss_peak_phase_mib", r["rss_max_mib"])) for r in res["idle"]]
         if len(pts) >= 2:
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
             a = my - b * mx
-            lines.append(f"\nLinear fit of peak RSS: RSS(K) = {a:.1f} MiB + {b * 1024:.1f} KiB x K -> "
-                         f"K=1000: {a + b * 1000:.0f} MiB (operator RSS at start: {fmt(res.get('operator_rss_at_start_mib'), 1)} MiB)")
+            lines.append(
+                f"\nLinear fit of peak RSS: RSS(K) = {a:.1f} MiB + {b * 1024:.1f} KiB x K -> "
+                f"K=1000: {a + b * 1000:.0f} MiB (operator RSS at start: {fmt(res.get('operator_rss_at_start_mib'), 1)} MiB)"
+            )
     if res["create_phase_requests"]:
-        lines.append("\n### Operator requests per job while K jobs start (create -> all Running -> operator quiet; audit log; (409) = create of a pod that already existed)\n")
+        lines.append(
+            "\n### Operator requests per job while K jobs start (create -> all Running -> operator quiet; audit log; (409) = create of a pod that already existed)\n"
+        )
         lines.append("| K | requests/job | by kind (total) |")
         lines.append("|---|---|---|")
         for r in res["create_phase_requests"]:
@@ -920,7 +1037,9 @@ def report(res: dict) -> str:
     api = res.get("api") or {}
     if api:
         minimum = sum(api["minimum"].values())
-        lines.append(f"\n### API cost per job lifecycle (create -> Running -> delete -> gone; {api['lifecycles']} lifecycles; audit log, operator's identity)\n")
+        lines.append(
+            f"\n### API cost per job lifecycle (create -> Running -> delete -> gone; {api['lifecycles']} lifecycles; audit log, operator's identity)\n"
+        )
         lines.append("| request | per lifecycle | protocol minimum |")
         lines.append("|---|---|---|")
         keys = sorted(set(api["per_lifecycle"]) | set(api["minimum"]))
@@ -928,26 +1047,38 @@ def report(res: dict) -> str:
             lines.append(f"| {k} | {fmt(api['per_lifecycle'].get(k, 0.0), 1)} | {api['minimum'].get(k, 0)} |")
         total = api["total_per_lifecycle"]
         lines.append(f"| **total** | **{fmt(total, 1)}** | **{minimum}** (ratio {fmt(total / minimum)}; target <= 2) |")
-        lines.append(f"\nBy client: {', '.join(f'{k}: {fmt(v, 1)}' for k, v in api['by_user_agent'].items())}; "
-                     f"response codes: {api['response_codes']}.")
-        lines.append(f"apiserver_request_total delta for leptonjobs over the window (all clients, harness included): "
-                     f"{ {k: int(v) for k, v in api['apiserver_request_total_delta_leptonjobs'].items()} }")
+        lines.append(
+            f"\nBy client: {', '.join(f'{k}: {fmt(v, 1)}' for k, v in api['by_user_agent'].items())}; "
+            f"response codes: {api['response_codes']}."
+        )
+        lines.append(
+            f"apiserver_request_total delta for leptonjobs over the window (all clients, harness included): "
+            f"{ {k: int(v) for k, v in api['apiserver_request_total_delta_leptonjobs'].items()} }"
+        )
     ch = res.get("churn") or {}
     if ch:
-        lines.append(f"\n### Churn: {ch['cycles']} cycles of {ch['jobs_per_cycle']} jobs in {fmt(ch['seconds'], 0)} s "
-                     f"(cycle p50 {fmt(ch['cycle_p50_s'], 1)} s, incomplete jobs {ch['incomplete_jobs']})\n")
-        lines.append("| RSS start MiB | RSS middle MiB | RSS end MiB | RSS max MiB | slope (cycle ends) MiB/h | slope (2nd half) MiB/h | slope (all samples) MiB/h | CPU % |")
+        lines.append(
+            f"\n### Churn: {ch['cycles']} cycles of {ch['jobs_per_cycle']} jobs in {fmt(ch['seconds'], 0)} s "
+            f"(cycle p50 {fmt(ch['cycle_p50_s'], 1)} s, incomplete jobs {ch['incomplete_jobs']})\n"
+        )
+        lines.append(
+            "| RSS start MiB | RSS middle MiB | RSS end MiB | RSS max MiB | slope (cycle ends) MiB/h | slope (2nd half) MiB/h | slope (all samples) MiB/h | CPU % |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
-        lines.append(f"| {fmt(ch['rss_start_mib'], 1)} | {fmt(ch['rss_mid_mib'], 1)} | {fmt(ch['rss_end_mib'], 1)} | "
-                     f"{fmt(ch['rss_max_mib'], 1)} | {fmt(ch['slope_boundaries_mib_per_h'], 1)} | "
-                     f"{fmt(ch['slope_second_half_mib_per_h'], 1)} | {fmt(ch['slope_all_samples_mib_per_h'], 1)} | {fmt(ch['cpu_percent'], 1)} |")
+        lines.append(
+            f"| {fmt(ch['rss_start_mib'], 1)} | {fmt(ch['rss_mid_mib'], 1)} | {fmt(ch['rss_end_mib'], 1)} | "
+            f"{fmt(ch['rss_max_mib'], 1)} | {fmt(ch['slope_boundaries_mib_per_h'], 1)} | "
+            f"{fmt(ch['slope_second_half_mib_per_h'], 1)} | {fmt(ch['slope_all_samples_mib_per_h'], 1)} | {fmt(ch['cpu_percent'], 1)} |"
+        )
     hist = res.get("reconcile_histogram") or {}
     if hist:
         lines.append(f"\nOperator reconcile passes: {hist}")
     m = res.get("machine", {})
     lines.append(f"\nOperator code: {res.get('operator_version', 'unknown')}.")
-    lines.append(f"\nMachine: {m.get('cpus')} CPUs, load average at start {m.get('loadavg_at_start')}, "
-                 f"at end {m.get('loadavg_at_end')}.")
+    lines.append(
+        f"\nMachine: {m.get('cpus')} CPUs, load average at start {m.get('loadavg_at_start')}, "
+        f"at end {m.get('loadavg_at_end')}."
+    )
     if res.get("operator_log_errors"):
         lines.append("\nOperator log errors (first 20):\n```\n" + "\n".join(res["operator_log_errors"]) + "\n```")
     return "\n".join(lines)
@@ -957,13 +1088,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ks", default="1,10,100", help="comma-separated job counts (default 1,10,100)")
     p.add_argument("--workers", type=int, default=8, help="workers (pods, 1 GPU each) per job (default 8)")
-    p.add_argument("--idle-seconds", type=float, default=40, help="hold each K idle this long (default 40; > the 30 s resync)")
+    p.add_argument(
+        "--idle-seconds", type=float, default=40, help="hold each K idle this long (default 40; > the 30 s resync)"
+    )
     p.add_argument("--api-jobs", type=int, default=5, help="lifecycles for the API-cost phase (default 5; 0 skips)")
-    p.add_argument("--churn-seconds", type=float, default=600, help="create/delete churn duration (default 600; 0 skips)")
+    p.add_argument(
+        "--churn-seconds", type=float, default=600, help="create/delete churn duration (default 600; 0 skips)"
+    )
     p.add_argument("--churn-jobs", type=int, default=10, help="jobs per churn cycle (default 10)")
-    p.add_argument("--api-threads", type=int, default=0,
-                   help="the operator's --api-threads (threads and pooled connections for its API calls; "
-                        "default: the operator's own)")
+    p.add_argument(
+        "--api-threads",
+        type=int,
+        default=0,
+        help="the operator's --api-threads (threads and pooled connections for its API calls; "
+        "default: the operator's own)",
+    )
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--artifacts", help="copy the operator log and the audit log here before the cluster goes")

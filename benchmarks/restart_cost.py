@@ -52,16 +52,29 @@ class Generation:
         self.spawned = time.time()
         for i in range(nodes):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "LEPTON_"))}
-            env.update(PET_NNODES=str(nodes), PET_NPROC_PER_NODE="1", PET_RDZV_BACKEND="c10d",
-                       PET_RDZV_ENDPOINT=f"127.0.0.1:{port}", PET_RDZV_ID=f"bench-g{gen}",
-                       PET_MAX_RESTARTS="0", PET_RDZV_CONF=f"is_host={int(i == 0)}",
-                       LEPTON_GENERATION=str(gen), LEPTON_WORLD_SIZE=str(nodes),
-                       LEPTON_WORKER_INDEX=str(i), LEPTON_CHECKPOINT_DIR=str(tmp / "ck"),
-                       PYTHONWARNINGS="ignore")
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "lepton_trainer", *args], env=env,
-                stdout=open(self.logs[i], "w"), stderr=subprocess.STDOUT,
-                start_new_session=True))
+            env.update(
+                PET_NNODES=str(nodes),
+                PET_NPROC_PER_NODE="1",
+                PET_RDZV_BACKEND="c10d",
+                PET_RDZV_ENDPOINT=f"127.0.0.1:{port}",
+                PET_RDZV_ID=f"bench-g{gen}",
+                PET_MAX_RESTARTS="0",
+                PET_RDZV_CONF=f"is_host={int(i == 0)}",
+                LEPTON_GENERATION=str(gen),
+                LEPTON_WORLD_SIZE=str(nodes),
+                LEPTON_WORKER_INDEX=str(i),
+                LEPTON_CHECKPOINT_DIR=str(tmp / "ck"),
+                PYTHONWARNINGS="ignore",
+            )
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "lepton_trainer", *args],
+                    env=env,
+                    stdout=open(self.logs[i], "w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     def text(self, i: int = 0) -> str:
         return self.logs[i].read_text()
@@ -139,16 +152,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warm-steps", type=int, default=30)
     args, extra = parser.parse_known_args()
-    trainer_args = ["--max-steps", "100000", "--log-every-seconds", "0.1",
-                    "--metrics-port", "0", *extra]
-    runs = [one_restart(args.nodes, args.to_nodes, args.warm_steps, trainer_args)
-            for _ in range(args.repeats)]
-    print(f"restart cost, CPU, {args.nodes} -> {args.to_nodes} nodes (1 rank each), "
-          f"{args.repeats} runs; trainer args: {' '.join(trainer_args)}")
+    trainer_args = ["--max-steps", "100000", "--log-every-seconds", "0.1", "--metrics-port", "0", *extra]
+    runs = [one_restart(args.nodes, args.to_nodes, args.warm_steps, trainer_args) for _ in range(args.repeats)]
+    print(
+        f"restart cost, CPU, {args.nodes} -> {args.to_nodes} nodes (1 rank each), "
+        f"{args.repeats} runs; trainer args: {' '.join(trainer_args)}"
+    )
     for key in runs[0]:
         values = [r[key] for r in runs]
-        print(f"  {key:38s} median {statistics.median(values):7.3f} s   runs: "
-              + ", ".join(f"{v:.3f}" for v in values))
+        print(f"  {key:38s} median {statistics.median(values):7.3f} s   runs: " + ", ".join(f"{v:.3f}" for v in values))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from lepton_localcluster.procs import free_port
 from lepton_trainer.config import parse_args
 from lepton_trainer.train import DistEnv, Trainer
 
-
 SHARES: list[float] = []  # extra-work share of each full run
 EXTRA = {"s": 0.0}  # seconds spent in metrics updates and checkpoint writes (full runs)
 
@@ -46,6 +45,7 @@ def _timed(fn):
             return fn(*a, **kw)
         finally:
             EXTRA["s"] += time.perf_counter() - t0
+
     return wrapper
 
 
@@ -59,10 +59,19 @@ def measure(full: bool, steps: int, every: int, extra: list[str]) -> tuple[float
     """(samples per wall second, per CPU second) of the loop (setup excluded, final
     checkpoint included)."""
     with tempfile.TemporaryDirectory() as ck:
-        argv = ["--max-steps", str(steps), "--checkpoint-every-steps", str(every),
-                "--metrics-addr", "127.0.0.1", "--metrics-port",
-                str(free_port() if full else 0), "--checkpoint-dir", ck if full else "",
-                *extra]
+        argv = [
+            "--max-steps",
+            str(steps),
+            "--checkpoint-every-steps",
+            str(every),
+            "--metrics-addr",
+            "127.0.0.1",
+            "--metrics-port",
+            str(free_port() if full else 0),
+            "--checkpoint-dir",
+            ck if full else "",
+            *extra,
+        ]
         cfg = parse_args(argv, {})
         trainer = Trainer(cfg, DistEnv(), metrics=full, checkpoints=full)
         loop, elapsed = trainer._loop, {}
@@ -87,8 +96,7 @@ def measure(full: bool, steps: int, every: int, extra: list[str]) -> tuple[float
         trainer._start_metrics = start_and_time_metrics
         stop = threading.Event()
         if full:
-            threading.Thread(target=_scrape_every_second, daemon=True,
-                             args=(cfg.metrics_port, stop)).start()
+            threading.Thread(target=_scrape_every_second, daemon=True, args=(cfg.metrics_port, stop)).start()
         EXTRA["s"] = 0.0
         try:
             with contextlib.redirect_stdout(io.StringIO()):
@@ -106,8 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint-every-steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable figures on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable figures on a shared machine)")
     args, extra = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     measure(False, 20, 10, extra)  # warm-up: allocator, kernels
@@ -115,17 +122,24 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so load changes hit both alike
         bare.append(measure(False, args.steps, args.checkpoint_every_steps, extra))
         full.append(measure(True, args.steps, args.checkpoint_every_steps, extra))
-    print(f"steps={args.steps} repeats={args.repeats} threads={args.threads} "
-          f"checkpoint_every_steps={args.checkpoint_every_steps} extra={' '.join(extra) or '-'}")
+    print(
+        f"steps={args.steps} repeats={args.repeats} threads={args.threads} "
+        f"checkpoint_every_steps={args.checkpoint_every_steps} extra={' '.join(extra) or '-'}"
+    )
     for i, label in ((0, "samples/s (wall)"), (1, "samples per CPU-second")):
         b = [r[i] for r in bare]
         f = [r[i] for r in full]
         for how, pick in (("median", statistics.median), ("best", max)):
-            print(f"{label:24s} {how:6s} bare {pick(b):8.1f}  full {pick(f):8.1f}  "
-                  f"overhead {100 * (pick(b) - pick(f)) / pick(b):+6.2f} %")
-    print(f"extra work timed inside full runs: median {100 * statistics.median(SHARES):.2f} % "
-          f"of loop time (runs: {', '.join(f'{100 * x:.2f}' for x in SHARES)})")
+            print(
+                f"{label:24s} {how:6s} bare {pick(b):8.1f}  full {pick(f):8.1f}  "
+                f"overhead {100 * (pick(b) - pick(f)) / pick(b):+6.2f} %"
+            )
+    print(
+        f"extra work timed inside full runs: median {100 * statistics.median(SHARES):.2f} % "
+        f"of loop time (runs: {', '.join(f'{100 * x:.2f}' for x in SHARES)})"
+    )
     print("target: overhead <= 3 %")
+
 
 if __name__ == "__main__":
     main()
