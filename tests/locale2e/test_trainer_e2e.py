@@ -24,6 +24,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the trainer needs torch: pip install -e '.[trainer]'")
 
 from lepton_localcluster.procs import free_port
+from lepton_trainer.checkpoint import CheckpointStore
 from lepton_trainer.data import GlobalSampler, load_corpus
 from lepton_trainer.schedule import lr_at
 
@@ -134,7 +135,7 @@ def test_two_local_ranks_loss_falls(launch, tmp_path):
     losses = progress(run.text())
     assert losses[-1][0] == 300
     assert losses[-1][1] < 3.2 and losses[-1][1] < losses[0][1] - 0.3, losses
-    assert "ranks=2" in run.text() and (ck / "ckpt-00000300.pt").exists()
+    assert "ranks=2" in run.text() and CheckpointStore(ck).path_for(0, 300).exists()
 
 
 def test_two_nodes_c10d_rendezvous_metrics_increase_and_loss_falls(launch, tmp_path):
@@ -223,19 +224,23 @@ def test_sigterm_checkpoint_then_resume_at_three_ranks(launch, tmp_path):
     assert time.monotonic() - sent < GRACE_SECONDS
     stop = int(gen0.wait_for(r"^event=stopping reason=sigterm step=(\d+)").group(1))
     assert 40 <= stop < max_steps
-    saved = torch.load(ck / f"ckpt-{stop:08d}.pt", weights_only=True)  # complete file
+    store = CheckpointStore(ck)
+    newest = store.entries()[0]
+    assert (newest.generation, newest.step) == (0, stop)
+    saved = store.read(newest)  # a complete file, its checksum verified
     assert saved["step"] == stop and saved["data_position"] == stop * G
     assert saved["ranks"] == 2 and "model" in saved and "optimizer" in saved
 
     # A newer checkpoint cut off mid-write must be skipped in favour of `stop`.
-    whole = (ck / f"ckpt-{stop:08d}.pt").read_bytes()
-    (ck / f"ckpt-{stop + 5:08d}.pt").write_bytes(whole[: len(whole) // 3])
+    whole = newest.path.read_bytes()
+    cut = store.path_for(0, stop + 5)
+    cut.write_bytes(whole[: len(whole) // 3])
 
     # Generation 1: three ranks resume and finish.
     gen1 = launch("gen1", args, {**env, "PET_NPROC_PER_NODE": "3", "LEPTON_GENERATION": "1"})
     assert gen1.wait() == 0, gen1.text()[-3000:]
     text = gen1.text()
-    assert re.search(rf"^event=checkpoint_skipped path=\S+ckpt-{stop + 5:08d}\.pt", text, re.M)
+    assert re.search(rf"^event=checkpoint_skipped path=\S+{re.escape(cut.name)} reason='corrupt: truncated", text, re.M)
     assert re.search(
         rf"^event=resumed step={stop} data_position={stop * G} "
         r"from_world=1 from_ranks=2 ",

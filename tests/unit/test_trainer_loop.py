@@ -1,5 +1,6 @@
 """The training loop in-process at world size 1 (no torchrun), and the metrics module."""
 
+import errno
 import re
 import time
 import urllib.request
@@ -10,6 +11,7 @@ torch = pytest.importorskip("torch", reason="trainer tests need torch: pip insta
 
 from lepton_localcluster.procs import free_port
 from lepton_trainer import exitcodes
+from lepton_trainer.checkpoint import CheckpointStore
 from lepton_trainer.config import parse_args
 from lepton_trainer.metrics import TrainerMetrics
 from lepton_trainer.train import DistEnv, Trainer
@@ -36,8 +38,9 @@ def test_real_training_loss_falls_and_resume_continues(tmp_path, capsys):
     assert resumed.run() == exitcodes.OK
     out = capsys.readouterr().out
     assert "event=resumed step=60 data_position=960" in out
-    state = torch.load(tmp_path / "ck" / "ckpt-00000070.pt", weights_only=True)
-    assert state["step"] == 70 and state["data_position"] == 70 * 16
+    entry = CheckpointStore(ck).entries()[0]
+    state = CheckpointStore(ck).read(entry)
+    assert (entry.generation, state["step"], state["data_position"]) == (0, 70, 70 * 16)
 
 
 def test_synthetic_respects_the_pace_curve_and_checkpoints_positions(tmp_path):
@@ -58,8 +61,9 @@ def test_synthetic_respects_the_pace_curve_and_checkpoints_positions(tmp_path):
     assert Trainer(cfg, DistEnv()).run() == exitcodes.OK
     elapsed = time.monotonic() - start
     assert elapsed >= 20 * 10 / 400 * 0.95  # capped at 400 samples/s at world size 1
-    state = torch.load(tmp_path / "ckpt-00000020.pt", weights_only=True)
-    assert state["synthetic"] and state["data_position"] == 200 and "model" not in state
+    store = CheckpointStore(tmp_path)
+    state = store.read(store.entries()[0])
+    assert state["step"] == 20 and state["synthetic"] and state["data_position"] == 200 and "model" not in state
 
 
 def test_no_checkpoint_dir_is_logged(capsys):
@@ -95,3 +99,49 @@ def test_metrics_endpoint_serves_the_contract_names():
         "lepton_trainer_step_seconds_count 2.0",
     ):
         assert line in body.splitlines(), line
+
+
+def _synthetic(ck, max_steps, *argv):
+    fast = ["--global-batch-size", "4", "--synthetic-samples-per-second", "100000"]
+    return _cfg("--synthetic", *fast, "--max-steps", str(max_steps), "--checkpoint-dir", str(ck), *argv)
+
+
+def test_a_worker_of_an_older_generation_is_fenced_at_start(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert Trainer(_synthetic(ck, 10), DistEnv(generation=3)).run() == exitcodes.OK
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    assert Trainer(_synthetic(ck, 20), DistEnv(generation=2)).run() == exitcodes.FENCED
+    assert re.search(r"^event=fenced rank=0 gen=2 step=0 reason='generation 3 owns ", capsys.readouterr().out, re.M)
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before  # not even a claim
+    # The generation after 3 resumes from it.
+    assert Trainer(_synthetic(ck, 20), DistEnv(generation=4)).run() == exitcodes.OK
+    assert "event=resumed step=10 data_position=40 from_world=1 from_ranks=1 from_gen=3" in capsys.readouterr().out
+
+
+def test_two_jobs_under_one_claim_resume_only_their_own(tmp_path, capsys):
+    claim = tmp_path / "claim"  # the volume's mount path; each job gets <mountPath>/<uid>
+    job_a, job_b = claim / "uid-a", claim / "uid-b"
+    assert Trainer(_synthetic(job_a, 12), DistEnv(generation=9)).run() == exitcodes.OK
+    assert Trainer(_synthetic(job_b, 4), DistEnv(generation=1)).run() == exitcodes.OK  # not fenced by job a
+    out = capsys.readouterr().out
+    assert "event=fresh_start" in out and "event=resumed" not in out
+    assert Trainer(_synthetic(job_b, 6), DistEnv(generation=2)).run() == exitcodes.OK
+    assert "event=resumed step=4 " in capsys.readouterr().out
+    assert Trainer(_synthetic(job_a, 14), DistEnv(generation=10)).run() == exitcodes.OK
+    assert "event=resumed step=12 " in capsys.readouterr().out
+
+
+def test_an_unreadable_checkpoint_is_a_retryable_exit_not_a_fresh_start(tmp_path, monkeypatch, capsys):
+    from lepton_trainer import checkpoint
+
+    ck = tmp_path / "ck"
+    assert Trainer(_synthetic(ck, 5), DistEnv(generation=1)).run() == exitcodes.OK
+
+    def eio(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(checkpoint, "_read_bytes", eio)
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS", (0.0,))
+    assert Trainer(_synthetic(ck, 10), DistEnv(generation=2)).run() == exitcodes.STORAGE_ERROR
+    assert "event=storage_error" in capsys.readouterr().out
+    assert [e.step for e in CheckpointStore(ck).entries()] == [5]  # kept, and nothing newer written

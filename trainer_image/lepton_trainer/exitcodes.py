@@ -27,6 +27,18 @@ RENDEZVOUS_FAILED = 171
 """torchrun could not complete the rendezvous (peers missing, store unreachable):
 retryable, the next generation may succeed."""
 
+FENCED = 172
+"""Refused to write a checkpoint because a newer generation owns the checkpoint directory
+(this worker is a leftover of an old generation, e.g. alive behind a network partition).
+Not a failure of the job: the operator has already moved on and ignores this pod. Not 0
+either (this worker did not finish the job), so it is retryable: should the operator not
+have moved on, retrying is still safer than failing the job or calling it done."""
+
+STORAGE_ERROR = 173
+"""The checkpoint storage kept failing with transient I/O errors (EIO, ESTALE, ...), or
+checkpoints exist but none could be read: retryable, the storage may recover. Starting
+fresh instead would bury those checkpoints under newer ones."""
+
 
 def is_permanent(code: int) -> bool:
     """True for codes the operator treats as a permanent failure (1-127)."""

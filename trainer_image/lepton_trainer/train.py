@@ -10,6 +10,10 @@ rank 0 can checkpoint what it holds.
 SIGTERM (the pod is being deleted; torchrun's agent forwards it to every worker) only sets
 a flag: all ranks finish the current step, agree through that all-reduce, rank 0 writes a
 checkpoint, everyone waits for it at a barrier and exits 143 (``exitcodes.STOPPED``).
+
+Checkpoints are fenced by ``LEPTON_GENERATION`` (see ``checkpoint``): rank 0 claims the
+directory on start, and a worker of an older generation exits 172 (``exitcodes.FENCED``)
+instead of writing.
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import exitcodes
-from .checkpoint import FORMAT, CheckpointStore, CheckpointTimer, load
+from .checkpoint import (
+    TRANSIENT_ERRNOS,
+    CheckpointStore,
+    CheckpointTimer,
+    StaleGeneration,
+    UnreadableCheckpoints,
+)
 from .config import TrainConfig, parse_args
 from .data import ByteBlocks, GlobalSampler, load_corpus, rank_slice
 from .metrics import TrainerMetrics
@@ -118,7 +128,9 @@ class Trainer:
         self.env = env
         self.use_metrics = metrics and env.local_rank == 0 and cfg.metrics_port > 0
         self.store = (
-            CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints) if checkpoints and cfg.checkpoint_dir else None
+            CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints, env.generation)
+            if checkpoints and cfg.checkpoint_dir
+            else None
         )
         self.step = 0
         self.data_position = 0
@@ -161,25 +173,45 @@ class Trainer:
         if dist.is_initialized():
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.env.local_rank] if self.cuda else None)
 
+    def _broadcast(self, values: list[int]) -> list[int]:
+        """Rank 0's values on every rank (a tensor: broadcast_object_list needs numpy)."""
+        if not dist.is_initialized():
+            return values
+        box = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.broadcast(box, src=0)
+        return box.tolist()
+
+    def _any_rank(self, values: list[int]) -> list[int]:
+        """Element-wise max over all ranks."""
+        if not dist.is_initialized():
+            return values
+        box = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return box.tolist()
+
     def _resume(self) -> None:
-        """Rank 0 picks the newest valid checkpoint; every rank loads that same one."""
-        t0 = time.time()
-        chosen = -1  # step of the chosen checkpoint; -1 = none
-        if self.store is not None and self.env.rank == 0:
-            found, state = self.store.latest_valid()
-            chosen = int(state["step"]) if found else -1
-        if dist.is_initialized():
-            # A tensor, not broadcast_object_list: that one needs numpy, absent here.
-            box = torch.tensor([chosen], dtype=torch.int64, device=self.device)
-            dist.broadcast(box, src=0)
-            chosen = int(box.item())
-        if chosen < 0:
+        """Rank 0 claims the directory for this generation, then all ranks agree on the
+        newest checkpoint every one of them can read, and load it."""
+        if self.store is None:
             if self.env.rank == 0:
                 log(event="fresh_start", step=0)
             return
-        path = str(CheckpointStore(self.cfg.checkpoint_dir).path_for(chosen))
-        if self.env.rank != 0:
-            state = load(path)
+        t0 = time.time()
+        stale = ""
+        if self.env.rank == 0:
+            try:
+                self.store.claim()
+            except StaleGeneration as exc:
+                stale = str(exc)
+        # Every rank learns of it, so that all exit FENCED rather than PEER_LOST.
+        if self._broadcast([int(bool(stale))])[0]:
+            raise StaleGeneration(stale or "rank 0 found a newer generation's checkpoints")
+        entry, state = self.store.load_newest(self.env.rank == 0, self._broadcast, self._any_rank)
+        if entry is None:
+            if self.env.rank == 0:
+                log(event="fresh_start", step=0)
+            return
+        path = entry.path
         if bool(state["synthetic"]) != self.cfg.synthetic:
             raise ValueError(f"{path} was written with synthetic={state['synthetic']}")
         if not self.cfg.synthetic:
@@ -196,6 +228,7 @@ class Trainer:
                 data_position=self.data_position,
                 from_world=state.get("world_size"),
                 from_ranks=state.get("ranks"),
+                from_gen=entry.generation,
                 path=path,
                 seconds=f"{time.time() - t0:.3f}",
                 t=f"{time.time():.3f}",
@@ -268,7 +301,6 @@ class Trainer:
 
     def _state(self) -> dict:
         state = {
-            "format": FORMAT,
             "step": self.step,
             "data_position": self.data_position,
             "global_batch_size": self.cfg.global_batch_size,
@@ -324,22 +356,33 @@ class Trainer:
                     reason="LEPTON_CHECKPOINT_DIR_unset" if not cfg.checkpoint_dir else "disabled_by_caller",
                 )
         self._build()
-        self._resume()
-        self._start_metrics()
-        self._open_positions()
         try:
-            return self._loop()
-        except Exception as exc:
-            if env.world > 1 and _is_peer_failure(exc):
-                log(
-                    event="peer_lost",
-                    rank=env.rank,
-                    step=self.step,
-                    error=repr(str(exc).splitlines()[0][:200] if str(exc) else ""),
-                )
-                self._save("peer_lost")  # rank 0's state is consistent at any collective
-                return exitcodes.PEER_LOST
-            raise
+            try:
+                self._resume()
+                self._start_metrics()
+                self._open_positions()
+                return self._loop()
+            except Exception as exc:
+                if env.world > 1 and _is_peer_failure(exc):
+                    log(
+                        event="peer_lost",
+                        rank=env.rank,
+                        step=self.step,
+                        error=repr(str(exc).splitlines()[0][:200] if str(exc) else ""),
+                    )
+                    self._save("peer_lost")  # rank 0's state is consistent at any collective
+                    return exitcodes.PEER_LOST
+                raise
+        except StaleGeneration as exc:
+            # A newer generation owns the checkpoints: the operator has moved on without us.
+            log(event="fenced", rank=env.rank, gen=env.generation, step=self.step, reason=repr(str(exc)))
+            return exitcodes.FENCED
+        except (UnreadableCheckpoints, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in TRANSIENT_ERRNOS:
+                raise
+            # The storage may recover: a retry, not a permanent failure, nor a fresh start.
+            log(event="storage_error", rank=env.rank, step=self.step, error=repr(str(exc)[:300]))
+            return exitcodes.STORAGE_ERROR
         finally:
             if self.metrics is not None:
                 self.metrics.stop()
@@ -469,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    if dist.is_initialized() and code != exitcodes.PEER_LOST:  # a broken group may hang
+    if dist.is_initialized() and code == exitcodes.OK:  # a broken group (peer lost, fenced) may hang
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     return code
