@@ -1,13 +1,15 @@
 """Checkpoint and trainer faults with real processes: a writer SIGKILLed inside save(), a
 stale generation still running when a newer one claims the directory, ranks that must
-agree on a fallback checkpoint."""
+agree on a fallback checkpoint, and --hang-at-step."""
 
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,40 @@ def test_all_ranks_fall_back_to_the_same_checkpoint(tmp_path, procs, fault):
     else:
         assert not newest.exists() and newest.with_name(newest.name + ".corrupt").exists()
     assert "event=resumed step=10 data_position=40 " in ranks[0].text()
+
+
+def _scrape(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(lepton_trainer_\w+) ([-+\deE.]+)$", body, re.M)}
+
+
+def test_hang_at_step_stalls_the_samples_counter_and_still_stops_on_sigterm(tmp_path, procs):
+    port, ck = free_port(), tmp_path / "ck"
+    run = procs(
+        tmp_path / "hang.log",
+        _trainer(
+            ck,
+            "--max-steps",
+            "1000",
+            "--hang-at-step",
+            "6",
+            "--synthetic-samples-per-second",
+            "400",
+            "--metrics-addr",
+            "127.0.0.1",
+            "--metrics-port",
+            str(port),
+        ),
+    )
+    run.wait_for(r"^event=hang_injected step=6 rank=0")
+    first = _scrape(port)
+    time.sleep(1.5)
+    later = _scrape(port)
+    assert run.proc.poll() is None  # alive, serving metrics
+    assert first["lepton_trainer_samples_total"] == later["lepton_trainer_samples_total"] == 6 * 4
+    assert later["lepton_trainer_steps_total"] == 6
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(30) == exitcodes.STOPPED, run.text()[-3000:]
+    assert "event=stopping reason=sigterm step=6" in run.text()
+    store = CheckpointStore(ck)
+    assert store.read(store.entries()[0])["step"] == 6

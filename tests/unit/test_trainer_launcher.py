@@ -75,6 +75,12 @@ def test_args_from_env_and_cli_precedence():
     assert parse_args([], {}).metrics_addr == "0.0.0.0"
 
 
+def test_hang_at_step_from_flag_or_env():
+    assert parse_args([], {}).hang_at_step == 0
+    assert parse_args([], {"LEPTON_HANG_AT_STEP": "7"}).hang_at_step == 7
+    assert parse_args(["--hang-at-step", "9"], {"LEPTON_HANG_AT_STEP": "7"}).hang_at_step == 9
+
+
 @pytest.mark.parametrize(
     "argv,env",
     [
@@ -82,6 +88,7 @@ def test_args_from_env_and_cli_precedence():
         ([], {"LEPTON_MAX_STEPS": "ten"}),
         (["--pace-curve", "{bad"], {}),
         ([], {"LEPTON_SYNTHETIC": "maybe"}),
+        (["--hang-at-step", "-1"], {}),
     ],
 )
 def test_bad_input_exits_2(argv, env):

@@ -82,6 +82,13 @@ OPTIONS = [
     _Opt("--fail-exit-code", int, 1, "exit code for --fail-at-step"),
     _Opt("--fail-rank", int, -1, "only this global rank fails (-1 = every rank)"),
     _Opt("--fail-generation", int, -1, "only fail in this LEPTON_GENERATION (-1 = any)"),
+    _Opt(
+        "--hang-at-step",
+        int,
+        0,
+        "stop making progress on reaching this global step, staying alive: /metrics is still "
+        "served (samples stop increasing) and SIGTERM still checkpoints and exits 143 (0 = never)",
+    ),
     # synthetic workload and pacing
     _Opt("--synthetic-samples-per-second", float, 100.0, "--synthetic: emulated samples/s per node (pod)"),
     _Opt(
@@ -121,6 +128,7 @@ class TrainConfig:
     fail_exit_code: int
     fail_rank: int
     fail_generation: int
+    hang_at_step: int
     synthetic_samples_per_second: float
     pace_curve: str
     synthetic: bool
@@ -173,6 +181,8 @@ def parse_args(argv: list[str] | None = None, environ=None) -> TrainConfig:
         problems.append("--global-batch-size and --micro-batch-size must be >= 1")
     if cfg.n_embd % cfg.n_head:
         problems.append("--n-embd must be divisible by --n-head")
+    if cfg.fail_at_step < 0 or cfg.hang_at_step < 0:
+        problems.append("--fail-at-step and --hang-at-step must be >= 0")
     if cfg.keep_checkpoints < 1:
         problems.append("--keep-checkpoints must be >= 1")
     if cfg.synthetic_samples_per_second <= 0:

@@ -450,6 +450,15 @@ class Trainer:
                 sys.stdout.flush()
                 os._exit(cfg.fail_exit_code)  # a crash: no cleanup, no checkpoint
 
+            if cfg.hang_at_step and self.step == cfg.hang_at_step and not stop:
+                # A stuck job, for the operator's hang watchdog: no more steps (so no more
+                # samples in /metrics, whose server thread keeps running), but SIGTERM
+                # still checkpoints and exits 143 below.
+                log(event="hang_injected", step=self.step, rank=env.rank)
+                while not _STOP["requested"]:
+                    time.sleep(0.05)
+                stop = True
+
             now = time.monotonic()
             if env.local_rank == 0 and (now - log_t >= cfg.log_every_seconds or self.step == cfg.max_steps or stop):
                 rate = (self.step - log_step) * G / max(now - log_t, 1e-9)
