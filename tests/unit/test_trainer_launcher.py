@@ -110,6 +110,8 @@ def test_bad_input_exits_2(argv, env):
         ([170, -9], 137),
         ([-15, 137], 137),
         ([143, 170, 200], 200),
+        ([172, 170], 172),  # rank 0 fenced: its peers' PEER_LOST is the consequence
+        ([170, 173], 173),
     ],
 )
 def test_pod_exit_code_from_worker_codes(codes, pod):
