@@ -13,112 +13,30 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from jobs import (
+    FAST,
+    condition,
+    create_job,
+    env_of,
+    events,
+    generations,
+    get_job,
+    job_body,
+    patch_spec,
+    pods,
+    running,
+    status,
+    wait,
+)
 from kubernetes.client.rest import ApiException
 
-from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port
-from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from lepton_operator.api.models import GROUP, PLURAL, VERSION
 from lepton_operator.desired import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX, MANAGED_BY
-from lepton_operator.reconcile.kube import Kube
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ("--standalone", "--liveness-port", "0", "--metrics-port", "0", "--resync-seconds", "5")
-
-
-# ------------------------------------------------------------------ fixtures, helpers
-
-
-@pytest.fixture(scope="session")
-def crds(local_cluster):
-    """The LeptonJob CRD (as for this server's version) and kopf's peering CRDs."""
-    api = local_cluster.api_client()
-    install_crds(api)
-    return api
-
-
-@pytest.fixture
-def kube(crds, local_cluster) -> Kube:
-    return Kube(local_cluster.api_client())
-
-
-def job_body(name: str, **spec) -> dict:
-    base = {
-        "image": "lepton-ai/lepton-trainer:0.1.0",
-        "workers": {"min": 1, "max": 4, "initial": 2},
-        "resources": {"gpus": 1},
-        "terminationGracePeriodSeconds": 1,
-        "restart": {"maxRestarts": 3, "backoffSeconds": 1},  # 1, 2, 4 s: exercised, yet fast
-    }
-    base.update(spec)
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": base}
-
-
-def create_job(kube: Kube, namespace: str, body: dict) -> dict:
-    return kube.request("POST", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", body=body)
-
-
-def get_job(kube: Kube, namespace: str, name: str) -> dict:
-    return kube.get_job(namespace, name) or {}
-
-
-def patch_spec(kube: Kube, namespace: str, name: str, spec_patch: dict) -> dict:
-    return kube.request(
-        "PATCH",
-        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
-        body={"spec": spec_patch},
-        content_type="application/merge-patch+json",
-    )
-
-
-def status(kube, namespace, name) -> dict:
-    return get_job(kube, namespace, name).get("status") or {}
-
-
-def condition(st: dict, type_: str) -> dict:
-    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
-
-
-def pods(kube: Kube, namespace: str, job: str, include_terminating: bool = True) -> dict[str, dict]:
-    items = kube.request(
-        "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": f"{LABEL_JOB_NAME}={job}"}
-    )["items"]
-    return {
-        p["metadata"]["name"]: p for p in items if include_terminating or not p["metadata"].get("deletionTimestamp")
-    }
-
-
-def generations(kube, namespace, job) -> dict[str, int]:
-    return {n: int(p["metadata"]["labels"][LABEL_GENERATION]) for n, p in pods(kube, namespace, job).items()}
-
-
-def env_of(pod: dict) -> dict:
-    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", [])}
-
-
-def events(kube, namespace, name, reason=None) -> list[dict]:
-    items = kube.request("GET", f"/api/v1/namespaces/{namespace}/events")["items"]
-    return [e for e in items if e["involvedObject"]["name"] == name and (reason is None or e["reason"] == reason)]
-
-
-def wait(k8s, predicate, timeout=30, message="condition", operator=None):
-    try:
-        return k8s.wait_for(predicate, timeout=timeout, interval=0.25, message=message)
-    except BaseException:
-        if operator is not None:
-            print(operator.log_text()[-4000:])
-        raise
-
-
-def running(kube, namespace, name, size=None, generation=None):
-    def check():
-        st = status(kube, namespace, name)
-        ok = st.get("phase") == "Running" and (size is None or st.get("worldSize") == size)
-        ok = ok and (generation is None or st.get("workerGeneration") == generation)
-        return ok and st.get("workers", {}).get("ready") == st.get("worldSize") and st
-
-    return check
 
 
 # ------------------------------------------------------------------ row 1 and 15

@@ -65,6 +65,12 @@ def add_parser(subparsers) -> None:
         default=30.0,
         help="reconcile each job at least this often (safety net; default 30)",
     )
+    p.add_argument(
+        "--relist-seconds",
+        type=float,
+        default=60.0,
+        help="re-list each job's pods this often, so a stale watch cache heals (default 60)",
+    )
     peering = p.add_mutually_exclusive_group()
     peering.add_argument(
         "--standalone", action="store_true", help="no peering: this replica acts alone (single-replica installs, tests)"
@@ -176,6 +182,7 @@ def run(args) -> int:
         prometheus_token_file=args.prometheus_token_file,
         prometheus_ca_file=args.prometheus_ca_file,
         resync_seconds=args.resync_seconds,
+        relist_seconds=args.relist_seconds,
     )
     clusterwide = bool(args.all_namespaces or not args.namespace)
     api_client = api_client_from_environment(args.api_threads)

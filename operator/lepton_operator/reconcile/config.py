@@ -23,5 +23,7 @@ class OperatorConfig:
     """CA bundle that signs Prometheus' TLS certificate."""
     resync_seconds: float = 30.0
     """Safety net: a job is reconciled at least this often even when nothing changed."""
+    relist_seconds: float = 60.0
+    """Each job's pods are re-listed from the API this often (a stale watch cache heals)."""
     debounce_seconds: float = 0.2
     """A pass waits this long after a trigger, so a burst of pod events makes one pass."""

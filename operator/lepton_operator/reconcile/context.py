@@ -175,6 +175,9 @@ class OperatorContext:
     nodes: NodeCache = dataclasses.field(default_factory=NodeCache)
     autoscaler: dict[JobKey, AutoscalerMemory] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.pods.relist_seconds = self.config.relist_seconds
+
     def __copy__(self) -> OperatorContext:
         # kopf copies the operator-wide memo for each resource: share this one instead.
         return self

@@ -15,9 +15,12 @@ arriving and the liveness probe fails (docs/reliability.md, rows 7 and 19).
 
 from __future__ import annotations
 
+import logging
 import time
 
 JobKey = tuple[str, str]
+
+log = logging.getLogger("lepton_operator.reconcile")
 
 
 def trim_pod(body) -> dict:
@@ -81,6 +84,11 @@ class PodCache:
         self._listed_at[key] = now
         before, api = _uids(indexed_before), _uids(listed)
         self._ghosts[key] = before - api
+        if self._ghosts[key]:
+            log.warning(
+                f"{key[0]}/{key[1]}: the pod index kept {len(self._ghosts[key])} pod(s) the API no longer has "
+                "(a watch gap); using the API's list"
+            )
         if before != api:
             self._disagree_since.setdefault(key, now)
         else:
