@@ -8,6 +8,8 @@ import time
 
 import pytest
 from jobs import FAST, create_job, job_body, patch_spec, pods, running, status, wait
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from lepton_localcluster import procs
 
@@ -49,3 +51,101 @@ def test_a_watch_gap_never_gets_a_live_pod_deleted_nor_leaves_the_job_waiting_on
     assert uids(kube, namespace, "gap") == settled
     assert (st["phase"], st["restarts"], st["disruptions"]) == ("Running", 0, 1), st
     assert op.running(), op.log_text()[-3000:]
+
+
+# ------------------------------------------------------------------ row 21: drains, preemption
+
+
+def evict(kube, namespace: str, pod: str) -> int:
+    """POST an Eviction (what `kubectl drain` does); the HTTP status (429: a PDB refused)."""
+    version = kube.policy_version()
+    body = {"apiVersion": version, "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+    try:
+        kube.request("POST", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction", body=body)
+        return 201
+    except ApiException as e:
+        return e.status
+
+
+def set_unschedulable(k8s, node: str, value: bool) -> None:
+    k8s.core.patch_node(node, {"spec": {"unschedulable": value}})
+
+
+def test_a_drain_waits_for_the_operator_to_move_the_job_and_spends_no_restart(
+    kube, k8s, local_cluster, namespace, run_operator
+):
+    op = run_operator(*FAST)
+    # 5 GPUs a worker: the two workers sit on different 8-GPU nodes.
+    spec = {"workers": {"min": 1, "max": 2, "initial": 2}, "resources": {"gpus": 5}}
+    create_job(kube, namespace, job_body("drained", autoscaling={"capacityTimeoutSeconds": 10}, **spec))
+    wait(k8s, running(kube, namespace, "drained", 2, 1), 40, "Running", op)
+    node = pods(kube, namespace, "drained")["drained-worker-1"]["spec"]["nodeName"]
+    other = next(n.metadata.name for n in k8s.core.list_node().items if n.metadata.name != node)
+    # 2 x 5 GPUs do not fit on the one 8-GPU node left: the job moves there at 1 worker.
+    set_unschedulable(k8s, node, True)
+    try:
+        # The PodDisruptionBudget (minAvailable 2) refuses the eviction while both run.
+        assert evict(kube, namespace, "drained-worker-1") == 429
+        st = wait(
+            k8s,
+            lambda: (s := status(kube, namespace, "drained")).get("disruptions") == 1 and s,
+            30,
+            "the operator moving the job off the cordoned node",
+            op,
+        )
+        # Once the operator moved the job, the drain's eviction goes through (or the pod is gone).
+        wait(k8s, lambda: evict(kube, namespace, "drained-worker-1") in (200, 201, 404), 60, "eviction allowed", op)
+        st = wait(k8s, running(kube, namespace, "drained", 1), 90, "Running again, off the cordoned node", op)
+        assert (st["restarts"], st["disruptions"]) == (0, 1)
+        assert [r["reason"] for r in st["rescaleHistory"]] == ["NodeDraining", "ShrunkForCapacity"]
+        assert {p["spec"]["nodeName"] for p in pods(kube, namespace, "drained", False).values()} == {other}
+    finally:
+        set_unschedulable(k8s, node, False)
+
+
+def test_preemption_by_a_higher_priority_pod_is_a_disruption(kube, k8s, local_cluster, namespace, run_operator):
+    op = run_operator(*FAST)
+    create_job(
+        kube,
+        namespace,
+        job_body(
+            "preempted",
+            resources={"gpus": 8},
+            workers={"min": 1, "max": 2, "initial": 2},
+            autoscaling={"capacityTimeoutSeconds": 10, "capacityBackoffSeconds": 600},
+        ),
+    )
+    wait(k8s, running(kube, namespace, "preempted", 2, 1), 60, "Running on both nodes", op)
+    priority = f"urgent-{namespace}"
+    scheduling = client.SchedulingV1Api(k8s.api_client)
+    scheduling.create_priority_class({"metadata": {"name": priority}, "value": 1000000})
+    try:
+        k8s.core.create_namespaced_pod(
+            namespace,
+            {
+                "metadata": {"name": "urgent"},
+                "spec": {
+                    "priorityClassName": priority,
+                    "containers": [{"name": "c", "image": "busy", "resources": {"limits": {"nvidia.com/gpu": "8"}}}],
+                },
+            },
+        )
+        # The scheduler deletes one worker for it; the job restarts on what is left and
+        # shrinks to 1 worker when the second cannot be placed. No restart is spent.
+        st = wait(
+            k8s,
+            lambda: (
+                (s := status(kube, namespace, "preempted")).get("phase") == "Running"
+                and s.get("worldSize") == 1
+                and s.get("workers", {}).get("ready") == 1
+                and s
+            ),
+            120,
+            "running at 1 worker after the preemption",
+            op,
+        )
+        assert (st["restarts"], st["disruptions"]) == (0, 1)
+        reasons = [r["reason"] for r in st["rescaleHistory"]]
+        assert reasons[-1] == "ShrunkForCapacity" and "WorkerLost" in reasons
+    finally:
+        scheduling.delete_priority_class(priority)

@@ -338,6 +338,8 @@ def shrink_if_unplaceable(p: JobPass, current: dict[int, dict]) -> Optional[Plan
     if waited < timeout:
         p.plan.requeue(timeout - waited)
         return None
+    if s.rescale is not None:
+        record(p, s.rescale, downtime=None)  # the rescale that created it ends unfinished
     lo, step = p.spec.workers.min, max(1, p.spec.autoscaling.step)
     fits = len(placed)
     backoff = p.spec.autoscaling.capacity_backoff_seconds
