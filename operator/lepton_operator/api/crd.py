@@ -433,7 +433,7 @@ def build_crd() -> dict:
     }
 
 
-def _minor(server_version: str) -> tuple[int, int]:
+def kubernetes_minor(server_version: str) -> tuple[int, int]:
     """(major, minor) from '1.20', 'v1.20.2', '1.27+' or a `/version` gitVersion."""
     match = re.match(r"^v?(\d+)\.(\d+)", server_version.strip())
     if not match:
@@ -449,7 +449,7 @@ def crd_for_server(server_version: str) -> dict:
     is installed is then what is enforced (tests/integration/test_crd_server.py).
     """
     crd = build_crd()
-    if _minor(server_version) < (1, CEL_MIN_MINOR):
+    if kubernetes_minor(server_version) < (1, CEL_MIN_MINOR):
         crd = _strip_key(crd, "x-kubernetes-validations")
     return crd
 
