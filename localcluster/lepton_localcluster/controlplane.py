@@ -22,6 +22,14 @@ parent-death signal follows the *thread* that started a process, call ``start()`
 thread that outlives the cluster (normally the main thread). Components that exit while
 the cluster runs are restarted (the 1.20 controller-manager exits when it loses the
 apiserver); :meth:`LocalCluster.restart_component` kills and restarts one on purpose.
+
+Nodes send heartbeats (the simulated kubelet renews their Leases) and the node lifecycle
+controller runs, so node loss happens as in a real cluster: :meth:`LocalCluster.stop_node`
+cuts a node off (Ready=Unknown and ``node.kubernetes.io/unreachable`` taints after
+:data:`.flags.NODE_MONITOR_GRACE_SECONDS`), :meth:`LocalCluster.start_node` brings it
+back. :meth:`~LocalCluster.cordon`, :meth:`~LocalCluster.uncordon`,
+:meth:`~LocalCluster.evict` (the Eviction API) and :meth:`~LocalCluster.node_ready_condition`
+are the node and disruption helpers tests need.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ from .binaries import ensure_binaries, require_binaries
 from .kubelet import SimulatedKubelet
 from .nodes import SimulatedNode, create_node, default_nodes, delete_node
 from .storage import SimulatedProvisioner
+
+
+_MERGE = "application/merge-patch+json"
 
 
 class ClusterStartError(RuntimeError):
@@ -125,6 +136,8 @@ class LocalCluster:
         self._watchdog: subprocess.Popen | None = None
         self._started = False
         self._lock = threading.Lock()
+        self._helper_api: client.ApiClient | None = None
+        self._eviction_version: str | None = None
 
     # ----------------------------------------------------------------- paths
     @property
@@ -265,6 +278,76 @@ class LocalCluster:
         self.nodes = [n for n in self.nodes if n.name != name]
         if self.kubelet:
             self.kubelet.node_names.discard(name)
+
+    # ------------------------------------------------- node loss and disruption
+    def stop_node(self, name: str, processes: str = "keep") -> None:
+        """Simulate losing a node: its heartbeats stop and its kubelet does nothing for
+        its pods (no status, graceful deletes stay unfinished). ``processes`` says what
+        its pods' containers do: ``"keep"`` running (a network partition), ``"freeze"``
+        (SIGSTOP: a hung machine), ``"kill"`` (power loss). The node lifecycle controller
+        marks it Ready=Unknown and taints it unreachable after the grace period
+        (:data:`.flags.NODE_MONITOR_GRACE_SECONDS`). Keep one node running: when every
+        node is down the controller assumes the fault is its own and removes the taints.
+        See :mod:`.kubelet` for the details."""
+        self._require_kubelet().stop_node(name, processes)
+
+    def start_node(self, name: str) -> None:
+        """Bring a stopped node back: its kubelet reconciles its pods (processes of pods
+        deleted meanwhile are killed; lost containers are reported terminated, exit 137,
+        reason NodeRestarted) and posts the node Ready before this returns; the node
+        lifecycle controller then removes the unreachable taints."""
+        self._require_kubelet().start_node(name)
+
+    def cordon(self, name: str) -> None:
+        """Mark the node unschedulable, as ``kubectl cordon`` does."""
+        client.CoreV1Api(self._api()).patch_node(name, {"spec": {"unschedulable": True}}, _content_type=_MERGE)
+
+    def uncordon(self, name: str) -> None:
+        """Make the node schedulable again, as ``kubectl uncordon`` does."""
+        client.CoreV1Api(self._api()).patch_node(name, {"spec": {"unschedulable": None}}, _content_type=_MERGE)
+
+    def evict(self, namespace: str, pod: str) -> int:
+        """Evict a pod through the Eviction API (what ``kubectl drain`` does), which
+        honours PodDisruptionBudgets; not to be confused with ``kubelet.evict`` (a
+        kubelet's eviction under node pressure). Returns the HTTP status: 201 (or 200)
+        when the pod is being deleted, 429 when a disruption budget refuses it; any
+        other error raises."""
+        version = self._eviction_api_version()
+        body = {"apiVersion": version, "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+        try:
+            resp = client.CoreV1Api(self._api()).create_namespaced_pod_eviction(
+                pod, namespace, body, _preload_content=False
+            )
+        except client.ApiException as e:
+            if e.status == 429:
+                return 429
+            raise
+        return resp.status
+
+    def node_ready_condition(self, name: str) -> client.V1NodeCondition | None:
+        """The node's Ready condition (status ``"True"``, ``"False"`` or ``"Unknown"``,
+        reason, lastHeartbeatTime, lastTransitionTime), or None when it has none."""
+        node = client.CoreV1Api(self._api()).read_node(name)
+        return next((c for c in node.status.conditions or () if c.type == "Ready"), None)
+
+    def _api(self) -> client.ApiClient:
+        if self._helper_api is None:
+            self._helper_api = self.api_client()
+        return self._helper_api
+
+    def _require_kubelet(self) -> SimulatedKubelet:
+        if self.kubelet is None:
+            raise RuntimeError("this cluster has no simulated kubelet (not started, or API-only)")
+        return self.kubelet
+
+    def _eviction_api_version(self) -> str:
+        # The Eviction kind's version, by discovery: pods/eviction takes policy/v1beta1
+        # up to 1.21 and policy/v1 from 1.22 (1.21 serves policy/v1 for budgets only).
+        if self._eviction_version is None:
+            resources = client.CoreV1Api(self._api()).get_api_resources().resources
+            sub = next(r for r in resources if r.name == "pods/eviction")
+            self._eviction_version = f"{sub.group or 'policy'}/{sub.version or 'v1beta1'}"
+        return self._eviction_version
 
     def restart_component(self, name: str, downtime: float = 0.0) -> None:
         """SIGKILL a control-plane component (``etcd``, ``kube-apiserver``,
@@ -451,6 +534,7 @@ class LocalCluster:
             "kubelet_mode": self.kubelet_mode,
             "api_only": self.api_only,
             "nodes": [n.name for n in self.nodes],
+            "stopped_nodes": self.kubelet.stopped_nodes() if self.kubelet else {},
             "start_seconds": self.start_seconds,
             "pids": self.process_ids(),
             "cluster_id": self.cluster_id,

@@ -14,6 +14,14 @@ differs between the versions we pass flags to (kubernetes/kubernetes):
 - Nothing else we pass changed up to 1.30: the old ``--controllers`` names stay valid as
   aliases of the renamed controllers (#115813), and the service-account issuer and
   signing key flags have been required since 1.20.
+- The node lifecycle controller runs, with test timings (:data:`NODE_MONITOR_PERIOD`,
+  :data:`NODE_MONITOR_GRACE_PERIOD`); both flags exist in every version. Its other flags
+  are left at their defaults and not passed: ``--pod-eviction-timeout`` only acts with
+  the taint manager off, and both it and ``--enable-taint-manager`` are gone in 1.27
+  (#115840), so passing either would stop newer binaries at start. Eviction of the
+  pods of a lost node is the taint manager's: NoExecute ``node.kubernetes.io/unreachable``
+  taint, then deletion after the pods' toleration (300 s, added by the
+  DefaultTolerationSeconds admission plugin).
 
 Every function but :func:`binary_version` is pure, so the unit tests check every version.
 """
@@ -31,6 +39,18 @@ Version = tuple[int, int]
 MIN_VERSION: Version = (1, 20)
 #: The first version without ``--port`` (scheduler, controller-manager).
 PORT_FLAG_REMOVED: Version = (1, 24)
+
+#: How often the node lifecycle controller checks node health (default 5 s): a lost node
+#: is noticed at most this long after its grace period ends.
+NODE_MONITOR_PERIOD_SECONDS = 2
+#: How long a node may go without a heartbeat before it is Ready=Unknown and tainted
+#: unreachable (default 40 s, 4 kubelet lease renewals of 10 s). The simulated kubelet
+#: renews leases every 2 s (:data:`.kubelet.LEASE_RENEW_SECONDS`), so 16 s is 8 missed
+#: renewals: a busy 2-core machine never loses a live node, and a test of node loss
+#: still waits only ~16-18 s.
+NODE_MONITOR_GRACE_SECONDS = 16
+NODE_MONITOR_PERIOD = f"{NODE_MONITOR_PERIOD_SECONDS}s"
+NODE_MONITOR_GRACE_PERIOD = f"{NODE_MONITOR_GRACE_SECONDS}s"
 
 
 def parse_version(text: str) -> Version:
@@ -116,7 +136,7 @@ def scheduler_args(version: Version, *, kubeconfig: Path) -> list[str]:
 
 
 def controller_manager_args(version: Version, *, kubeconfig: Path, sa_key: Path) -> list[str]:
-    """kube-controller-manager, serving nothing, without node lifecycle."""
+    """kube-controller-manager, serving nothing, with a fast node lifecycle controller."""
     _check("kube-controller-manager", version)
     return [
         "kube-controller-manager",
@@ -124,8 +144,10 @@ def controller_manager_args(version: Version, *, kubeconfig: Path, sa_key: Path)
         "--secure-port=0",
         *_insecure_port_off(version),
         "--leader-elect=false",
-        # no node lifecycle: simulated nodes have no kubelet heartbeats
-        "--controllers=*,-nodelifecycle,-serviceaccount-token",
+        # node lifecycle included: the simulated kubelet renews node leases (kubelet.py)
+        "--controllers=*,-serviceaccount-token",
+        f"--node-monitor-period={NODE_MONITOR_PERIOD}",
+        f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD}",
         f"--service-account-private-key-file={sa_key}",
         "--use-service-account-credentials=false",
         "--v=1",

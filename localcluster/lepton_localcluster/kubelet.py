@@ -76,6 +76,36 @@ Process mode
        namespace). Names of pods the kubelet has not seen yet stay unresolved.
 
     ``kubelet.hosts_mode`` says which one is in use (``"etc-hosts"`` or ``"env"``).
+
+Heartbeats
+    As a kubelet with node leases does, a thread renews each node's Lease in
+    ``kube-node-lease`` every :data:`LEASE_RENEW_SECONDS` and posts the node's conditions
+    (fresh ``lastHeartbeatTime``, Ready=True) every :data:`NODE_STATUS_SECONDS`. The node
+    lifecycle controller marks a node whose heartbeats stop Ready=Unknown after its grace
+    period (:data:`.flags.NODE_MONITOR_GRACE_SECONDS`) and taints it unreachable.
+
+Node loss (``stop_node`` / ``start_node``)
+    ``stop_node(name, processes)`` plays a node that is cut off or dead: its heartbeats
+    stop and the kubelet does nothing for its pods: no status updates, no starts, and
+    deletions are not completed (a graceful delete leaves the pod Terminating; only a
+    force delete, grace period 0, removes it). ``inject_exit``/``evict`` are ignored for
+    them. What happens to the pods' containers is ``processes``:
+
+    * ``"keep"`` (default): a network partition. Process-mode processes keep running,
+      even those of pods force-deleted meanwhile, as a partitioned node's containers do.
+    * ``"freeze"``: a hung machine. Process-mode processes are SIGSTOPped (and SIGCONTed
+      by ``start_node``).
+    * ``"kill"``: power loss. Process-mode processes are SIGKILLed at once; in both modes
+      the pods' containers count as lost.
+
+    ``start_node(name)`` is the kubelet coming back: heartbeats resume (the node is posted
+    Ready before it returns; the controller then removes the taints), processes of pods
+    deleted from the API meanwhile are killed, and the pods still there are reconciled: a
+    container that is still running is reported Running and Ready again (the node
+    controller had marked the pod not ready), an exit that happened meanwhile is reported,
+    a lost container (``"kill"``) is reported as terminated with exit code 137 and reason
+    ``NodeRestarted`` (phase Failed; no pod-level reason, as a real kubelet sets none),
+    pending deletions are carried out and pods bound meanwhile are started.
 """
 
 from __future__ import annotations
@@ -102,11 +132,24 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from . import hostsfile, procs
+from .nodes import post_node_status, renew_lease
 from .storage import volume_dir
 
 MERGE = "application/merge-patch+json"
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 _IP_BLOCK_DIR = Path(tempfile.gettempdir()) / "lepton-localcluster-ip-blocks"
+
+#: How often each node's Lease is renewed. A kubelet renews every 10 s (a quarter of its
+#: 40 s lease); the local controller's grace period is 16 s, so 2 s leaves 8 renewals of
+#: slack on a loaded machine. Two requests a second for two nodes: cheap.
+LEASE_RENEW_SECONDS = 2.0
+#: How often each node's conditions are posted with a fresh lastHeartbeatTime (a
+#: kubelet's nodeStatusUpdateFrequency; with leases it posts less often still).
+NODE_STATUS_SECONDS = 10.0
+#: ``stop_node``'s choices for what happens to the node's containers (module docstring).
+NODE_LOSS_PROCESSES = ("keep", "freeze", "kill")
+_LOST_CONTAINER = {"code": 137, "reason": "NodeRestarted", "evict": False,
+                   "message": "simulated node restart: the container was lost"}
 
 
 def _now() -> str:
@@ -157,6 +200,8 @@ class SimulatedKubelet:
         self._seq = itertools.count()
         self._stop = threading.Event()
         self._block_lock = None
+        self._down: dict[str, str] = {}  # stopped node -> what happened to its processes
+        self._orphans: list[_Pod] = []  # pods deleted from the API while their node was down
         if mode == "process":
             block = self._claim_ip_block()
             self._ips = (f"127.{block % 256}.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(2) if 0 < n & 255 < 255)
@@ -166,6 +211,7 @@ class SimulatedKubelet:
             self.hosts_mode = "none"
         self._worker = threading.Thread(target=self._run, name="lepton-kubelet", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="lepton-kubelet-watch", daemon=True)
+        self._heart = threading.Thread(target=self._heartbeats, name="lepton-kubelet-heartbeat", daemon=True)
 
     def _claim_ip_block(self) -> int:
         """Claim a second octet N (pod IPs 127.N.x.y) no other live cluster on this host uses.
@@ -189,14 +235,16 @@ class SimulatedKubelet:
         """Start watching pods."""
         self._worker.start()
         self._watcher.start()
+        self._heart.start()
 
     def stop(self) -> None:
         """Kill every pod process and stop the threads."""
         self._stop.set()
         self._queue.put(("stop",))
         self._worker.join(10)
-        for pod in list(self._pods.values()):
-            self._kill(pod)
+        self._heart.join(10)
+        for pod in list(self._pods.values()) + self._orphans:
+            self._kill(pod)  # SIGKILL ends frozen processes too
         if self.hosts_mode == "etc-hosts":
             try:
                 hostsfile.remove_block(self.cluster_id)
@@ -218,6 +266,37 @@ class SimulatedKubelet:
         self._call(0, self._force_exit, namespace, pod_name,
                    {"code": 137, "reason": "Evicted", "evict": True, "message": msg})
 
+    def stop_node(self, name: str, processes: str = "keep") -> None:
+        """Stop the node's heartbeats and the kubelet's work for its pods (module
+        docstring); ``processes`` is ``"keep"``, ``"freeze"`` or ``"kill"``."""
+        if name not in self.node_names:
+            raise ValueError(f"{name!r} is not a simulated node")
+        if processes not in NODE_LOSS_PROCESSES:
+            raise ValueError(f"processes must be one of {NODE_LOSS_PROCESSES}, not {processes!r}")
+        if name in self._down:
+            raise ValueError(f"node {name!r} is already stopped")
+        self._down[name] = processes  # from now on the heartbeat and the worker skip it
+        self._call_and_wait(self._node_down, name, processes)
+
+    def start_node(self, name: str) -> None:
+        """Resume a stopped node: reconcile its pods, then post it Ready (module docstring)."""
+        if name not in self._down:
+            raise ValueError(f"node {name!r} is not stopped")
+        self._call_and_wait(self._node_up, name)
+        api = self.api_factory()
+        renew_lease(api, name)
+        for attempt in range(5):
+            try:
+                post_node_status(api, name)
+                return
+            except ApiException as e:  # 409: the node controller wrote meanwhile
+                if e.status != 409 or attempt == 4:
+                    raise
+
+    def stopped_nodes(self) -> dict[str, str]:
+        """Stopped nodes and what ``processes`` each was stopped with."""
+        return dict(self._down)
+
     def pod_ip(self, namespace: str, pod_name: str) -> str | None:
         """The IP given to a pod, or None if the kubelet has not seen it."""
         pod = self._pods.get((namespace, pod_name))
@@ -226,6 +305,43 @@ class SimulatedKubelet:
     # -------------------------------------------------------- event plumbing
     def _call(self, delay: float, fn, *args) -> None:
         self._queue.put(("call", time.monotonic() + max(0.0, delay), fn, args))
+
+    def _call_and_wait(self, fn, *args, timeout: float = 30) -> None:
+        """Run ``fn`` on the worker thread (which owns the pods) and wait for it."""
+        done, failure = threading.Event(), []
+
+        def run():
+            try:
+                fn(*args)
+            except Exception as e:
+                failure.append(e)
+            finally:
+                done.set()
+
+        self._call(0, run)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the simulated kubelet did not run {fn.__name__} within {timeout} s")
+        if failure:
+            raise failure[0]
+
+    def _heartbeats(self) -> None:
+        """Renew the leases of the running nodes, and post their status less often."""
+        api = self.api_factory()
+        next_status = time.monotonic() + NODE_STATUS_SECONDS  # create_node just posted it
+        while not self._stop.is_set():
+            post_status = time.monotonic() >= next_status
+            if post_status:
+                next_status = time.monotonic() + NODE_STATUS_SECONDS
+            for name in sorted(self.node_names):
+                if name in self._down:
+                    continue
+                try:
+                    renew_lease(api, name)
+                    if post_status:
+                        post_node_status(api, name)
+                except Exception:  # apiserver restarting, node removed, a conflict: next beat
+                    pass
+            self._stop.wait(LEASE_RENEW_SECONDS)
 
     def _watch(self) -> None:
         """Feed pod events into the queue; relist after errors or expired versions."""
@@ -317,6 +433,8 @@ class SimulatedKubelet:
         pod.spec = spec
         if spec.get("nodeName") not in self.node_names:
             return  # not scheduled yet, or on a node we do not simulate
+        if self._is_down(pod):
+            return  # its kubelet is gone: start_node catches up
         phase = obj.get("status", {}).get("phase")
         if meta.get("deletionTimestamp"):
             self._begin_delete(pod, obj)
@@ -351,10 +469,12 @@ class SimulatedKubelet:
         heapq.heappush(self._timers, (time.monotonic() + wait, next(self._seq), self._delete_now, (pod,)))
 
     def _sigkill(self, pod: _Pod) -> None:
-        if pod.proc is not None and pod.proc.poll() is None:
+        if pod.proc is not None and pod.proc.poll() is None and not self._is_down(pod):
             procs.signal_group(pod.proc.pid, signal.SIGKILL)
 
     def _delete_now(self, pod: _Pod) -> None:
+        if self._is_down(pod):
+            return  # the deletion stays unfinished: Terminating until forced or start_node
         try:
             self.core.delete_namespaced_pod(
                 pod.name, pod.namespace, grace_period_seconds=0,
@@ -366,7 +486,7 @@ class SimulatedKubelet:
 
     def _force_exit(self, namespace: str, name: str, how: dict) -> None:
         pod = self._pods.get((namespace, name))
-        if pod is None or pod.terminal:
+        if pod is None or pod.terminal or self._is_down(pod):
             return
         if pod.proc is not None and pod.proc.poll() is None:
             pod.forced = how  # _reap reports it once the process is gone
@@ -378,11 +498,11 @@ class SimulatedKubelet:
         if how["evict"]:
             self._patch_terminated(pod, how["code"], how["reason"], evicted_message=how["message"])
         else:
-            self._patch_terminated(pod, how["code"], how["reason"])
+            self._patch_terminated(pod, how["code"], how["reason"], message=how.get("message"))
 
     def _reap(self) -> None:
         for pod in list(self._pods.values()):
-            if pod.proc is None or pod.proc.returncode is not None:
+            if pod.proc is None or pod.proc.returncode is not None or self._is_down(pod):
                 continue
             rc = pod.proc.poll()
             if rc is None:
@@ -403,10 +523,59 @@ class SimulatedKubelet:
             self._drop(pod)
 
     def _drop(self, pod: _Pod) -> None:
-        self._kill(pod)
+        if self._is_down(pod):
+            self._orphans.append(pod)  # nobody on the node knows: start_node kills it
+        else:
+            self._kill(pod)
         self._pods.pop((pod.namespace, pod.name), None)
         if pod.names:
             self._write_hosts()
+
+    # ------------------------------------------------------------ node loss
+    def _is_down(self, pod: _Pod) -> bool:
+        return pod.spec.get("nodeName") in self._down
+
+    def _node_down(self, name: str, processes: str) -> None:
+        if processes == "keep":
+            return
+        for pod in self._pods.values():
+            if pod.spec.get("nodeName") != name or pod.terminal or pod.started_at is None:
+                continue
+            alive = pod.proc is not None and pod.proc.poll() is None
+            if processes == "kill":
+                pod.forced = _LOST_CONTAINER  # reported by start_node (process mode: _reap)
+                if alive:
+                    procs.signal_group(pod.proc.pid, signal.SIGKILL)
+            elif alive:
+                procs.signal_group(pod.proc.pid, signal.SIGSTOP)
+
+    def _node_up(self, name: str) -> None:
+        processes = self._down.pop(name)
+        for pod in [o for o in self._orphans if o.spec.get("nodeName") == name]:
+            self._orphans.remove(pod)
+            self._kill(pod)
+        listing = json.loads(self.core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={name}", _preload_content=False).data)
+        current = []
+        for obj in listing["items"]:
+            meta = obj["metadata"]
+            pod = self._pods.get((meta["namespace"], meta["name"]))
+            if pod is None or pod.uid != meta["uid"]:
+                continue  # new to us: _observe below starts it
+            current.append(pod)
+            pod.deleting = False  # a deletion the dead kubelet left is redone below
+            if processes == "freeze" and pod.proc is not None and pod.proc.poll() is None:
+                procs.signal_group(pod.proc.pid, signal.SIGCONT)
+        self._reap()  # exits that happened while the node was down (process mode)
+        for pod in current:
+            if pod.terminal or pod.started_at is None:
+                continue
+            if pod.proc is None and pod.forced is not None:
+                self._report_forced(pod, pod.forced)  # default mode: the container was lost
+            elif pod.proc is None or pod.proc.poll() is None:
+                self._patch_status(pod, self._running_status(pod))  # Ready again
+        for obj in listing["items"]:
+            self._observe(obj)
 
     def _kill(self, pod: _Pod) -> None:
         if pod.proc is not None:
