@@ -73,9 +73,7 @@ def cache_dir() -> Path:
 
 
 def _complete(directory: Path, names: Iterable[str] = ALL_BINARIES) -> bool:
-    return all(
-        (directory / n).is_file() and os.access(directory / n, os.X_OK) for n in names
-    )
+    return all((directory / n).is_file() and os.access(directory / n, os.X_OK) for n in names)
 
 
 def _system_etcd() -> Path | None:
@@ -183,8 +181,9 @@ def _help_text(reason: str) -> str:
     )
 
 
-def _run(cmd: list[str], progress: Progress, cwd: Path | None = None, env: dict | None = None,
-         heartbeat: float = 15.0) -> int:
+def _run(
+    cmd: list[str], progress: Progress, cwd: Path | None = None, env: dict | None = None, heartbeat: float = 15.0
+) -> int:
     """Run a command, streaming its output lines to ``progress``; return the exit code."""
     progress("$ " + " ".join(cmd))
     proc = subprocess.Popen(

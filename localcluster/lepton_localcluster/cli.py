@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the local cluster in the background")
     up.add_argument("--nodes", type=int, default=2, help="simulated nodes (default 2)")
     up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node (default 8)")
-    up.add_argument("--mode", choices=("default", "process"), default="process",
-                    help="kubelet mode: process (pods run as local processes; default) or default")
+    up.add_argument(
+        "--mode",
+        choices=("default", "process"),
+        default="process",
+        help="kubelet mode: process (pods run as local processes; default) or default",
+    )
     up.add_argument("--foreground", action="store_true", help="run in the foreground until Ctrl-C")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the cluster (incl. a build)")
     up.set_defaults(func=cmd_up)
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show the local cluster and its nodes").set_defaults(func=cmd_status)
-    sub.add_parser("env", help="print the KUBECONFIG export (eval \"$(lepton-local env)\")").set_defaults(func=cmd_env)
+    sub.add_parser("env", help='print the KUBECONFIG export (eval "$(lepton-local env)")').set_defaults(func=cmd_env)
 
     binaries = sub.add_parser("binaries", help="build or reuse the control-plane binaries; print their directory")
     binaries.add_argument("--from", dest="source", type=Path, help="import already built kube binaries from DIR")
@@ -124,17 +128,32 @@ def cmd_up(args) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log_path = state_dir / "serve.log"
-    cmd = [sys.executable, "-m", "lepton_localcluster.cli", "--state-dir", str(state_dir), "serve",
-           "--nodes", str(args.nodes), "--gpus", str(args.gpus), "--mode", args.mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lepton_localcluster.cli",
+        "--state-dir",
+        str(state_dir),
+        "serve",
+        "--nodes",
+        str(args.nodes),
+        "--gpus",
+        str(args.gpus),
+        "--mode",
+        args.mode,
+    ]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # survives this command and Ctrl-C
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # survives this command and Ctrl-C
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         state = _read_state(state_dir)
         if state:
-            print(f"local cluster up at {state['server']} in {state['start_seconds']:.1f} s "
-                  f"({len(state['nodes'])} nodes x {args.gpus} nvidia.com/gpu, kubelet mode {args.mode})")
+            print(
+                f"local cluster up at {state['server']} in {state['start_seconds']:.1f} s "
+                f"({len(state['nodes'])} nodes x {args.gpus} nvidia.com/gpu, kubelet mode {args.mode})"
+            )
             print(f"logs: {state['workdir']}/logs")
             print(f"export KUBECONFIG={state['kubeconfig']}")
             return 0
@@ -236,8 +255,10 @@ def cmd_status(args) -> int:
         for node in client.CoreV1Api(api).list_node().items:
             alloc = node.status.allocatable or {}
             ready = next((c.status for c in node.status.conditions or [] if c.type == "Ready"), "?")
-            print(f"  node {node.metadata.name:<16} Ready={ready} cpu={alloc.get('cpu')} "
-                  f"memory={alloc.get('memory')} nvidia.com/gpu={alloc.get('nvidia.com/gpu', '0')}")
+            print(
+                f"  node {node.metadata.name:<16} Ready={ready} cpu={alloc.get('cpu')} "
+                f"memory={alloc.get('memory')} nvidia.com/gpu={alloc.get('nvidia.com/gpu', '0')}"
+            )
     except Exception as e:
         print(f"apiserver not answering: {e}")
         return 1

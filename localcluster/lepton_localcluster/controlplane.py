@@ -59,7 +59,6 @@ from .kubelet import SimulatedKubelet
 from .nodes import SimulatedNode, create_node, default_nodes, delete_node
 from .storage import SimulatedProvisioner
 
-
 _MERGE = "application/merge-patch+json"
 
 
@@ -405,8 +404,7 @@ class LocalCluster:
         script = Path(__file__).with_name("watchdog.py")
         env = {k: v for k, v in os.environ.items() if k != procs.MARKER_ENV}
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-S", str(script), self.cluster_id]
-            + ([str(self.workdir)] if self._own_workdir else []),
+            [sys.executable, "-S", str(script), self.cluster_id] + ([str(self.workdir)] if self._own_workdir else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -442,9 +440,7 @@ class LocalCluster:
     def _check_alive(self, names=None) -> None:
         for name, proc in self._procs.items():
             if (names is None or name in names) and proc.poll() is not None:
-                raise ClusterStartError(
-                    f"{name} exited with {proc.returncode}; log tail:\n{self._log_tail(name)}"
-                )
+                raise ClusterStartError(f"{name} exited with {proc.returncode}; log tail:\n{self._log_tail(name)}")
 
     def _command(self, build, name: str, **kwargs) -> list[str]:
         """The command line ``build`` gives for the version of binary ``name``."""
@@ -473,10 +469,18 @@ class LocalCluster:
         tokens.write_text(f'{self.token},admin,admin,"system:masters"\n')
         self.apiserver_port = procs.free_port()
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
-        self._spawn("kube-apiserver", self._command(
-            flags.apiserver_args, "kube-apiserver",
-            etcd_url=self.etcd_url, cert_dir=pki, port=self.apiserver_port, sa_key=sa_key, token_file=tokens,
-        ))
+        self._spawn(
+            "kube-apiserver",
+            self._command(
+                flags.apiserver_args,
+                "kube-apiserver",
+                etcd_url=self.etcd_url,
+                cert_dir=pki,
+                port=self.apiserver_port,
+                sa_key=sa_key,
+                token_file=tokens,
+            ),
+        )
 
     def _write_kubeconfig(self) -> None:
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -500,9 +504,7 @@ class LocalCluster:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # only a readiness probe; clients verify the cert
-        req = urllib.request.Request(
-            f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"}
-        )
+        req = urllib.request.Request(f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"})
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -514,16 +516,23 @@ class LocalCluster:
             except Exception as e:  # not listening yet, or 500 while hooks finish
                 last = str(e)
             time.sleep(0.2)
-        raise ClusterStartError(f"kube-apiserver not ready after {timeout} s ({last}):\n{self._log_tail('kube-apiserver')}")
+        raise ClusterStartError(
+            f"kube-apiserver not ready after {timeout} s ({last}):\n{self._log_tail('kube-apiserver')}"
+        )
 
     def _start_scheduler(self) -> None:
         self._spawn("kube-scheduler", self._command(flags.scheduler_args, "kube-scheduler", kubeconfig=self.kubeconfig))
 
     def _start_controller_manager(self) -> None:
-        self._spawn("kube-controller-manager", self._command(
-            flags.controller_manager_args, "kube-controller-manager",
-            kubeconfig=self.kubeconfig, sa_key=self.workdir / "pki" / "sa.key",
-        ))
+        self._spawn(
+            "kube-controller-manager",
+            self._command(
+                flags.controller_manager_args,
+                "kube-controller-manager",
+                kubeconfig=self.kubeconfig,
+                sa_key=self.workdir / "pki" / "sa.key",
+            ),
+        )
 
     def describe(self) -> dict:
         """A JSON-friendly summary (used by the CLI)."""
@@ -539,4 +548,3 @@ class LocalCluster:
             "pids": self.process_ids(),
             "cluster_id": self.cluster_id,
         }
-

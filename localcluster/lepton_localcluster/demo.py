@@ -118,10 +118,19 @@ def write_plot(progress: Progress, rescales: list[dict], path: Path, title: str)
     ts = [s.t for s in progress.samples]
     fig, ax1 = plt.subplots(figsize=(10, 5))
     nan = float("nan")
-    ax1.plot(ts, [s.throughput if s.throughput is not None else nan for s in progress.samples],
-             color="tab:blue", label="throughput, live (samples/s)")
-    ax1.plot(ts, [s.measured if s.measured is not None else nan for s in progress.samples],
-             color="tab:green", linestyle=":", label="throughput the autoscaler measured")
+    ax1.plot(
+        ts,
+        [s.throughput if s.throughput is not None else nan for s in progress.samples],
+        color="tab:blue",
+        label="throughput, live (samples/s)",
+    )
+    ax1.plot(
+        ts,
+        [s.measured if s.measured is not None else nan for s in progress.samples],
+        color="tab:green",
+        linestyle=":",
+        label="throughput the autoscaler measured",
+    )
     ax1.set_ylim(bottom=0)
     ax1.legend(loc="lower right", fontsize=8)
     ax1.set_xlabel("seconds since the job was applied")
@@ -132,8 +141,16 @@ def write_plot(progress: Progress, rescales: list[dict], path: Path, title: str)
     ax2.set_ylim(0, max([s.world_size for s in progress.samples] + [1]) + 1)
     for r in rescales:
         ax1.axvline(r["t"], color="grey", linestyle="--", linewidth=0.8)
-        ax1.annotate(f"{r['from']}->{r['to']} {r['reason']}", (r["t"], 0), rotation=90, fontsize=7,
-                     xytext=(3, 6), textcoords="offset points", va="bottom", ha="left")
+        ax1.annotate(
+            f"{r['from']}->{r['to']} {r['reason']}",
+            (r["t"], 0),
+            rotation=90,
+            fontsize=7,
+            xytext=(3, 6),
+            textcoords="offset points",
+            va="bottom",
+            ha="left",
+        )
     ax1.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -182,9 +199,20 @@ def _start_operator(cluster, prometheus_url: str) -> subprocess.Popen:
     log = open(Path(cluster.logs_dir) / "operator.log", "ab")
     env = {**os.environ, **cluster.env()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lepton_operator.cli", "run", "--all-namespaces", "--standalone",
-         "--prometheus-url", prometheus_url],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "lepton_operator.cli",
+            "run",
+            "--all-namespaces",
+            "--standalone",
+            "--prometheus-url",
+            prometheus_url,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     print(f"==> operator running (pid {proc.pid}, log {log.name})", flush=True)
     return proc
@@ -248,7 +276,7 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
                 progress.first_loss = loss
         live = _live_throughput(prom_client, args.namespace, job_name)
         progress.samples.append(Sample(elapsed, st.world_size, live, st.throughput, step, loss, st.phase or "-"))
-        for record in st.rescale_history[len(seen_rescales):]:
+        for record in st.rescale_history[len(seen_rescales) :]:
             seen_rescales.append({"t": elapsed, "from": record.from_, "to": record.to, "reason": record.reason})
             print(f"\n** rescale {record.from_} -> {record.to}: {_reason_text(record)}", flush=True)
         line = _render(job_name, status, progress, elapsed)
@@ -271,8 +299,10 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
     print(f"    final world size {st.world_size}, generations {st.worker_generation}, restarts {st.restarts}")
     for record in st.rescale_history:
         downtime = f"{record.downtime_seconds:.1f}s" if record.downtime_seconds is not None else "?"
-        print(f"    rescale {record.from_} -> {record.to} at {record.time:%H:%M:%S}, downtime {downtime}: "
-              f"{_reason_text(record)}")
+        print(
+            f"    rescale {record.from_} -> {record.to} at {record.time:%H:%M:%S}, downtime {downtime}: "
+            f"{_reason_text(record)}"
+        )
     if progress.first_loss is not None:
         print(f"    loss {progress.first_loss:.3f} -> {progress.last_loss:.3f} at step {progress.last_step}")
     for obs in st.autoscaling.observations:

@@ -111,8 +111,8 @@ Node loss (``stop_node`` / ``start_node``)
 from __future__ import annotations
 
 import base64
-import fcntl
 import datetime as dt
+import fcntl
 import heapq
 import itertools
 import json
@@ -148,8 +148,12 @@ LEASE_RENEW_SECONDS = 2.0
 NODE_STATUS_SECONDS = 10.0
 #: ``stop_node``'s choices for what happens to the node's containers (module docstring).
 NODE_LOSS_PROCESSES = ("keep", "freeze", "kill")
-_LOST_CONTAINER = {"code": 137, "reason": "NodeRestarted", "evict": False,
-                   "message": "simulated node restart: the container was lost"}
+_LOST_CONTAINER = {
+    "code": 137,
+    "reason": "NodeRestarted",
+    "evict": False,
+    "message": "simulated node restart: the container was lost",
+}
 
 
 def _now() -> str:
@@ -204,7 +208,9 @@ class SimulatedKubelet:
         self._orphans: list[_Pod] = []  # pods deleted from the API while their node was down
         if mode == "process":
             block = self._claim_ip_block()
-            self._ips = (f"127.{block % 256}.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(2) if 0 < n & 255 < 255)
+            self._ips = (
+                f"127.{block % 256}.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(2) if 0 < n & 255 < 255
+            )
             self.hosts_mode = "etc-hosts" if hostsfile.writable() else "env"
         else:
             self._ips = (f"10.244.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(2) if 0 < n & 255 < 255)
@@ -257,14 +263,20 @@ class SimulatedKubelet:
     def inject_exit(self, namespace: str, pod_name: str, exit_code: int, after_seconds: float = 0) -> None:
         """Make the pod's container exit with ``exit_code`` after ``after_seconds``."""
         reason = "Completed" if exit_code == 0 else "Error"
-        self._call(after_seconds, self._force_exit, namespace, pod_name,
-                   {"code": int(exit_code), "reason": reason, "evict": False})
+        self._call(
+            after_seconds,
+            self._force_exit,
+            namespace,
+            pod_name,
+            {"code": int(exit_code), "reason": reason, "evict": False},
+        )
 
     def evict(self, namespace: str, pod_name: str, message: str | None = None) -> None:
         """Evict the pod as a kubelet under node pressure would (phase Failed, reason Evicted)."""
         msg = message or "The node was low on resource: simulated eviction by the lepton local kubelet."
-        self._call(0, self._force_exit, namespace, pod_name,
-                   {"code": 137, "reason": "Evicted", "evict": True, "message": msg})
+        self._call(
+            0, self._force_exit, namespace, pod_name, {"code": 137, "reason": "Evicted", "evict": True, "message": msg}
+        )
 
     def stop_node(self, name: str, processes: str = "keep") -> None:
         """Stop the node's heartbeats and the kubelet's work for its pods (module
@@ -465,7 +477,11 @@ class SimulatedKubelet:
             procs.signal_group(pod.proc.pid, signal.SIGTERM)
             heapq.heappush(self._timers, (time.monotonic() + grace, next(self._seq), self._sigkill, (pod,)))
             return  # _reap deletes the pod when the process is gone
-        wait = 0 if pod.terminal or pod.started_at is None or self.mode == "process" else min(grace, self.deletion_grace_cap)
+        wait = (
+            0
+            if pod.terminal or pod.started_at is None or self.mode == "process"
+            else min(grace, self.deletion_grace_cap)
+        )
         heapq.heappush(self._timers, (time.monotonic() + wait, next(self._seq), self._delete_now, (pod,)))
 
     def _sigkill(self, pod: _Pod) -> None:
@@ -477,7 +493,9 @@ class SimulatedKubelet:
             return  # the deletion stays unfinished: Terminating until forced or start_node
         try:
             self.core.delete_namespaced_pod(
-                pod.name, pod.namespace, grace_period_seconds=0,
+                pod.name,
+                pod.namespace,
+                grace_period_seconds=0,
                 body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}},
             )
         except ApiException as e:
@@ -554,8 +572,9 @@ class SimulatedKubelet:
         for pod in [o for o in self._orphans if o.spec.get("nodeName") == name]:
             self._orphans.remove(pod)
             self._kill(pod)
-        listing = json.loads(self.core.list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={name}", _preload_content=False).data)
+        listing = json.loads(
+            self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}", _preload_content=False).data
+        )
         current = []
         for obj in listing["items"]:
             meta = obj["metadata"]
@@ -592,8 +611,18 @@ class SimulatedKubelet:
     def _conditions(self, ready: bool, reason: str | None = None) -> list[dict]:
         now = _now()
         out = []
-        for ctype, status in (("Initialized", True), ("Ready", ready), ("ContainersReady", ready), ("PodScheduled", True)):
-            cond = {"type": ctype, "status": "True" if status else "False", "lastProbeTime": None, "lastTransitionTime": now}
+        for ctype, status in (
+            ("Initialized", True),
+            ("Ready", ready),
+            ("ContainersReady", ready),
+            ("PodScheduled", True),
+        ):
+            cond = {
+                "type": ctype,
+                "status": "True" if status else "False",
+                "lastProbeTime": None,
+                "lastTransitionTime": now,
+            }
             if not status and reason:
                 cond["reason"] = reason
             out.append(cond)
@@ -623,8 +652,9 @@ class SimulatedKubelet:
             "containerStatuses": statuses,
         }
 
-    def _patch_terminated(self, pod: _Pod, code: int, reason: str, message: str | None = None,
-                          evicted_message: str | None = None) -> None:
+    def _patch_terminated(
+        self, pod: _Pod, code: int, reason: str, message: str | None = None, evicted_message: str | None = None
+    ) -> None:
         pod.terminal = True
         now = _now()
         statuses = []
@@ -638,16 +668,18 @@ class SimulatedKubelet:
             }
             if message:
                 term["message"] = message
-            statuses.append({
-                "name": c["name"],
-                "image": c.get("image", ""),
-                "imageID": f"simulated://{c.get('image', '')}",
-                "containerID": term["containerID"],
-                "ready": False,
-                "started": False,
-                "restartCount": 0,
-                "state": {"terminated": term},
-            })
+            statuses.append(
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": f"simulated://{c.get('image', '')}",
+                    "containerID": term["containerID"],
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {"terminated": term},
+                }
+            )
         status = {
             "phase": "Succeeded" if code == 0 and not evicted_message else "Failed",
             "hostIP": "127.0.0.1",
@@ -677,8 +709,12 @@ class SimulatedKubelet:
         if self.mode != "process" or not host or not sub:
             return
         base = f"{host}.{sub}"
-        pod.names = [base, f"{base}.{pod.namespace}", f"{base}.{pod.namespace}.svc",
-                     f"{base}.{pod.namespace}.svc.cluster.local"]
+        pod.names = [
+            base,
+            f"{base}.{pod.namespace}",
+            f"{base}.{pod.namespace}.svc",
+            f"{base}.{pod.namespace}.svc.cluster.local",
+        ]
         self._write_hosts()
 
     def _write_hosts(self) -> None:
@@ -879,5 +915,5 @@ def _map_paths(text: str, mounts: list[tuple[str, str]], arg: bool = False) -> s
         prefix += "="
     for mount, host in mounts:
         if value == mount or value.startswith(mount + "/") or (mount == "/" and value.startswith("/")):
-            return prefix + host + value[len(mount):] if mount != "/" else prefix + host + value
+            return prefix + host + value[len(mount) :] if mount != "/" else prefix + host + value
     return text

@@ -63,14 +63,16 @@ def _conditions(previous: list[dict] | None = None) -> list[dict]:
     for ctype, status, reason, message in wanted:
         old = before.get(ctype, {})
         since = old.get("lastTransitionTime") if old.get("status") == status else None
-        conditions.append({
-            "type": ctype,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastHeartbeatTime": now,
-            "lastTransitionTime": since or now,
-        })
+        conditions.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": since or now,
+            }
+        )
     return conditions
 
 
@@ -137,7 +139,11 @@ def renew_lease(api: client.ApiClient, name: str, timeout: float = 5) -> None:
     spec = {"holderIdentity": name, "leaseDurationSeconds": LEASE_DURATION_SECONDS, "renewTime": now}
     try:
         coord.patch_namespaced_lease(
-            name, NODE_LEASE_NAMESPACE, {"spec": spec}, _content_type=MERGE, _preload_content=False,
+            name,
+            NODE_LEASE_NAMESPACE,
+            {"spec": spec},
+            _content_type=MERGE,
+            _preload_content=False,
             _request_timeout=timeout,
         )
         return

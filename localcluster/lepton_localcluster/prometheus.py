@@ -36,8 +36,8 @@ from typing import Optional
 
 import yaml
 
-from lepton_operator.scaling.scrape import SCRAPE_JOB, relabel_configs, scrape_timeout
 from lepton_localcluster.procs import MARKER_ENV, child_setup, free_port
+from lepton_operator.scaling.scrape import SCRAPE_JOB, relabel_configs, scrape_timeout
 
 PROMETHEUS_BINARY = os.environ.get("LEPTON_PROMETHEUS_BINARY", "/usr/bin/prometheus")
 
@@ -105,13 +105,15 @@ class _PodDiscovery:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/targets"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="prometheus-pod-sd", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="prometheus-pod-sd", daemon=True
+        )
         self.thread.start()
 
     def list_pods(self) -> list[dict]:
-        request = urllib.request.Request(f"{self.api_server_url}/api/v1/pods",
-                                         headers={"Authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(
+            f"{self.api_server_url}/api/v1/pods", headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(request, context=self.context, timeout=5) as response:
             return json.load(response).get("items", [])
 
@@ -123,8 +125,9 @@ class _PodDiscovery:
 class LocalPrometheus:
     """Debian's Prometheus, scraping pods found through a (local) kube-apiserver."""
 
-    def __init__(self, api_server_url: str, token: str, ca_or_insecure: Optional[str], workdir,
-                 scrape_interval: str = "1s"):
+    def __init__(
+        self, api_server_url: str, token: str, ca_or_insecure: Optional[str], workdir, scrape_interval: str = "1s"
+    ):
         """`ca_or_insecure`: the apiserver's CA file, or None to skip TLS verification."""
         self.api_server_url = api_server_url
         self.token = token
@@ -180,11 +183,21 @@ class LocalPrometheus:
         env = dict(os.environ)
         env.setdefault(MARKER_ENV, "prometheus")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={data}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=2h",
-             "--web.enable-lifecycle", "--log.level=info"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=child_setup(None), env=env, cwd=str(self.workdir),
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=2h",
+                "--web.enable-lifecycle",
+                "--log.level=info",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=child_setup(None),
+            env=env,
+            cwd=str(self.workdir),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

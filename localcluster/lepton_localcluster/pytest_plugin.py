@@ -192,7 +192,10 @@ class K8s:
             except ApiException as e:
                 last_error = e
             time.sleep(interval)
-        pytest.fail(f"timed out after {timeout} s waiting for {message}" + (f" (last error: {last_error})" if last_error else ""))
+        pytest.fail(
+            f"timed out after {timeout} s waiting for {message}"
+            + (f" (last error: {last_error})" if last_error else "")
+        )
 
     def pod(self, namespace: str, name: str):
         """The pod, or None if it does not exist."""
@@ -207,7 +210,8 @@ class K8s:
         """Events in a namespace, optionally for one object and one reason."""
         items = self.core.list_namespaced_event(namespace).items
         return [
-            e for e in items
+            e
+            for e in items
             if (involved_name is None or e.involved_object.name == involved_name)
             and (reason is None or e.reason == reason)
         ]

@@ -1,12 +1,12 @@
 """Clean up after a local cluster whose owner died without calling ``stop()``.
 
 Started by :class:`LocalCluster` as ``python watchdog.py <cluster id> [<temp workdir>]`` in
-its own session,
-with stdin a pipe whose only writer is the owner. When the owner exits, however it
-exits (SIGKILL included), the pipe closes; the watchdog then SIGKILLs every process that
-carries the cluster's marker (control plane, pods and their children) and removes the
-cluster's /etc/hosts block, and removes the cluster's temporary workdir. It imports only the standard library and its two siblings, so
-it starts fast and works while the package is half torn down.
+its own session, with stdin a pipe whose only writer is the owner. When the owner exits,
+however it exits (SIGKILL included), the pipe closes; the watchdog then SIGKILLs every
+process that carries the cluster's marker (control plane, pods and their children),
+removes the cluster's /etc/hosts block and removes the cluster's temporary workdir. It
+imports only the standard library and its two siblings, so it starts fast and works
+while the package is half torn down.
 """
 
 import os
