@@ -11,7 +11,11 @@ from jobs import FAST, create_job, job_body, patch_spec, pods, running, status, 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from lepton_localcluster import procs
+from lepton_localcluster import LocalCluster, SimulatedNode, procs
+from lepton_localcluster.crds import install_crds
+from lepton_localcluster.operator_process import OperatorProcess
+from lepton_localcluster.pytest_plugin import K8s
+from lepton_operator.reconcile.kube import Kube
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -149,3 +153,54 @@ def test_preemption_by_a_higher_priority_pod_is_a_disruption(kube, k8s, local_cl
         assert reasons[-1] == "ShrunkForCapacity" and "WorkerLost" in reasons
     finally:
         scheduling.delete_priority_class(priority)
+
+
+# ------------------------------------------------------------------ row 20: a lost node
+
+
+@pytest.fixture
+def two_node_cluster(k8s_binaries):
+    """A cluster of this test's own (node-a, node-b, 2 GPUs each): it loses a node."""
+    cluster = LocalCluster(
+        binaries=k8s_binaries, nodes=[SimulatedNode("node-a", gpus=2), SimulatedNode("node-b", gpus=2)]
+    ).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_a_lost_node_is_left_the_job_shrinks_to_what_fits_and_grows_back(two_node_cluster, tmp_path):
+    cluster = two_node_cluster
+    api = cluster.api_client()
+    install_crds(api)
+    kube, k8s = Kube(api), K8s(cluster)
+    namespace = "lost"
+    k8s.core.create_namespace({"metadata": {"name": namespace}})
+    op = OperatorProcess(cluster, namespace, list(FAST), None, tmp_path / "operator.log")
+    try:
+        spec = {
+            "workers": {"min": 2, "max": 4, "initial": 4},
+            "restart": {"maxRestarts": 0, "nodeLostSeconds": 10},
+            "autoscaling": {"capacityTimeoutSeconds": 10, "capacityBackoffSeconds": 30},
+        }
+        create_job(kube, namespace, job_body("wide", **spec))
+        wait(k8s, running(kube, namespace, "wide", 4, 1), 60, "Running on both nodes", op)
+        assert {p["spec"]["nodeName"] for p in pods(kube, namespace, "wide").values()} == {"node-a", "node-b"}
+
+        cluster.stop_node("node-b")
+        k8s.wait_for(lambda: cluster.node_ready_condition("node-b").status == "Unknown", 60, message="node-b Unknown")
+        down = time.monotonic()
+        st = wait(k8s, running(kube, namespace, "wide", 2), 90, "Running at 2 on node-a", op)
+        took = time.monotonic() - down
+        # nodeLostSeconds, one pass, then capacityTimeoutSeconds for the generation that cannot be placed.
+        assert took < 10 + 5 + 10 + 20, took
+        assert [r["reason"] for r in st["rescaleHistory"]] == ["NodeLost", "ShrunkForCapacity"]
+        assert (st["restarts"], st["disruptions"]) == (0, 1)
+        assert {p["spec"]["nodeName"] for p in pods(kube, namespace, "wide", False).values()} == {"node-a"}
+
+        cluster.start_node("node-b")
+        # After the capacity backoff a capacity-confirmed scale-up brings it back to 4.
+        st = wait(k8s, running(kube, namespace, "wide", 4), 120, "Running at 4 again", op)
+        assert (st["restarts"], st["disruptions"]) == (0, 1)
+        assert st["rescaleHistory"][-1]["reason"] == "GrowingBack" and st["rescaleHistory"][-1]["to"] == 4
+    finally:
+        op.stop()

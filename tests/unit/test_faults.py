@@ -13,6 +13,7 @@ from planworld import T0, World, base_spec, running_world, scale_to
 from lepton_operator.api.conditions import (
     CONDITION_READY,
     CONDITION_RESCALING,
+    REASON_GROWING_BACK,
     REASON_HUNG,
     REASON_NODE_DRAINING,
     REASON_NODE_LOST,
@@ -134,6 +135,7 @@ def test_a_lost_node_is_left_after_node_lost_seconds_and_the_job_shrinks_to_what
     w.nodes = {"node-a": READY, "node-b": READY}
     w.step(601)
     assert w.status.rescale is not None and w.status.rescale.stage == "ConfirmingCapacity"
+    assert w.status.rescale.reason == REASON_GROWING_BACK
     w.settle(10)
     assert (w.status.world_size, w.status.phase, w.status.restarts) == (4, "Running", 0)
 

@@ -63,6 +63,7 @@ DISRUPTION_REASONS = frozenset({REASON_WORKER_LOST, REASON_WORKER_DISRUPTED, REA
 # --- capacity: a generation whose workers cannot all be placed -------------------------
 REASON_SHRUNK_FOR_CAPACITY = "ShrunkForCapacity"
 REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
+REASON_GROWING_BACK = "GrowingBack"  # a scale-up back to the requested size after a shrink
 
 # --- events only ------------------------------------------------------------------------
 REASON_RESCALING = "Rescaling"

@@ -39,6 +39,7 @@ from lepton_operator.api.conditions import (
     DISRUPTION_REASONS,
     REASON_AUTOSCALE_DOWN,
     REASON_AUTOSCALE_UP,
+    REASON_GROWING_BACK,
     REASON_HUNG,
     REASON_INSUFFICIENT_CAPACITY,
     REASON_MANUAL_SCALE,
@@ -109,7 +110,11 @@ def restart(p: JobPass, reason: str, detail: str) -> Plan:
 
 
 def rescale_reason(p: JobPass, target: int) -> tuple[str, str]:
-    """ManualScale, unless a fresh autoscaler decision asked for exactly this size."""
+    """ManualScale, unless a fresh autoscaler decision asked for exactly this size, or the
+    job grows back to its requested size after shrinking for capacity."""
+    last = p.s.last_rescale
+    if target > p.s.world_size and last is not None and last.reason == REASON_SHRUNK_FOR_CAPACITY:
+        return REASON_GROWING_BACK, f"back to the requested {target} worker(s) after {last.reason}"
     decision = p.s.autoscaling.last_decision
     if decision is not None and decision.target == target and p.now - decision.time <= AUTOSCALER_DECISION_FRESHNESS:
         if re.fullmatch(r"[A-Z][A-Za-z0-9]{0,127}", decision.reason):
