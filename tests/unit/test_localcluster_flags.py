@@ -87,7 +87,8 @@ def test_what_every_version_gets(version):
     assert scheduler(version)[0] == "kube-scheduler" and "--secure-port=0" in scheduler(version)
     cm = controller_manager(version)
     assert cm[0] == "kube-controller-manager" and "--secure-port=0" in cm
-    assert "--controllers=*,-nodelifecycle,-serviceaccount-token" in cm
+    # The node lifecycle controller runs (node loss as in a real cluster), with short timings.
+    assert "--controllers=*,-serviceaccount-token" in cm and "--node-monitor-grace-period=16s" in cm
     assert api == apiserver((1, 20))  # the apiserver gets the same flags everywhere
 
 
