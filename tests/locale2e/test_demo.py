@@ -9,6 +9,7 @@ over the simulated cluster's DNS, 200 steps.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,4 +53,12 @@ def test_demo_trains_a_job_to_success_and_writes_its_plot(tmp_path):
     assert "job cpu-job: Succeeded" in out, out[-5000:]
     assert "step=200/200" in out or "at step 200" in out, out[-3000:]
     assert "loss " in out and "->" in out  # the summary's first -> last loss
+    # The summary's status line (`final world size N, generations G, restarts R`, read from
+    # the job's final status): a job that trains to success costs no restart.
+    final = re.search(r"final world size (\d+), generations (\d+), restarts (\d+)", out)
+    assert final, out[-3000:]
+    assert int(final.group(3)) == 0, final.group(0) + "\n" + out[-5000:]
+    # min = max = 2: no size change, so anything but the first generation was a restart
+    # or a disruption.
+    assert int(final.group(2)) == 1, final.group(0) + "\n" + out[-5000:]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
