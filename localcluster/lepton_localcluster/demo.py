@@ -241,7 +241,7 @@ def _live_throughput(prom_client, namespace: str, job_name: str) -> float | None
 def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> int:
     from kubernetes import client
 
-    from lepton_localcluster.procs import free_port
+    from lepton_localcluster.procs import free_port_pair
     from lepton_operator.scaling.prometheus import PrometheusClient
 
     prom_client = PrometheusClient(prom.url, timeout=2)
@@ -250,7 +250,7 @@ def _apply_and_watch(args, cluster, api, manifest, job_name, operator, prom) -> 
     manifest.setdefault("metadata", {})["namespace"] = args.namespace
     # Pods are local processes here and torch's TCPStore binds every interface, so a
     # fixed rendezvous port would clash with any other process-mode job on this machine.
-    manifest["spec"].setdefault("rendezvousPort", free_port())
+    manifest["spec"].setdefault("rendezvousPort", free_port_pair())  # generations use it and the next
     custom.create_namespaced_custom_object(GROUP, VERSION, args.namespace, PLURAL, manifest)
     print(f"==> applied {args.example} ({API_VERSION} LeptonJob {job_name}); watching (Ctrl-C stops)", flush=True)
 

@@ -49,6 +49,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair(host: str = "0.0.0.0") -> int:
+    """A port p such that p and p + 1 are both free on ``host`` right now: a LeptonJob's
+    generations alternate between rendezvousPort and the next port, and torch's TCPStore
+    binds every interface, so in process mode both must be free."""
+    for _ in range(100):
+        port = free_port(host)
+        if port >= 65534:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports found")
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists (zombies count as gone)."""
     try:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from lepton_localcluster.crds import install_crds
-from lepton_localcluster.procs import free_port
+from lepton_localcluster.procs import free_port_pair
 from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
 from lepton_operator.api.conditions import CONDITION_METRICS_UNAVAILABLE
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
@@ -165,7 +165,7 @@ def _job(name, lo, hi, curve, gpus=0, rendezvous_port=None):
             "workers": {"min": lo, "max": hi},
             "resources": {"gpus": gpus},
             "nprocPerNode": 1,
-            "rendezvousPort": rendezvous_port or free_port(),
+            "rendezvousPort": rendezvous_port or free_port_pair(),
             "terminationGracePeriodSeconds": 10,
             "autoscaling": {
                 "enabled": True,

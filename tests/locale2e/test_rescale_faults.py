@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import threading
 import time
 
@@ -30,7 +29,7 @@ from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
 from lepton_localcluster.crds import install_crds
-from lepton_localcluster.procs import free_port
+from lepton_localcluster.procs import free_port_pair
 from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
@@ -55,25 +54,8 @@ def _need_prometheus():
         pytest.skip(reason)
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p + 1 are both free on every interface: a job's generations
-    alternate between rendezvousPort and the next port, and torch's TCPStore binds all
-    interfaces, so in process mode both must be free."""
-    for _ in range(100):
-        port = free_port("0.0.0.0")
-        if port >= 65534:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports found")
-
-
 def _job(name: str, args: list[str], env: dict[str, str], **spec) -> dict:
-    rendezvous = _free_port_pair()
+    rendezvous = free_port_pair()
     body = {
         "apiVersion": API_VERSION,
         "kind": KIND,

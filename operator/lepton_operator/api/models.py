@@ -229,8 +229,9 @@ class RestartSpec(ApiModel):
     max_restarts: int = Field(
         3,
         description=(
-            "New generations started after a retryable worker failure (exit 128-255, eviction) "
-            "before the job fails. Exit codes 1-127 fail the job at once."
+            "New generations started after a retryable worker failure (exit 128-255) or a hang "
+            "before the job fails. Exit codes 1-127 fail the job at once. Disruptions (eviction, "
+            "preemption, a lost or drained node) never spend it."
         ),
         ge=0,
         le=1000,

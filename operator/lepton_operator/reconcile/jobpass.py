@@ -147,6 +147,7 @@ class JobPass:
             return None
         down = seconds(self.now - info.not_ready_since)
         if down < self.spec.restart.node_lost_seconds:
+            self.plan.requeue(self.spec.restart.node_lost_seconds - down)  # look again when it would be lost
             return None
         since = "ever" if info.not_ready_since.year == 1 else f"{down:.0f}s"
         limit = self.spec.restart.node_lost_seconds

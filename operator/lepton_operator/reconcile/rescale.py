@@ -17,10 +17,10 @@ resume start in Stopping. docs/rescale-protocol.md has the whole protocol.
 Decisions taken here:
 
 - A worker of the current generation that disappears or is deleted by someone else while
-  the generation *runs* restarts it at the same size (WorkerLost), counted against
-  maxRestarts like an eviction: torchrun's world is fixed, a lone replacement could never
-  join the finished rendezvous. While the generation is still *forming* a missing worker
-  is simply (re)created (see `plan.steady`).
+  the generation *runs* restarts it at the same size (WorkerLost): torchrun's world is
+  fixed, a lone replacement could never join the finished rendezvous. Like an eviction it
+  is a disruption (`status.disruptions`), not a failure of the job. While the generation
+  is still *forming* a missing worker is simply (re)created (see `plan.steady`).
 - A restart keeps the running size; a different requested size follows as a rescale.
 - A restart is counted in the same status write that records the target generation, so
   an operator killed mid-pass never counts it twice.
