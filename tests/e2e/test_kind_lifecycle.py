@@ -162,6 +162,7 @@ def test_forced_scale_starts_generation_2_that_resumes_from_checkpoint(kind_clus
 
     status = kind_cluster.kubectl_json("-n", e2e_namespace, "get", "leptonjob", JOB)["status"]
     assert status["workerGeneration"] == 2 and status["worldSize"] == 3
+    assert status["restarts"] == 0  # the capacity-confirmed scale-up cost no restart
     assert status["lastRescale"]["from"] == 2 and status["lastRescale"]["to"] == 3
 
 
