@@ -29,11 +29,19 @@ class Stub:
     def __init__(self):
         self.reply = (200, b"{}")
         self.delay = 0.0
+        self.redirect: tuple[int, str] | None = None  # (code, Location)
+        self.flood: tuple[int, bool] | None = None  # (bytes, announce Content-Length)
+        self.flood_sent = 0
+        self.flood_done = threading.Event()
         self.queries: list[str] = []
         self.headers: list[dict] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # a followed 301/302/303 arrives as a GET: record it too
+                stub.headers.append(dict(self.headers))
+                self.send_error(405)
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 form = parse_qs(self.rfile.read(length).decode())
@@ -42,13 +50,34 @@ class Stub:
                 time.sleep(stub.delay)
                 code, body = stub.reply
                 try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    if stub.redirect:
+                        self.send_response(stub.redirect[0])
+                        self.send_header("Location", stub.redirect[1])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    elif stub.flood:
+                        self.send_flood(*stub.flood)
+                    else:
+                        self.send_response(code)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
+                finally:
+                    stub.flood_done.set()
+
+            def send_flood(self, total, announce):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if announce:
+                    self.send_header("Content-Length", str(total))
+                self.end_headers()  # without a length, HTTP/1.0: the body ends when we close
+                chunk = b" " * 65536
+                while stub.flood_sent < total:
+                    self.wfile.write(chunk)
+                    stub.flood_sent += len(chunk)
 
             def log_message(self, *args):
                 pass
@@ -177,6 +206,48 @@ def test_bearer_token_is_read_from_the_file(stub, tmp_path):
     token.write_text("rotated")
     client(stub.url, token_file=str(token)).throughput("ns", "j", 60, now=time.time())
     assert stub.headers[-1]["Authorization"] == "Bearer rotated"
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirects_are_refused_and_the_token_stays_home(stub, tmp_path, code):
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    elsewhere = Stub()  # another port: another origin
+    try:
+        elsewhere.vector("1")
+        stub.redirect = (code, f"{elsewhere.url}/api/v1/query")
+        with pytest.raises(MetricsError) as err:
+            client(stub.url, token_file=str(token)).throughput("ns", "j", 60, now=time.time())
+        assert stub.headers[-1]["Authorization"] == "Bearer s3cret"
+        assert not any("Authorization" in h for h in elsewhere.headers)
+        assert elsewhere.headers == []  # not even contacted
+        assert err.value.kind == "redirect"
+        assert elsewhere.url in err.value.message
+    finally:
+        elsewhere.close()
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["content-length", "no-length"])
+def test_an_oversized_answer_is_refused_without_reading_it_all(stub, announce):
+    total = 64 * 1024 * 1024
+    stub.flood = (total, announce)
+    started = time.monotonic()
+    with pytest.raises(MetricsError) as err:
+        client(stub.url).throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == "too_large"
+    assert "1048576" in err.value.message
+    assert stub.flood_done.wait(5)  # the client hung up: the server's writes failed
+    assert stub.flood_sent < total // 4  # socket buffers hold a few MiB, not the whole answer
+    assert time.monotonic() - started < 5
+
+
+def test_an_answer_at_the_limit_is_read(stub):
+    stub.vector("7")
+    size = len(stub.reply[1])
+    assert client(stub.url, max_response_bytes=size).throughput("ns", "j", 60, now=time.time()).value == 7
+    with pytest.raises(MetricsError) as err:
+        client(stub.url, max_response_bytes=size - 1).throughput("ns", "j", 60, now=time.time())
+    assert err.value.kind == "too_large"
 
 
 @pytest.mark.parametrize(

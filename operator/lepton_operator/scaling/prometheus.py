@@ -11,9 +11,18 @@ Labels the scrape configuration must give the trainer's series (see
 - `job_name`: the pod label `lepton.ai/job-name`;
 - `generation`: the pod label `lepton.ai/generation`.
 
-Every failure comes back as a `MetricsError` with a `kind` (http, timeout, connection,
-malformed, status, empty, nan, many_series, stale), never as a number: the autoscaler
-holds on all of them (docs/reliability.md, row 12).
+Every failure comes back as a `MetricsError` with a `kind` (http, redirect, timeout,
+connection, too_large, malformed, status, empty, nan, many_series, stale), never as a
+number: the autoscaler holds on all of them (docs/reliability.md, row 12).
+
+Redirects are refused, never followed: urllib's redirect handler copies the request's
+headers, bearer token included, to whatever host the `Location` names, and it turns the
+POSTed query into a bodyless GET anyway. Prometheus itself never redirects
+`/api/v1/query`, so a redirect means the configured URL is wrong (http for https, a
+login proxy): the error names the `Location` so the admin can fix the URL.
+
+Answers are read up to `MAX_RESPONSE_BYTES`: the instant queries here return one series,
+so a bigger answer is a broken or hostile endpoint, not data, and must not cost memory.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Optional, Union
 
 SAMPLES_METRIC = "lepton_trainer_samples_total"
 WORLD_SIZE_METRIC = "lepton_trainer_world_size"
+MAX_RESPONSE_BYTES = 1024 * 1024
 
 
 class MetricsError(Exception):
@@ -88,6 +98,13 @@ def world_size_query(namespace: str, job_name: str, generation: Optional[int] = 
     return f"count({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: the 3xx then surfaces as an HTTPError (see the module docstring)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class PrometheusClient:
     """Instant queries against Prometheus' HTTP API (`/api/v1/query`)."""
 
@@ -98,12 +115,14 @@ class PrometheusClient:
         token_file: Optional[str] = None,
         ca_file: Optional[str] = None,
         max_age_seconds: float = 120.0,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.token_file = token_file
         self.ca_file = ca_file
         self.max_age_seconds = max_age_seconds
+        self.max_response_bytes = max_response_bytes
 
     def _headers(self) -> dict:
         headers = {"Accept": "application/json"}
@@ -113,10 +132,22 @@ class PrometheusClient:
                 headers["Authorization"] = f"Bearer {f.read().strip()}"
         return headers
 
-    def _context(self) -> Optional[ssl.SSLContext]:
+    def _opener(self) -> urllib.request.OpenerDirector:
+        handlers: list = [_RefuseRedirects()]
         if self.url.startswith("https://"):
-            return ssl.create_default_context(cafile=self.ca_file)
-        return None
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=self.ca_file)))
+        return urllib.request.build_opener(*handlers)
+
+    def _read(self, response) -> bytes:
+        """The body, or MetricsError("too_large") without reading past the limit."""
+        limit = self.max_response_bytes
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise MetricsError("too_large", f"{self.url} announced {declared} bytes, the limit is {limit}")
+        raw = response.read(limit + 1)
+        if len(raw) > limit:
+            raise MetricsError("too_large", f"{self.url} sent more than {limit} bytes")
+        return raw
 
     def query_raw(self, promql: str, at: Optional[float] = None) -> list:
         """The `data.result` vector of an instant query, or a MetricsError."""
@@ -127,11 +158,17 @@ class PrometheusClient:
         request = urllib.request.Request(f"{self.url}/api/v1/query", data=body, headers=self._headers(), method="POST")
         request.add_header("Content-Type", "application/x-www-form-urlencoded")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self._context()) as response:
-                raw = response.read()
+            with self._opener().open(request, timeout=self.timeout) as response:
+                raw = self._read(response)
         except urllib.error.HTTPError as exc:
-            # Prometheus answers 400/422/503 with a JSON error body: keep its message.
-            detail = exc.read()[:500].decode("utf-8", "replace")
+            with exc:
+                if 300 <= exc.code < 400:
+                    location = exc.headers.get("Location", "?")
+                    raise MetricsError(
+                        "redirect", f"HTTP {exc.code} from {self.url} to {location}: refused, set the final URL"
+                    ) from None
+                # Prometheus answers 400/422/503 with a JSON error body: keep its message.
+                detail = exc.read(500).decode("utf-8", "replace")
             raise MetricsError("http", f"HTTP {exc.code} from {self.url}: {detail}") from None
         except (socket.timeout, TimeoutError) as exc:
             raise MetricsError("timeout", f"no answer from {self.url} within {self.timeout} s") from exc
