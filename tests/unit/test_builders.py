@@ -288,6 +288,16 @@ def test_no_spec_field_reaches_the_security_context():
     assert pod["spec"]["containers"][0]["securityContext"] == baseline["spec"]["containers"][0]["securityContext"]
 
 
+def test_termination_message_never_comes_from_the_logs():
+    """FallbackToLogsOnError would copy log tails (secrets, maybe) into the pod status."""
+    for name, (raw, _) in CASES.items():
+        spec = parse_job("demo", raw)
+        for index in range(2):
+            pod = build_worker_pod(ref(), spec, index, 1, 2)
+            for container in pod["spec"]["containers"]:
+                assert container["terminationMessagePolicy"] == "File", (name, index)
+
+
 def test_restart_policy_never_and_grace_period_from_spec():
     pod = build_worker_pod(ref(), parse_job("demo", {"terminationGracePeriodSeconds": 900}), 0, 1, 1)
     assert pod["spec"]["restartPolicy"] == "Never"

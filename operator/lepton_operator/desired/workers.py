@@ -241,8 +241,10 @@ def build_worker_pod(job: JobRef, spec: LeptonJobSpec, index: int, generation: i
             "resources": worker_resources(spec),
             "securityContext": container_security_context(),
             "volumeMounts": mounts,
-            # The exit message shows in the pod status: failure reasons reach `kubectl describe`.
-            "terminationMessagePolicy": "FallbackToLogsOnError",
+            # Only what the program writes to /dev/termination-log reaches the pod status:
+            # FallbackToLogsOnError would copy log tails (which may hold secrets) there,
+            # where `get pods` shows them to those not allowed `pods/log`.
+            "terminationMessagePolicy": "File",
         }
     )
 
