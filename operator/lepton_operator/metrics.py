@@ -20,6 +20,8 @@ from lepton_operator.api.models import PHASES
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 
+# No series is labelled by job: series per job would grow with every job ever run. A
+# deleted job leaves only its entry in `_phases`, which forget_job() drops.
 JOBS = Gauge(
     "lepton_operator_jobs",
     "LeptonJobs this operator reconciles, by phase.",

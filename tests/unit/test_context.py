@@ -1,12 +1,17 @@
 """The operator's in-memory state (reconcile/context.py): one shared context, deduplicated
 events, watch health, and expectations (its own creates and deletes overlaid on a lagging index)."""
 
+import asyncio
 import copy
 import time
 
 import pytest
 
+from lepton_operator import metrics
+from lepton_operator.desired import JobRef
+from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import EventRecorder, Expectations, OperatorContext, WatchHealth
+from lepton_operator.reconcile.loop import job_loop
 from lepton_operator.reconcile.podcache import PodCache
 
 pytestmark = pytest.mark.unit
@@ -67,8 +72,9 @@ def test_kopf_copies_of_the_context_are_the_context():
     # kopf hands each resource a copy.copy() of the operator-wide memo.
     ctx = OperatorContext(kube=None)
     assert copy.copy(ctx) is ctx
+    trigger = ctx.triggers.get(KEY)  # the job's loop takes its trigger when it starts
     ctx.triggers.fire("ns", "job")
-    assert ctx.triggers.get(KEY).is_set()
+    assert trigger.is_set()
     ctx.autoscaler_memory(KEY).last_run = 1.0
     ctx.expected.created(KEY, pod("job-worker-1"))
     ctx.forget(KEY)
@@ -112,3 +118,97 @@ def test_pod_cache_drops_ghosts_the_api_no_longer_has_and_reports_a_lasting_disa
     assert cache.relist_due(KEY)
     cache.listed(KEY, indexed_before=[live], listed=[live])
     assert cache.stale() == [] and cache.view(KEY, [live]) == [live]
+
+
+# ------------------------------------------------------------- a deleted job is forgotten
+
+GONE_KEY, GONE_UID = ("forget-ns", "forget-job"), "forget-uid"
+
+
+def remembered(ctx: OperatorContext, key, uid) -> list[str]:
+    """Every table of the context (a dict attribute of any of its parts) that still holds
+    the job's key, or a key that contains its uid; new tables are covered without a change."""
+    found = []
+    for part_name, part in vars(ctx).items():
+        if part_name in ("kube", "config"):
+            continue
+        tables = {part_name: part} if isinstance(part, dict) else vars(part)
+        for name, table in tables.items():
+            if isinstance(table, dict) and any(k == key or (isinstance(k, tuple) and uid in k) for k in table):
+                found.append(f"{part_name}.{name}")
+    return found
+
+
+def jobs_counted() -> float:
+    return sum(s.value for f in metrics.REGISTRY.collect() for s in f.samples if s.name == "lepton_operator_jobs")
+
+
+def remember_everything(ctx: OperatorContext, key, uid) -> None:
+    """What a few passes, the watches, the timers and an event leave about a job."""
+    ctx.triggers.get(key)
+    ctx.watch.watched(key, "5")
+    ctx.watch.compare(key, "7")  # lagging
+    ctx.expected.created(key, pod("job-worker-1"))
+    ctx.expected.deleted(key, "job-worker-0-uid")
+    ctx.pods.listed(key, indexed_before=[pod("job-worker-0", uid="ghost")], listed=[])
+    ctx.autoscaler_memory(key).reporting_since[1] = NOW
+    ctx.events.should_post((uid, "Normal", "Rescaling", "2 -> 3"))
+    metrics.set_job_phase(*key, "Running")
+
+
+def test_forget_drops_every_per_job_entry_and_the_phase_and_events_expire():
+    ctx = OperatorContext(kube=None, events=EventRecorder(window=0.05))
+    counted = jobs_counted()
+    remember_everything(ctx, GONE_KEY, GONE_UID)
+    remember_everything(ctx, KEY, "other-uid")  # another job, which must keep its entries
+    held = remembered(ctx, GONE_KEY, GONE_UID)
+    # The probe sees every table (so an empty answer below means something).
+    for table in ("triggers._events", "watch.seen", "watch.lagging_since", "expected._created", "expected._deleted"):
+        assert table in held
+    for table in ("pods._listed_at", "pods._ghosts", "pods._disagree_since", "autoscaler.autoscaler"):
+        assert table in held
+    assert "events._posted" in held and jobs_counted() == counted + 2
+
+    ctx.forget(GONE_KEY)
+    assert remembered(ctx, GONE_KEY, GONE_UID) == ["events._posted"]  # until its window passes
+    assert jobs_counted() == counted + 1
+    ctx.triggers.fire(*GONE_KEY)  # the watch reports the deleted job's pods going away
+    assert remembered(ctx, GONE_KEY, GONE_UID) == ["events._posted"]
+    time.sleep(0.06)
+    ctx.events.should_post(("other-uid", "Normal", "Resumed", "m"))  # any later event prunes
+    assert remembered(ctx, GONE_KEY, GONE_UID) == []
+    assert len(remembered(ctx, KEY, "other-uid")) == len(held)
+
+    ctx.forget(KEY)
+    assert jobs_counted() == counted
+
+
+def test_the_event_recorder_holds_only_the_events_of_its_window():
+    rec = EventRecorder(window=0.05)
+    for i in range(1000):
+        rec.should_post((f"uid-{i}", "Warning", "Reason", "m"))
+    time.sleep(0.06)
+    rec.should_post(("uid-last", "Warning", "Reason", "m"))
+    assert len(rec._posted) == 1
+
+
+class DeletingKube:
+    """The API as a pass sees it while the job is being deleted (finalizers pending)."""
+
+    def get_job(self, namespace, name):
+        meta = {"name": name, "namespace": namespace, "uid": GONE_UID, "resourceVersion": "9"}
+        return {"metadata": {**meta, "deletionTimestamp": NOW}, "spec": {}}
+
+
+def test_when_a_deleted_jobs_loop_ends_nothing_about_the_job_remains():
+    ctx = OperatorContext(kube=DeletingKube(), config=OperatorConfig(), events=EventRecorder(window=0.05))
+    counted = jobs_counted()
+    remember_everything(ctx, GONE_KEY, GONE_UID)
+    indexes = {"pods_by_job": {}, "services_by_job": {}, "claims_by_job": {}, "budgets_by_job": {}}
+    job = JobRef(name=GONE_KEY[1], namespace=GONE_KEY[0], uid=GONE_UID)
+    asyncio.run(asyncio.wait_for(job_loop(ctx, job, indexes, stopped=lambda: False), 10))
+    ctx.triggers.fire(*GONE_KEY)
+    time.sleep(0.06)
+    ctx.events.should_post(("other-uid", "Normal", "Resumed", "m"))
+    assert remembered(ctx, GONE_KEY, GONE_UID) == []
+    assert jobs_counted() == counted  # the phase gauge no longer counts it

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from typing import Optional
 
+from lepton_operator import metrics
 from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.kube import Kube
 from lepton_operator.reconcile.nodes import NodeCache
@@ -38,8 +39,12 @@ class Triggers:
         return self._events.setdefault(key, asyncio.Event())
 
     def fire(self, namespace: Optional[str], name: Optional[str]) -> None:
-        if namespace and name:
-            self.get((namespace, name)).set()
+        # Wake only a loop that runs: the watch reports a deleted job's pods as they are
+        # collected, after its loop ended and forgot it, and an entry made then would stay
+        # for good. A loop that has not started yet loses nothing: its first pass runs at once.
+        event = self._events.get((namespace, name)) if namespace and name else None
+        if event is not None:
+            event.set()
 
     def forget(self, key: JobKey) -> None:
         self._events.pop(key, None)
@@ -50,6 +55,8 @@ class EventRecorder:
 
     Passes repeat (every trigger, every resync), and a condition that persists (a pod we
     do not own holding a worker's name) would otherwise post the same Warning each time.
+    Keys start with the job's uid; every call drops those older than the window, so a
+    deleted job's keys go within `window` seconds and the table holds only recent events.
     """
 
     def __init__(self, window: float = EVENT_DEDUP_SECONDS) -> None:
@@ -186,7 +193,11 @@ class OperatorContext:
         return self.autoscaler.setdefault(key, AutoscalerMemory())
 
     def forget(self, key: JobKey) -> None:
-        """Drop what is remembered about a job whose loop ended."""
+        """Drop what is remembered about a job whose loop ended (the event recorder's
+        entries expire by themselves)."""
+        # Every way out of the loop (deleted, being deleted, uid changed, stopped) ends here:
+        # the job is no longer one this operator reconciles, so its phase stops counting.
+        metrics.forget_job(*key)
         self.triggers.forget(key)
         self.watch.forget(key)
         self.expected.forget(key)
