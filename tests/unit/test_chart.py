@@ -109,8 +109,14 @@ def test_chart_metadata():
     assert chart["kubeVersion"] == ">=1.20.0-0"
 
 
-@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a", "team-b"]}], ids=["cluster", "namespaced"])
+@pytest.mark.parametrize(
+    "values",
+    [None, {"watchNamespaces": ["team-a", "team-b"]}, "https-example"],
+    ids=["cluster", "namespaced", "https-example"],
+)
 def test_helm_lint_strict(helm, tmp_path, values):
+    if values == "https-example":
+        values = https_example()
     args = ["lint", "--strict", str(CHART)]
     if values:
         (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
@@ -210,6 +216,56 @@ def test_operator_args_per_watched_namespace(helm, tmp_path):
     assert "--all-namespaces" not in args
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["team-a", "team-b"]
     assert "--prometheus-url" not in args  # empty URL: the flag is left out, not passed empty
+
+
+def https_example() -> dict:
+    """The commented HTTPS example of values.yaml, as values (so the example cannot rot)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    start = lines.index("  #   prometheus:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  #   "):
+            break
+        block.append(line[len("  #   ") :])
+    return yaml.safe_load("\n".join(block))
+
+
+def test_prometheus_without_tls_or_token_by_default(helm, tmp_path):
+    deployment = one(render(helm, tmp_path), "Deployment")
+    args = _args([deployment])
+    assert "--prometheus-ca-file" not in args and "--prometheus-token-file" not in args
+    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+
+
+def test_the_https_example_mounts_the_ca_and_the_token_and_passes_their_files(helm, tmp_path):
+    values = https_example()
+    assert values["prometheus"]["url"].startswith("https://")
+    deployment = one(render(helm, tmp_path, values), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[args.index("--prometheus-url") + 1] == values["prometheus"]["url"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for flag, volume, source in (
+        ("--prometheus-ca-file", "prometheus-ca", volumes["prometheus-ca"]["configMap"]),
+        ("--prometheus-token-file", "prometheus-token", volumes["prometheus-token"]["secret"]),
+    ):
+        path = args[args.index(flag) + 1]
+        assert mounts[volume]["readOnly"] is True
+        [item] = source["items"]
+        assert path == f"{mounts[volume]['mountPath']}/{item['path']}"
+    ca, token = values["prometheus"]["caConfigMap"], values["prometheus"]["tokenSecret"]
+    assert volumes["prometheus-ca"]["configMap"]["name"] == ca["name"]
+    assert volumes["prometheus-ca"]["configMap"]["items"][0]["key"] == ca["key"]
+    assert volumes["prometheus-token"]["secret"]["secretName"] == token["name"]
+    assert volumes["prometheus-token"]["secret"]["items"][0]["key"] == token["key"]
+    assert volumes["prometheus-token"]["secret"]["defaultMode"] == 0o440
+
+
+def test_a_token_is_never_sent_to_a_plain_http_prometheus(helm, tmp_path):
+    values = {"prometheus": {"url": "http://prom.monitoring.svc:9090", "tokenSecret": {"name": "reader"}}}
+    assert "https" in render_error(helm, tmp_path, values)
 
 
 def test_image_and_pod_placement_values_reach_the_pod(helm, tmp_path):
@@ -354,6 +410,9 @@ def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):
         ({"metrics": {"port": 8080, "service": {"enabled": True}}}, "port"),
         ({"metrics": {"port": 80, "service": {"enabled": True}}}, "port"),
         ({"prometheus": {"url": "prometheus:9090"}}, "url"),
+        ({"prometheus": {"url": "https://p", "caConfigMap": {"name": "Bad_Name"}}}, "name"),
+        ({"prometheus": {"url": "https://p", "tokenSecret": {"name": "t", "key": "a/b"}}}, "key"),
+        ({"prometheus": {"url": "https://p", "tokenSecret": {"file": "/t"}}}, "file"),
         ({"podMonitor": {"enabled": "yes"}}, "enabled"),
         ({"serviceMonitor": {"enabled": True, "interval": "soon"}}, "interval"),
         (
