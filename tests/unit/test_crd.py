@@ -238,6 +238,13 @@ def test_cel_rules_mirror_the_operator_checks():
         assert f"startsWith('{prefix}')" in env_rules
 
 
+def test_quantities_carry_the_grammar_and_a_created_claim_a_positive_size():
+    spec = schema()["properties"]["spec"]["properties"]
+    for node in (spec["resources"]["properties"]["cpu"], spec["checkpoint"]["properties"]["size"]):
+        assert node["pattern"] == models.NON_NEGATIVE_QUANTITY_PATTERN
+    assert any(models.POSITIVE_QUANTITY_PREFIX in r for r in rules_at(spec["checkpoint"]))
+
+
 def test_immutable_fields_have_transition_rules():
     spec = schema()["properties"]["spec"]
     for field in models.IMMUTABLE_FIELDS:

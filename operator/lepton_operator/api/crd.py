@@ -42,6 +42,7 @@ from .models import (
     KIND,
     MAX_JOB_NAME_LENGTH,
     PLURAL,
+    POSITIVE_QUANTITY_PREFIX,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
     SHORT_NAMES,
@@ -232,7 +233,8 @@ def _add_cel_rules(spec: dict) -> None:
         _rule(
             "has(self.claimName) != has(self.size)",
             "checkpoint needs exactly one of claimName (existing claim) or size (created claim)",
-        )
+        ),
+        _rule(f"!has(self.size) || self.size.matches('{POSITIVE_QUANTITY_PREFIX}')", "checkpoint.size must be > 0"),
     ]
     prefixes = " || ".join(f"self.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
     env_item = props["env"]["items"]

@@ -42,8 +42,22 @@ JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Upper bound of the spec's durations (one year): large enough for any job, small enough
 # that deadline arithmetic never overflows anything downstream.
 MAX_DURATION_SECONDS = 366 * 24 * 3600
-# Kubernetes' own resource.Quantity pattern.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# The resource.Quantity grammar of k8s.io/apimachinery (pkg/api/resource/quantity.go):
+#   <quantity> ::= <signedNumber><suffix>;  <number> ::= <digits> | <digits>.<digits> | <digits>. | .<digits>
+#   <suffix> ::= <binarySI> (Ki|Mi|Gi|Ti|Pi|Ei) | <decimalSI> (n|u|m|""|k|M|G|T|P|E) | <decimalExponent>
+# "1." is valid there (its parser even says "we currently allow 1.G"). The grammar allows
+# `e<signedNumber>`, but the parser takes only an integer exponent ("1e1.5" is refused),
+# so the exponent here is `[+-]?<digits>`. Plain groups: the same regex serves pydantic
+# (Rust regex) and the CRD's OpenAPI pattern (Go RE2), where `$` is the end of the text.
+_QUANTITY_NUMBER = r"([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+_QUANTITY_SUFFIX = r"([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?"
+QUANTITY_PATTERN = rf"^[+-]?{_QUANTITY_NUMBER}{_QUANTITY_SUFFIX}$"
+# Every quantity of the spec is an amount the server refuses when negative (pod requests
+# and limits, emptyDir sizeLimit, PVC storage), which would leave the job Pending forever.
+NON_NEGATIVE_QUANTITY_PATTERN = rf"^\+?{_QUANTITY_NUMBER}{_QUANTITY_SUFFIX}$"
+# A quantity whose number has a non-zero digit is > 0 (the suffix cannot make it 0). `[+]`,
+# not `\+`: the same text is a CEL string literal in the CRD.
+POSITIVE_QUANTITY_PREFIX = r"^[+]?[0-9.]*[1-9]"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 DEFAULT_TRAINER_IMAGE = "lepton-ai/lepton-trainer:0.1.0"
@@ -94,7 +108,7 @@ def _format_time(value: datetime) -> str:
 Timestamp = Annotated[datetime, PlainSerializer(_format_time, return_type=str)]
 """A point in time, serialised the Kubernetes way (RFC 3339, UTC, seconds)."""
 
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+Quantity = Annotated[str, Field(pattern=NON_NEGATIVE_QUANTITY_PATTERN, max_length=64)]
 
 
 class ApiModel(BaseModel):
@@ -626,6 +640,9 @@ def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
     mounts = [v.mount_path for v in spec.data_volumes] + ([spec.checkpoint.mount_path] if spec.checkpoint else [])
     if len(set(mounts)) != len(mounts):
         errors.append("spec.dataVolumes and spec.checkpoint mount paths must differ")
+    size = spec.checkpoint.size if spec.checkpoint is not None else None
+    if size is not None and not re.match(POSITIVE_QUANTITY_PREFIX, size):
+        errors.append(f"spec.checkpoint.size ({size}) must be greater than zero: the server refuses an empty claim")
     if spec.metrics_port in (spec.rendezvous_port, spec.rendezvous_port + 1):
         errors.append(
             f"spec.metricsPort ({spec.metrics_port}) must differ from spec.rendezvousPort and the port after it "
