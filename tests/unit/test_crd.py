@@ -245,6 +245,19 @@ def test_quantities_carry_the_grammar_and_a_created_claim_a_positive_size():
     assert any(models.POSITIVE_QUANTITY_PREFIX in r for r in rules_at(spec["checkpoint"]))
 
 
+def test_cel_rules_mirror_the_mount_path_and_claim_size_checks():
+    props = schema()["properties"]["spec"]["properties"]
+    shm = f"'{models.SHM_MOUNT_PATH}'"
+    assert any(shm in r for r in rules_at(props["checkpoint"]))
+    assert any(shm in r for r in rules_at(props["dataVolumes"]["items"]))
+    assert any("exists_one" in r and "startsWith" in r for r in rules_at(props["dataVolumes"]))
+    assert any("self.dataVolumes.all" in r for r in rules_at(schema()["properties"]["spec"]))
+    assert any(models.POSITIVE_QUANTITY_PREFIX in r for r in rules_at(props["checkpoint"]))
+    # The string tests of those rules are exact only for normalised paths: the schema insists.
+    assert props["checkpoint"]["properties"]["mountPath"]["pattern"] == models.MOUNT_PATH_PATTERN
+    assert props["dataVolumes"]["items"]["properties"]["mountPath"]["pattern"] == models.MOUNT_PATH_PATTERN
+
+
 def test_immutable_fields_have_transition_rules():
     spec = schema()["properties"]["spec"]
     for field in models.IMMUTABLE_FIELDS:

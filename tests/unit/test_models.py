@@ -29,6 +29,7 @@ from lepton_operator.api.models import (
     parse_job,
     parse_status,
 )
+from lepton_operator.desired import workers
 
 pytestmark = pytest.mark.unit
 
@@ -232,6 +233,67 @@ def test_a_created_checkpoint_claim_must_have_a_positive_size(size, ok):
         assert parse_job("a", spec).checkpoint.size == size
     else:
         assert any(e.startswith("spec.checkpoint.size") for e in errors_of("a", spec))
+
+
+# ----------------------------------------------------------------- mount paths
+
+
+def data(*paths: str) -> list[dict]:
+    return [{"claimName": f"d{i}", "mountPath": p} for i, p in enumerate(paths)]
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"dataVolumes": data("/dev/shm")}, "spec.dataVolumes[0].mountPath (/dev/shm) must be neither /dev/shm"),
+        ({"dataVolumes": data("/dev/shm/cache")}, "spec.dataVolumes[0].mountPath (/dev/shm/cache) must be neither"),
+        ({"dataVolumes": data("/dev")}, "spec.dataVolumes[0].mountPath (/dev) must be neither /dev/shm"),
+        ({"checkpoint": {"size": "1Gi", "mountPath": "/dev/shm"}}, "spec.checkpoint.mountPath (/dev/shm) must be"),
+        ({"dataVolumes": data("/data", "/data")}, "spec.dataVolumes[1].mountPath (/data) is also spec.dataVolumes[0]"),
+        (
+            {"dataVolumes": data("/data", "/data/sub")},
+            "(/data/sub) and spec.dataVolumes[0].mountPath (/data) are nested",
+        ),
+        (
+            {"dataVolumes": data("/data/sub", "/data")},
+            "(/data) and spec.dataVolumes[0].mountPath (/data/sub) are nested",
+        ),
+        (
+            {"dataVolumes": data("/data"), "checkpoint": {"size": "1Gi", "mountPath": "/data/ckpt"}},
+            "spec.checkpoint.mountPath (/data/ckpt) and spec.dataVolumes[0].mountPath (/data) are nested",
+        ),
+        (
+            {"dataVolumes": data("/data/in"), "checkpoint": {"size": "1Gi", "mountPath": "/data"}},
+            "spec.checkpoint.mountPath (/data) and spec.dataVolumes[0].mountPath (/data/in) are nested",
+        ),
+        # Not normalised: "/data/" would be "/data" to the runtime, but another string to the server.
+        ({"dataVolumes": data("/data/")}, "spec.dataVolumes.0.mountPath: String should match pattern"),
+        ({"dataVolumes": data("/a/../dev/shm")}, "spec.dataVolumes.0.mountPath: String should match pattern"),
+        ({"dataVolumes": data("//dev/shm")}, "spec.dataVolumes.0.mountPath: String should match pattern"),
+        ({"dataVolumes": data("/")}, "spec.dataVolumes.0.mountPath: String should match pattern"),
+        ({"checkpoint": {"size": "1Gi", "mountPath": "/ckpt/."}}, "spec.checkpoint.mountPath: String should match"),
+    ],
+)
+def test_mount_paths_that_clash_are_rejected(spec, problem):
+    errors = errors_of("a", spec)
+    assert any(problem in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"dataVolumes": data("/data", "/database", "/cache"), "checkpoint": {"size": "1Gi"}},
+        {"dataVolumes": data("/dev/shmem", "/devices")},
+        {"dataVolumes": data("/data/a", "/data/b"), "checkpoint": {"size": "1Gi", "mountPath": "/data/c"}},
+        {"dataVolumes": data("/.cache", "/...", "/a..b", "/v1.2/x")},
+    ],
+)
+def test_mount_paths_that_do_not_clash_are_allowed(spec):
+    parse_job("a", spec)
+
+
+def test_the_shared_memory_path_is_the_one_the_builder_mounts():
+    assert models.SHM_MOUNT_PATH == workers.SHM_MOUNT_PATH
 
 
 # ----------------------------------------------------------------------- names

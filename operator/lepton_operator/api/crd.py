@@ -8,7 +8,8 @@ enum and static default of the model. The committed `crds/leptonjobs.lepton.ai.y
 `yaml_dump_crd()`; a unit test fails when the two drift (`lepton-operator crd --check`).
 
 Rules an OpenAPI schema cannot state are added as CEL `x-kubernetes-validations`
-(min <= initial <= max, one checkpoint source, reserved env names, immutable fields).
+(min <= initial <= max, one checkpoint source, reserved env names, mount path clashes,
+immutable fields).
 Kubernetes 1.25+ enforces them at admission. Tried on the local 1.20 control plane: the
 apiserver accepts the CRD and silently drops the unknown key, but `kubectl apply` (whose
 client-side validation uses the server's OpenAPI) refuses the file. So for servers older
@@ -45,6 +46,7 @@ from .models import (
     POSITIVE_QUANTITY_PREFIX,
     RESERVED_ENV_NAMES,
     RESERVED_ENV_PREFIXES,
+    SHM_MOUNT_PATH,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
@@ -219,6 +221,11 @@ def _cel_string_list(values) -> str:
     return "[" + ", ".join(f"'{v}'" for v in sorted(values)) + "]"
 
 
+def _cel_nested_or_equal(a: str, b: str) -> str:
+    """CEL for `models._nested_or_equal`: mount paths are normalised, so string tests suffice."""
+    return f"({a} == {b} || {a}.startsWith({b} + '/') || {b}.startsWith({a} + '/'))"
+
+
 def _add_cel_rules(spec: dict) -> None:
     """CEL rules that mirror `models.validate_spec_rules()` (enforced on Kubernetes >= 1.25)."""
     props = spec["properties"]
@@ -229,12 +236,26 @@ def _add_cel_rules(spec: dict) -> None:
             "workers.initial must be within [workers.min, workers.max]",
         ),
     ]
+    shm = f"'{SHM_MOUNT_PATH}'"
+    shm_message = f"mountPath must be neither {SHM_MOUNT_PATH} nor inside or above it (the workers' shared memory)"
     props["checkpoint"]["x-kubernetes-validations"] = [
         _rule(
             "has(self.claimName) != has(self.size)",
             "checkpoint needs exactly one of claimName (existing claim) or size (created claim)",
         ),
         _rule(f"!has(self.size) || self.size.matches('{POSITIVE_QUANTITY_PREFIX}')", "checkpoint.size must be > 0"),
+        _rule(f"!has(self.mountPath) || !{_cel_nested_or_equal('self.mountPath', shm)}", shm_message),
+    ]
+    volumes = props["dataVolumes"]
+    volumes["items"]["x-kubernetes-validations"] = [
+        _rule(f"!{_cel_nested_or_equal('self.mountPath', shm)}", shm_message)
+    ]
+    # Each mount path overlaps exactly one entry, itself: no duplicates, no nesting.
+    volumes["x-kubernetes-validations"] = [
+        _rule(
+            f"self.all(a, self.exists_one(b, {_cel_nested_or_equal('a.mountPath', 'b.mountPath')}))",
+            "dataVolumes mount paths must differ, and none may lie inside another",
+        )
     ]
     prefixes = " || ".join(f"self.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
     env_item = props["env"]["items"]
@@ -278,7 +299,12 @@ def _add_cel_rules(spec: dict) -> None:
             spec_rules.append(
                 _rule(f"has(self.{key}) == has(oldSelf.{key})", f"{key} is immutable: it cannot be added or removed")
             )
-    spec["x-kubernetes-validations"] = [port_rule] + spec_rules
+    mounts_rule = _rule(
+        "!has(self.checkpoint) || !has(self.checkpoint.mountPath) || !has(self.dataVolumes) || "
+        f"self.dataVolumes.all(v, !{_cel_nested_or_equal('v.mountPath', 'self.checkpoint.mountPath')})",
+        "checkpoint.mountPath must differ from every dataVolumes mountPath, and neither may lie inside the other",
+    )
+    spec["x-kubernetes-validations"] = [port_rule, mounts_rule] + spec_rules
 
 
 def _reorder(node: Any) -> Any:

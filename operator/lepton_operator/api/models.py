@@ -58,6 +58,12 @@ NON_NEGATIVE_QUANTITY_PATTERN = rf"^\+?{_QUANTITY_NUMBER}{_QUANTITY_SUFFIX}$"
 # A quantity whose number has a non-zero digit is > 0 (the suffix cannot make it 0). `[+]`,
 # not `\+`: the same text is a CEL string literal in the CRD.
 POSITIVE_QUANTITY_PREFIX = r"^[+]?[0-9.]*[1-9]"
+# Mount paths are absolute and normalised (no trailing '/', no empty, '.' or '..' part),
+# so that comparing the strings compares the paths: the operator's check and the CRD's CEL
+# rules see "/data/" and "/data" as the same mount.
+MOUNT_PATH_PATTERN = r"^(/([^/.\n][^/\n]*|\.[^/.\n][^/\n]*|\.\.[^/\n]+))+$"
+# The memory-backed /dev/shm every worker gets (desired/workers.py SHM_MOUNT_PATH).
+SHM_MOUNT_PATH = "/dev/shm"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 DEFAULT_TRAINER_IMAGE = "lepton-ai/lepton-trainer:0.1.0"
@@ -223,9 +229,13 @@ class CheckpointSpec(ApiModel):
     )
     mount_path: str = Field(
         "/checkpoints",
-        description="Where the checkpoint volume is mounted; exported as LEPTON_CHECKPOINT_DIR.",
+        description=(
+            "Where the checkpoint volume is mounted; exported as LEPTON_CHECKPOINT_DIR. A normalised absolute "
+            "path (no trailing '/', no '.' or '..' part), not /dev/shm, and neither inside nor above a data "
+            "volume's mount path."
+        ),
         max_length=1024,
-        pattern=r"^/[^\n]*$",
+        pattern=MOUNT_PATH_PATTERN,
     )
 
 
@@ -233,7 +243,14 @@ class DataVolume(ApiModel):
     """A PersistentVolumeClaim mounted into every worker (datasets, caches)."""
 
     claim_name: str = Field(description="Existing PersistentVolumeClaim.", max_length=253, pattern=DNS_LABEL_PATTERN)
-    mount_path: str = Field(description="Mount path in the container.", max_length=1024, pattern=r"^/[^\n]*$")
+    mount_path: str = Field(
+        description=(
+            "Mount path in the container: a normalised absolute path (no trailing '/', no '.' or '..' part), "
+            "not /dev/shm, and neither inside nor above another mount of the job (checkpoint, data volumes)."
+        ),
+        max_length=1024,
+        pattern=MOUNT_PATH_PATTERN,
+    )
     read_only: bool = Field(True, description="Mount read-only.")
 
 
@@ -614,6 +631,39 @@ def validate_job_name(name: str) -> list[str]:
     return errors
 
 
+def _nested_or_equal(a: str, b: str) -> bool:
+    """Whether two normalised absolute paths are the same or one lies inside the other."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _mount_path_errors(spec: LeptonJobSpec) -> list[str]:
+    """Mount paths that clash with /dev/shm or with each other.
+
+    The same path twice makes every pod create fail with 422 ("must be unique"). A mount
+    inside another one needs its mount point created in that volume, which fails at
+    container start when it is read-only, and hides part of it; so nesting is refused too.
+    The paths are normalised by MOUNT_PATH_PATTERN, so comparing strings compares paths.
+    """
+    mounts = [(f"spec.dataVolumes[{i}].mountPath", v.mount_path) for i, v in enumerate(spec.data_volumes)]
+    if spec.checkpoint is not None:
+        mounts.append(("spec.checkpoint.mountPath", spec.checkpoint.mount_path))
+    errors = []
+    for i, (where, path) in enumerate(mounts):
+        if _nested_or_equal(path, SHM_MOUNT_PATH):
+            errors.append(
+                f"{where} ({path}) must be neither {SHM_MOUNT_PATH} nor inside or above it: "
+                "every worker mounts its memory-backed shared memory there"
+            )
+        for other_where, other in mounts[:i]:
+            if path == other:
+                errors.append(f"{where} ({path}) is also {other_where}: mount paths must differ")
+            elif _nested_or_equal(path, other):
+                errors.append(
+                    f"{where} ({path}) and {other_where} ({other}) are nested: a mount may not lie inside another"
+                )
+    return errors
+
+
 def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
     """Cross-field rules the OpenAPI schema cannot state (also CEL rules in the CRD)."""
     errors = []
@@ -637,9 +687,7 @@ def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
             ]
             if len(sources) != 1:
                 errors.append(f"spec.env[{var.name}].valueFrom needs exactly one source")
-    mounts = [v.mount_path for v in spec.data_volumes] + ([spec.checkpoint.mount_path] if spec.checkpoint else [])
-    if len(set(mounts)) != len(mounts):
-        errors.append("spec.dataVolumes and spec.checkpoint mount paths must differ")
+    errors.extend(_mount_path_errors(spec))
     size = spec.checkpoint.size if spec.checkpoint is not None else None
     if size is not None and not re.match(POSITIVE_QUANTITY_PREFIX, size):
         errors.append(f"spec.checkpoint.size ({size}) must be greater than zero: the server refuses an empty claim")
