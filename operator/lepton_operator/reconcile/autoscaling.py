@@ -228,7 +228,8 @@ async def autoscale_pass(
         # Fresh, not kopf's cached body: the core may have just started a rescale, and
         # the status write below is conditional on exactly this version.
         body = await asyncio.to_thread(kube.get_job, namespace, name)
-        if body is None:
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            ctx.autoscaler.pop((namespace, name), None)  # a tick after the job's loop forgot it
             return
         try:
             job = parse_job(name, body.get("spec") or {})

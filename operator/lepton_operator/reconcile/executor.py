@@ -129,7 +129,6 @@ async def apply_plan(
     if result.delete_job:
         logger.info("ttlSecondsAfterFinished passed: deleting the job")
         await asyncio.to_thread(kube.delete_job, namespace, name, uid)
-        metrics.forget_job(namespace, name)
         return Applied(job_deleted=True)
     requeue = result.requeue_after
     if refused:

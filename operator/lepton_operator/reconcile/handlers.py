@@ -76,9 +76,12 @@ async def child_changed(namespace, labels, memo: OperatorContext, **_):
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def job_changed(namespace, name, meta, memo: OperatorContext, **_):
+async def job_changed(type, namespace, name, meta, memo: OperatorContext, **_):
     """The job changed (spec, scale, status written by anyone): wake its loop."""
-    memo.watch.watched((namespace, name), meta.get("resourceVersion"))
+    if type == "DELETED":
+        memo.watch.forget((namespace, name))  # its loop has ended or is ending: nothing to watch
+    else:
+        memo.watch.watched((namespace, name), meta.get("resourceVersion"))
     memo.triggers.fire(namespace, name)
 
 

@@ -36,6 +36,7 @@ from lepton_operator.api.conditions import (
 from lepton_operator.api.models import (
     FINISHED_PHASES,
     IMMUTABLE_FIELDS,
+    STATUS_MESSAGE_MAX_LENGTH,
     InvalidJob,
     LeptonJobStatus,
     RescaleInProgress,
@@ -53,6 +54,31 @@ from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan, se
 
 # --- spec validity ------------------------------------------------------------------
 
+# An InvalidSpec message lists what the user wrote wrong, so its length is the user's to
+# choose: bounded, or the status write fails with 422 and the job never shows Failed.
+INVALID_SPEC_PREFIX = "invalid spec: "
+KEPT_WORKERS_NOTE = " (the running workers are kept; fix the spec to allow further changes)"
+EVENT_MESSAGE_MAX_LENGTH = 1024  # reconcile/kube.py cuts event messages there
+PROBLEM_MAX_LENGTH = 512  # one problem may quote user input (a map key, a name)
+
+
+def summarize_problems(problems: list[str], limit: int) -> str:
+    """`invalid spec: a; b; ...and K more` in at most `limit` (>= 600) characters.
+
+    Each problem is cut to PROBLEM_MAX_LENGTH; those that no longer fit are counted.
+    """
+    parts = [p if len(p) <= PROBLEM_MAX_LENGTH else p[: PROBLEM_MAX_LENGTH - 3] + "..." for p in problems]
+    text = INVALID_SPEC_PREFIX
+    for i, part in enumerate(parts):
+        sep = "; " if i else ""
+        left = len(parts) - i - 1
+        more = f"; ...and {left} more" if left else ""
+        if len(text) + len(sep) + len(part) + len(more) > limit:
+            # The previous round reserved room for exactly this tail.
+            return f"{text}{sep}...and {len(parts) - i} more"
+        text += sep + part
+    return text
+
 
 def invalid_spec(
     job: JobRef, meta_generation: Optional[int], error: InvalidJob, status: LeptonJobStatus, now: datetime
@@ -62,7 +88,8 @@ def invalid_spec(
     plan = Plan(status=s)
     s.observed_generation = meta_generation
     s.selector = selector_string(job.name)
-    message = "invalid spec: " + "; ".join(error.errors)
+    # One message for status and conditions, with room for the note of the running case.
+    message = summarize_problems(error.errors, STATUS_MESSAGE_MAX_LENGTH - len(KEPT_WORKERS_NOTE))
     flipped = set_condition(s, CONDITION_INVALID_SPEC, True, REASON_INVALID_SPEC, message, now, meta_generation)
     previous = get_condition(status, CONDITION_INVALID_SPEC)
     changed = flipped or previous is None or previous.message != message
@@ -73,9 +100,9 @@ def invalid_spec(
         set_condition(s, CONDITION_FAILED, True, REASON_INVALID_SPEC, message, now, meta_generation)
         set_condition(s, CONDITION_READY, False, REASON_INVALID_SPEC, message, now, meta_generation)
     elif s.phase not in FINISHED_PHASES:
-        s.message = message + " (the running workers are kept; fix the spec to allow further changes)"
+        s.message = message + KEPT_WORKERS_NOTE
     if changed:
-        plan.event(WARNING, REASON_INVALID_SPEC, message)
+        plan.event(WARNING, REASON_INVALID_SPEC, summarize_problems(error.errors, EVENT_MESSAGE_MAX_LENGTH))
     return plan
 
 

@@ -48,8 +48,7 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     namespace, name, key = job.namespace, job.name, (job.namespace, job.name)
     body = await asyncio.to_thread(ctx.kube.get_job, namespace, name)
     if body is None or body["metadata"].get("uid") != job.uid:
-        metrics.forget_job(namespace, name)
-        return GONE
+        return GONE  # the loop's end forgets the job (OperatorContext.forget)
     meta = body["metadata"]
     ctx.watch.compare(key, meta.get("resourceVersion"))
     if meta.get("deletionTimestamp"):

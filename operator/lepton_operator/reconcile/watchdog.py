@@ -81,7 +81,8 @@ async def watchdog_pass(
     memory.hang_checked = mono
     try:
         body = await asyncio.to_thread(ctx.kube.get_job, namespace, name)
-        if body is None:
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            ctx.autoscaler.pop((namespace, name), None)  # a tick after the job's loop forgot it
             return
         try:
             spec = parse_job(name, body.get("spec") or {})
