@@ -258,6 +258,12 @@ def test_cel_rules_mirror_the_mount_path_and_claim_size_checks():
     assert props["dataVolumes"]["items"]["properties"]["mountPath"]["pattern"] == models.MOUNT_PATH_PATTERN
 
 
+def test_status_messages_carry_the_bounds_the_operator_keeps():
+    status = schema()["properties"]["status"]["properties"]
+    assert status["message"]["maxLength"] == models.STATUS_MESSAGE_MAX_LENGTH
+    assert status["conditions"]["items"]["properties"]["message"]["maxLength"] == models.CONDITION_MESSAGE_MAX_LENGTH
+
+
 def test_immutable_fields_have_transition_rules():
     spec = schema()["properties"]["spec"]
     for field in models.IMMUTABLE_FIELDS:

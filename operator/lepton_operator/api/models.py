@@ -66,6 +66,11 @@ MOUNT_PATH_PATTERN = r"^(/([^/.\n][^/\n]*|\.[^/.\n][^/\n]*|\.\.[^/\n]+))+$"
 SHM_MOUNT_PATH = "/dev/shm"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
+# Bounds of the status messages (the CRD's maxLength; metav1.Condition's for conditions):
+# a longer one makes the whole status write fail with 422.
+STATUS_MESSAGE_MAX_LENGTH = 4096
+CONDITION_MESSAGE_MAX_LENGTH = 32768
+
 DEFAULT_TRAINER_IMAGE = "lepton-ai/lepton-trainer:0.1.0"
 DEFAULT_RENDEZVOUS_PORT = 29400
 DEFAULT_METRICS_PORT = 9400
@@ -490,7 +495,7 @@ class Condition(StatusModel):
     type: str = Field(description="Condition type, e.g. Ready, Rescaling, Failed.", max_length=316)
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.", max_length=1024)
-    message: str = Field("", description="Human-readable detail.", max_length=32768)
+    message: str = Field("", description="Human-readable detail.", max_length=CONDITION_MESSAGE_MAX_LENGTH)
     last_transition_time: Timestamp = Field(description="When status last changed.")
     observed_generation: Optional[int] = Field(None, description="metadata.generation this was computed from.", ge=0)
 
@@ -578,7 +583,9 @@ class LeptonJobStatus(StatusModel):
 
     observed_generation: Optional[int] = Field(None, description="metadata.generation last reconciled.", ge=0)
     phase: Optional[Phase] = Field(None, description="Pending, Running, Rescaling, Succeeded, Failed or Suspended.")
-    message: Optional[str] = Field(None, description="Short summary of the latest state change.", max_length=4096)
+    message: Optional[str] = Field(
+        None, description="Short summary of the latest state change.", max_length=STATUS_MESSAGE_MAX_LENGTH
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.", max_length=32)
     replicas: int = Field(0, description="Current world size (scale subresource).", ge=0)
     selector: Optional[str] = Field(None, description="Label selector of the workers (scale subresource).")
