@@ -45,7 +45,8 @@ def _bounds(schema: dict) -> str:
         if key in schema:
             parts.append(f"{label} {schema[key]}")
     if "pattern" in schema:
-        parts.append(f"pattern `{schema['pattern']}`")
+        # A `|` would end the Markdown table cell, even inside backticks.
+        parts.append(f"pattern `{schema['pattern']}`".replace("|", "\\|"))
     return ", ".join(parts)
 
 
