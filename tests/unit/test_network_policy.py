@@ -1,4 +1,4 @@
-"""The per-job NetworkPolicy (desired/network.py).
+"""The per-job NetworkPolicy (desired/network.py) and how a pass keeps it (reconcile/isolation.py).
 
 Golden files (tests/data/network_policy/) pin the whole object; regenerate them with
 `LEPTON_UPDATE_GOLDEN=1 pytest tests/unit/test_network_policy.py` and review the diff.
@@ -8,13 +8,18 @@ who reaches which port rather than how the YAML is shaped. docs/reliability.md, 
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 from pathlib import Path
 
 import pytest
 import yaml
+from planworld import World, base_spec, running_world
 
+from lepton_operator.api.conditions import REASON_NAME_TAKEN
 from lepton_operator.api.models import parse_job
+from lepton_operator.cli import build_parser
 from lepton_operator.desired import JobRef, owner_reference, worker_labels, worker_selector
 from lepton_operator.desired.network import (
     NAMESPACE_NAME_LABEL,
@@ -22,6 +27,15 @@ from lepton_operator.desired.network import (
     namespace_selector,
     network_policy_name,
 )
+from lepton_operator.reconcile.config import OperatorConfig
+from lepton_operator.reconcile.isolation import (
+    NetworkIsolation,
+    merge_patch,
+    namespace_list,
+    observe,
+    trim_network_policy,
+)
+from lepton_operator.reconcile.plan import plan
 
 pytestmark = pytest.mark.unit
 
@@ -175,3 +189,141 @@ def test_namespace_entries(entry, selector):
 def test_bad_namespace_entries_are_refused(entry):
     with pytest.raises(ValueError):
         namespace_selector(entry)
+
+
+# ---------------------------------------------------------------------- flags
+
+
+def test_flags_default_to_policies_on_and_the_monitoring_namespace():
+    args = build_parser().parse_args(["run"])
+    assert args.network_policies is True and args.prometheus_namespaces == ("monitoring",)
+    args = build_parser().parse_args(
+        ["run", "--no-network-policies", "--prometheus-namespaces", "monitoring, team=obs,monitoring"]
+    )
+    assert args.network_policies is False and args.prometheus_namespaces == ("monitoring", "team=obs")
+    assert build_parser().parse_args(["run", "--prometheus-namespaces="]).prometheus_namespaces == ()
+
+
+def test_a_malformed_namespace_flag_is_refused():
+    with pytest.raises(argparse.ArgumentTypeError):
+        namespace_list("monitoring,Not_A_Namespace")
+
+
+def test_observe_is_none_when_policies_are_off():
+    index = {("ns", "job"): [{"metadata": {"name": "job-workers"}, "spec": {}}]}
+    assert observe(OperatorConfig(network_policies=False), index, ("ns", "job")) is None
+    net = observe(OperatorConfig(prometheus_namespaces=("mon",)), index, ("ns", "job"))
+    assert net == NetworkIsolation(("mon",), tuple(index[("ns", "job")]))
+    assert observe(OperatorConfig(), None, ("ns", "job")) == NetworkIsolation(("monitoring",), ())
+
+
+# ---------------------------------------------------------------------- the pass
+
+
+def pass_with(w: World, net):
+    return plan(
+        w.job,
+        w.meta_generation,
+        w.parsed(),
+        w.status,
+        [copy.deepcopy(p) for p in w.pods.values()],
+        w.service,
+        w.pvc,
+        w.now,
+        w.nodes,
+        w.budget,
+        net,
+    )
+
+
+def stored(policy: dict) -> dict:
+    """What the index holds for a policy the apiserver stored."""
+    return trim_network_policy(copy.deepcopy(policy))
+
+
+def apply_merge_patch(target, patch):
+    """RFC 7386, to check `merge_patch()` against."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = apply_merge_patch(result.get(key), value)
+    return result
+
+
+def test_off_creates_no_policy():
+    p = pass_with(World(base_spec()), None)
+    assert "NetworkPolicy" not in [o["kind"] for o in p.creates]
+
+
+def test_the_first_pass_creates_the_policy_first():
+    w = World(base_spec())
+    p = pass_with(w, NetworkIsolation(("monitoring",)))
+    assert p.creates[0] == build_network_policy(w.job, w.parsed(), ["monitoring"])
+    assert sorted(o["kind"] for o in p.creates) == ["NetworkPolicy", "Pod", "Pod", "PodDisruptionBudget", "Service"]
+
+
+def test_a_stored_policy_that_matches_is_left_alone():
+    w = running_world()
+    policy = build_network_policy(w.job, w.parsed(), ["monitoring"])
+    p = pass_with(w, NetworkIsolation(("monitoring",), (stored(policy),)))
+    assert not [o for o in p.creates if o["kind"] == "NetworkPolicy"]
+    assert not [c for c in p.patches if c[0] == "NetworkPolicy"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s.update(ingress=[{}]),  # opened to everyone by hand
+        lambda s: s.update(policyTypes=["Ingress", "Egress"], egress=[]),  # egress closed by hand
+        lambda s: s["ingress"][1]["ports"][0].update(port=1),  # the metrics port moved
+        lambda s: s["podSelector"]["matchLabels"].update(extra="x"),
+    ],
+    ids=["opened", "egress", "metrics-port", "selector"],
+)
+def test_a_policy_edited_by_hand_is_patched_back(edit):
+    w = running_world()
+    wanted = build_network_policy(w.job, w.parsed(), ["monitoring"])
+    drifted = stored(wanted)
+    edit(drifted["spec"])
+    p = pass_with(w, NetworkIsolation(("monitoring",), (drifted,)))
+    [(kind, name, change)] = [c for c in p.patches if c[0] == "NetworkPolicy"]
+    assert (kind, name) == ("NetworkPolicy", "job-workers")
+    assert apply_merge_patch(drifted["spec"], change["spec"]) == wanted["spec"]
+
+
+def test_a_changed_prometheus_namespace_list_is_patched_in():
+    w = running_world()
+    old = stored(build_network_policy(w.job, w.parsed(), ["monitoring"]))
+    p = pass_with(w, NetworkIsolation(("monitoring", "obs"), (old,)))
+    [(_, _, change)] = [c for c in p.patches if c[0] == "NetworkPolicy"]
+    wanted = build_network_policy(w.job, w.parsed(), ["monitoring", "obs"])
+    assert apply_merge_patch(old["spec"], change["spec"]) == wanted["spec"]
+
+
+def test_a_policy_the_job_does_not_own_is_never_touched():
+    w = running_world()
+    foreign = stored(build_network_policy(JobRef("job", "ns", "someone-else"), w.parsed(), []))
+    p = pass_with(w, NetworkIsolation(("monitoring",), (foreign,)))
+    assert not [o for o in p.creates if o["kind"] == "NetworkPolicy"]
+    assert not [c for c in p.patches if c[0] == "NetworkPolicy"]
+    assert [r for _t, r, m in p.events if "NetworkPolicy job-workers" in m] == [REASON_NAME_TAKEN]
+
+
+def test_no_patch_while_an_immutable_change_is_pending():
+    """The running workers keep their old ports until the change is reverted."""
+    w = running_world()
+    old = stored(build_network_policy(w.job, w.parsed(), ["monitoring"]))
+    w.set_spec(metricsPort=9500)
+    p = pass_with(w, NetworkIsolation(("monitoring",), (old,)))
+    assert not [c for c in p.patches if c[0] == "NetworkPolicy"]
+
+
+def test_merge_patch_is_empty_for_equal_objects_and_removes_extra_keys():
+    assert merge_patch({"a": {"b": [1]}}, {"a": {"b": [1]}}) == {}
+    assert merge_patch({"a": 1, "x": 2}, {"a": 1}) == {"x": None}
+    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}) == {"a": {"c": None}}
+    assert merge_patch({"l": [1, 2]}, {"l": [1]}) == {"l": [1]}

@@ -3,6 +3,7 @@
     lepton-operator run [--namespace NS ...] [--all-namespaces]
                         [--liveness-port 8080] [--metrics-port 8081]
                         [--prometheus-url URL] [--standalone] [--peering NAME] [--verbose]
+                        [--no-network-policies] [--prometheus-namespaces NS,KEY=VALUE,...]
 
 Credentials: in a pod, the ServiceAccount; elsewhere `KUBECONFIG` (or ~/.kube/config),
 through the Kubernetes client, for kopf and for the operator's own calls alike.
@@ -24,6 +25,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from lepton_operator.reconcile.isolation import namespace_list
 from lepton_operator.reconcile.kube import DEFAULT_API_THREADS
 
 DEFAULT_PEERING = "lepton-operator"
@@ -70,6 +72,19 @@ def add_parser(subparsers) -> None:
         type=float,
         default=60.0,
         help="re-list each job's pods this often, so a stale watch cache heals (default 60)",
+    )
+    p.add_argument(
+        "--network-policies",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep a NetworkPolicy per job: only its own pods reach its workers (default on)",
+    )
+    p.add_argument(
+        "--prometheus-namespaces",
+        type=namespace_list,
+        default=("monitoring",),
+        metavar="NS,KEY=VALUE,...",
+        help="namespaces (names, or key=value namespace labels) whose pods may scrape the workers (default monitoring)",
     )
     peering = p.add_mutually_exclusive_group()
     peering.add_argument(
@@ -183,7 +198,11 @@ def run(args) -> int:
         prometheus_ca_file=args.prometheus_ca_file,
         resync_seconds=args.resync_seconds,
         relist_seconds=args.relist_seconds,
+        network_policies=args.network_policies,
+        prometheus_namespaces=args.prometheus_namespaces,
     )
+    if config.network_policies:
+        handlers.watch_network_policies()
     clusterwide = bool(args.all_namespaces or not args.namespace)
     api_client = api_client_from_environment(args.api_threads)
     ctx = OperatorContext(kube=Kube(api_client), config=config)

@@ -27,3 +27,7 @@ class OperatorConfig:
     """Each job's pods are re-listed from the API this often (a stale watch cache heals)."""
     debounce_seconds: float = 0.2
     """A pass waits this long after a trigger, so a burst of pod events makes one pass."""
+    network_policies: bool = True
+    """Keep a NetworkPolicy per job: only the job's own pods reach its workers (reconcile/isolation.py)."""
+    prometheus_namespaces: tuple[str, ...] = ("monitoring",)
+    """Namespaces (names, or `key=value` namespace labels) whose pods may reach the workers' metrics port."""

@@ -23,6 +23,7 @@ from lepton_operator.api.models import GROUP, PLURAL, VERSION, RestartSpec
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, JobRef
 from lepton_operator.reconcile.autoscaling import autoscale_pass
 from lepton_operator.reconcile.context import OperatorContext
+from lepton_operator.reconcile.isolation import trim_network_policy
 from lepton_operator.reconcile.loop import job_loop
 from lepton_operator.reconcile.podcache import trim_pod
 from lepton_operator.reconcile.watchdog import watchdog_pass
@@ -63,6 +64,12 @@ async def budgets_by_job(namespace, labels, spec, **_):
     return {(namespace, job): spec.get("minAvailable")} if job else {}
 
 
+async def network_policies_by_job(namespace, labels, body, **_):
+    """Each job's NetworkPolicies (name, owners, spec: isolation.trim_network_policy)."""
+    job = labels.get(LABEL_JOB_NAME)
+    return {(namespace, job): trim_network_policy(body)} if job else {}
+
+
 # ------------------------------------------------------------------ triggers and health
 
 
@@ -73,6 +80,15 @@ async def budgets_by_job(namespace, labels, spec, **_):
 async def child_changed(namespace, labels, memo: OperatorContext, **_):
     """A child changed: wake its job's loop."""
     memo.triggers.fire(namespace, labels.get(LABEL_JOB_NAME))
+
+
+def watch_network_policies() -> None:
+    """Index NetworkPolicies and wake a job's loop when its policy changes. `lepton-operator
+    run` calls this only with --network-policies: without it the operator neither watches
+    NetworkPolicies nor needs RBAC for them."""
+    group = ("networking.k8s.io", "v1", "networkpolicies")
+    kopf.index(*group, labels=MANAGED)(network_policies_by_job)
+    kopf.on.event(*group, labels=MANAGED, id="network_policy_changed")(child_changed)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -110,7 +126,7 @@ async def reconcile_loop(
     services_by_job,
     claims_by_job,
     budgets_by_job,
-    **_,
+    **kwargs,
 ):
     """The job's reconcile loop (loop.job_loop)."""
     indexes = {
@@ -118,6 +134,7 @@ async def reconcile_loop(
         "services_by_job": services_by_job,
         "claims_by_job": claims_by_job,
         "budgets_by_job": budgets_by_job,
+        "network_policies_by_job": kwargs.get("network_policies_by_job"),  # absent unless registered
     }
     await job_loop(memo, JobRef(name=name, namespace=namespace, uid=uid), indexes, lambda: bool(stopped), logger)
 

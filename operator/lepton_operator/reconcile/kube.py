@@ -41,6 +41,7 @@ _PATHS = {
     "Event": "/api/v1/namespaces/{ns}/events",
     KIND: f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
     "PodDisruptionBudget": "/apis/{policy}/namespaces/{ns}/poddisruptionbudgets",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
 }
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 from lepton_operator import metrics
 from lepton_operator.api.models import InvalidJob, parse_job, parse_status
 from lepton_operator.desired import JobRef, checkpoint_pvc_name, selector_string, service_name
+from lepton_operator.reconcile import isolation
 from lepton_operator.reconcile.context import JobKey, OperatorContext
 from lepton_operator.reconcile.executor import apply_plan
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
@@ -73,7 +74,10 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
 
     budgets = list(indexes["budgets_by_job"].get(key, []))
     budget = budgets[0] if budgets else None
-    result = plan(job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now, nodes, budget)
+    network = isolation.observe(ctx.config, indexes.get("network_policies_by_job"), key)
+    result = plan(
+        job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now, nodes, budget, network
+    )
     applied = await apply_plan(ctx, body, status, result, logger)
     return GONE if applied.job_deleted else applied.requeue_after
 

@@ -37,7 +37,7 @@ from lepton_operator.api.conditions import (
 )
 from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, LeptonJobSpec, LeptonJobStatus
 from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_string, worker_pod_name
-from lepton_operator.reconcile import lifecycle, rescale
+from lepton_operator.reconcile import isolation, lifecycle, rescale
 from lepton_operator.reconcile.failures import classify_pod, is_terminating
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan
 from lepton_operator.reconcile.nodes import NodeInfo
@@ -54,13 +54,15 @@ def plan(
     now: datetime,
     nodes: Optional[dict[str, NodeInfo]] = None,
     budget: Optional[int] = None,
+    network: Optional[isolation.NetworkIsolation] = None,
 ) -> Plan:
     """Compute one reconcile pass for a LeptonJob (pure; see the module docstring).
 
     `pods` are all pods carrying the job's labels (the handler's index), including ones
     the job does not own; `spec` is the parsed spec or the InvalidJob that parsing raised;
     `nodes` is the node view (None when unknown: node loss and drains are not judged);
-    `budget` the job's PodDisruptionBudget's minAvailable (None: there is none).
+    `budget` the job's PodDisruptionBudget's minAvailable (None: there is none);
+    `network` the job's NetworkPolicy setting and the policies seen (None: policies are off).
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
@@ -68,6 +70,7 @@ def plan(
     result = run(p)
     if not result.delete_job:
         lifecycle.ensure_disruption_budget(p)  # after the pass: it follows the world size it decided
+        isolation.ensure_network_policy(p, network)
     return result
 
 
