@@ -117,6 +117,10 @@ def operator_release(kind_cluster, images, prometheus):
         "image.pullPolicy=IfNotPresent",
         "--set",
         f"prometheus.url={prometheus}",
+        # Prometheus runs in its own namespace: the per-job and the operator's NetworkPolicies
+        # (kindnet enforces them) let it scrape and be reached there.
+        "--set",
+        f"networkPolicy.prometheusNamespaces={{{MONITORING_NAMESPACE}}}",
         "--wait",
         "--timeout",
         "5m",

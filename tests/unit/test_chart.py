@@ -544,3 +544,124 @@ def test_scrape_configs_follow_the_worker_pod_builders(helm, tmp_path):
     assert targets["job_name"] == [_sd_label(LABEL_JOB_NAME)]
     assert targets["namespace"] == ["__meta_kubernetes_namespace"]
     assert targets["generation"] == [_sd_label(LABEL_GENERATION)]
+
+
+# -------------------------------------------------------------- network isolation
+
+
+def _operator_policy(objects: list[dict]) -> dict:
+    policy = one(objects, "NetworkPolicy")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"]["namespace"] == RELEASE_NS
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()  # it selects the operator
+    return policy
+
+
+def _ports(rule: dict) -> set[tuple[str, int]]:
+    return {(p["protocol"], p["port"]) for p in rule["ports"]}
+
+
+def _namespace_selectors(peers: list[dict]) -> list[dict]:
+    return [peer["namespaceSelector"]["matchLabels"] for peer in peers]
+
+
+def test_network_policies_are_on_by_default(helm, tmp_path):
+    """Per-job policies (the operator's flag) with Prometheus in `monitoring`, and the
+    operator's own policy: in, only its probe and (from Prometheus) its metrics; out, only
+    the API server, DNS and Prometheus."""
+    objects = render(helm, tmp_path)
+    args = _args(objects)
+    assert args[args.index("--prometheus-namespaces") + 1] == "monitoring"
+    assert "--no-network-policies" not in args
+
+    spec = _operator_policy(objects)["spec"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    probe, metrics = spec["ingress"]
+    assert "from" not in probe and _ports(probe) == {("TCP", 8080)}  # the kubelet, from the node
+    assert _namespace_selectors(metrics["from"]) == [{"kubernetes.io/metadata.name": "monitoring"}]
+    assert _ports(metrics) == {("TCP", 8081)}
+    api, dns, prometheus = spec["egress"]
+    assert "to" not in api and _ports(api) == {("TCP", 443), ("TCP", 6443)}
+    assert "to" not in dns and _ports(dns) == {("UDP", 53), ("TCP", 53)}
+    assert _namespace_selectors(prometheus["to"]) == [{"kubernetes.io/metadata.name": "monitoring"}]
+    assert _ports(prometheus) == {("TCP", 9090)}  # the default prometheus.url's port
+
+
+def test_network_policies_off(helm, tmp_path):
+    objects = render(helm, tmp_path, {"networkPolicy": {"enabled": False}})
+    assert of_kind(objects, "NetworkPolicy") == []
+    args = _args(objects)
+    assert "--no-network-policies" in args and "--prometheus-namespaces" not in args
+
+    objects = render(helm, tmp_path, {"networkPolicy": {"operator": {"enabled": False}}})
+    assert of_kind(objects, "NetworkPolicy") == []  # the operator's only; the jobs' stay on
+    assert "--no-network-policies" not in _args(objects)
+
+
+def test_prometheus_namespaces_and_ports_reach_the_flag_and_the_operator_policy(helm, tmp_path):
+    from lepton_operator.cli import build_parser
+
+    extra = {"to": [{"ipBlock": {"cidr": "10.0.0.5/32"}}], "ports": [{"protocol": "TCP", "port": 9090}]}
+    values = {
+        "prometheus": {"url": "https://prom.obs.svc:9091"},
+        "networkPolicy": {
+            "prometheusNamespaces": ["obs", "lepton.ai/prometheus=true"],
+            "operator": {"apiServerPorts": [8443], "extraEgress": [extra]},
+        },
+    }
+    objects = render(helm, tmp_path, values)
+    args = _args(objects)
+    flag = args[args.index("--prometheus-namespaces") + 1]
+    assert build_parser().parse_args(["run", "--prometheus-namespaces", flag]).prometheus_namespaces == (
+        "obs",
+        "lepton.ai/prometheus=true",
+    )
+    spec = _operator_policy(objects)["spec"]
+    selectors = [{"kubernetes.io/metadata.name": "obs"}, {"lepton.ai/prometheus": "true"}]
+    assert _namespace_selectors(spec["ingress"][1]["from"]) == selectors
+    api, _dns, prometheus, added = spec["egress"]
+    assert _ports(api) == {("TCP", 8443)}
+    assert _namespace_selectors(prometheus["to"]) == selectors and _ports(prometheus) == {("TCP", 9091)}
+    assert added == extra
+
+    values["prometheus"] = {"url": "https://prom.obs.svc"}  # no port: the scheme's
+    assert _ports(_operator_policy(render(helm, tmp_path, values))["spec"]["egress"][2]) == {("TCP", 443)}
+
+
+def test_no_prometheus_namespace_opens_nothing(helm, tmp_path):
+    """An empty list must never render a rule with no peers (which would admit everyone)."""
+    objects = render(helm, tmp_path, {"networkPolicy": {"prometheusNamespaces": []}})
+    args = _args(objects)
+    flag = args[args.index("--prometheus-namespaces") + 1]
+    assert flag == ""
+    spec = _operator_policy(objects)["spec"]
+    assert [_ports(rule) for rule in spec["ingress"]] == [{("TCP", 8080)}]
+    assert len(spec["egress"]) == 2  # API server and DNS; no Prometheus rule
+    objects = render(helm, tmp_path, {"prometheus": {"url": ""}})
+    assert len(_operator_policy(objects)["spec"]["egress"]) == 2  # no Prometheus to reach
+
+
+def test_the_schema_checks_namespace_entries_as_the_operator_does():
+    from lepton_operator.desired.network import NAMESPACE_ENTRY_PATTERN
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    entries = schema["properties"]["networkPolicy"]["properties"]["prometheusNamespaces"]["items"]
+    assert entries["pattern"] == f"^({NAMESPACE_ENTRY_PATTERN})$"
+
+
+@pytest.mark.parametrize(
+    "network_policy, complaint",
+    [
+        ({"prometheusNamespaces": ["Monitoring"]}, "prometheusNamespaces"),
+        ({"prometheusNamespaces": ["k=v=w"]}, "prometheusNamespaces"),
+        ({"prometheusNamespaces": "monitoring"}, "prometheusNamespaces"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"operator": {"enabled": True, "apiServerPorts": []}}, "apiServerPorts"),
+        ({"operator": {"enabled": True, "apiServerPorts": [70000]}}, "apiServerPorts"),
+        ({"operator": {"enabled": True, "apiServerPorts": [443], "egress": []}}, "egress"),
+        ({"ingress": []}, "ingress"),
+    ],
+)
+def test_schema_rejects_bad_network_policy_values(helm, tmp_path, network_policy, complaint):
+    error = render_error(helm, tmp_path, {"networkPolicy": network_policy})
+    assert "schema" in error and complaint in error, error
