@@ -152,6 +152,7 @@ def remember_everything(ctx: OperatorContext, key, uid) -> None:
     ctx.expected.deleted(key, "job-worker-0-uid")
     ctx.pods.listed(key, indexed_before=[pod("job-worker-0", uid="ghost")], listed=[])
     ctx.autoscaler_memory(key).reporting_since[1] = NOW
+    ctx.taken[key] = frozenset({"Service job-workers"})
     ctx.events.should_post((uid, "Normal", "Rescaling", "2 -> 3"))
     metrics.set_job_phase(*key, "Running")
 
@@ -165,7 +166,7 @@ def test_forget_drops_every_per_job_entry_and_the_phase_and_events_expire():
     # The probe sees every table (so an empty answer below means something).
     for table in ("triggers._events", "watch.seen", "watch.lagging_since", "expected._created", "expected._deleted"):
         assert table in held
-    for table in ("pods._listed_at", "pods._ghosts", "pods._disagree_since", "autoscaler.autoscaler"):
+    for table in ("pods._listed_at", "pods._ghosts", "pods._disagree_since", "autoscaler.autoscaler", "taken.taken"):
         assert table in held
     assert "events._posted" in held and jobs_counted() == counted + 2
 

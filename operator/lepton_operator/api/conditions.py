@@ -47,6 +47,13 @@ CONDITION_METRICS_UNAVAILABLE = "MetricsUnavailable"
 REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"
 REASON_METRICS_AVAILABLE = "MetricsAvailable"
 
+# --- NameTaken: objects the job does not own hold names of its children ----------------
+# Found when a create is answered 409 (a Warning event NameTaken names each); the foreign
+# objects are left alone and the creates are retried every pass.
+CONDITION_NAME_TAKEN = "NameTaken"
+REASON_NAME_TAKEN = "NameTaken"
+REASON_NAMES_FREE = "NamesFree"
+
 # --- restarts: a new generation at the same size, counted in status.restarts ----------
 # (Ready turns False with these.) The job's own fault, as far as anyone can tell.
 REASON_WORKER_RESTART = "WorkerRestart"
@@ -68,7 +75,6 @@ REASON_GROWING_BACK = "GrowingBack"  # a scale-up back to the requested size aft
 # --- events only ------------------------------------------------------------------------
 REASON_RESCALING = "Rescaling"
 REASON_FOREIGN_POD = "ForeignPod"
-REASON_NAME_TAKEN = "NameTaken"
 REASON_API_REQUEST_REFUSED = "ApiRequestRefused"
 
 # --- autoscaler decisions (status.autoscaling.lastDecision.reason) ----------------------

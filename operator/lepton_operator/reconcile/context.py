@@ -181,6 +181,9 @@ class OperatorContext:
     pods: PodCache = dataclasses.field(default_factory=PodCache)
     nodes: NodeCache = dataclasses.field(default_factory=NodeCache)
     autoscaler: dict[JobKey, AutoscalerMemory] = dataclasses.field(default_factory=dict)
+    taken: dict[JobKey, frozenset[str]] = dataclasses.field(default_factory=dict)
+    """Children ("Kind name") whose create at the job's last pass found the name held by an
+    object the job does not own (executor); the next pass reports them (NameTaken)."""
 
     def __post_init__(self) -> None:
         self.pods.relist_seconds = self.config.relist_seconds
@@ -203,6 +206,7 @@ class OperatorContext:
         self.expected.forget(key)
         self.pods.forget(key)
         self.autoscaler.pop(key, None)
+        self.taken.pop(key, None)
 
     def stale_watches(self) -> list[str]:
         """Jobs whose job watch or pod index stopped following the API (liveness)."""

@@ -10,7 +10,10 @@ later delete or create fails: a transient API error there is re-raised only afte
 events went out (the loop then retries the pass; creates and deletes are idempotent). A
 request the server refuses for good (403 RBAC, 422 admission) becomes a Warning event
 `ApiRequestRefused` with the server's message, and the job is looked at again at the
-resync period, so fixing RBAC or a quota heals it without a restart.
+resync period, so fixing RBAC or a quota heals it without a restart. A create whose name
+an object the job does not own holds (`Kube.create` answers "taken") becomes a Warning
+event `NameTaken` and is remembered in `ctx.taken`; the next pass sets the condition
+`NameTaken` and tries the create again.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ import logging
 from typing import Optional
 
 from lepton_operator import metrics
-from lepton_operator.api.conditions import REASON_API_REQUEST_REFUSED, REASON_INSUFFICIENT_CAPACITY
+from lepton_operator.api.conditions import (
+    REASON_API_REQUEST_REFUSED,
+    REASON_INSUFFICIENT_CAPACITY,
+    REASON_NAME_TAKEN,
+)
 from lepton_operator.api.models import LeptonJobStatus
 from lepton_operator.reconcile.context import JobKey, OperatorContext
 from lepton_operator.reconcile.jobpass import WARNING, Plan
@@ -80,6 +87,7 @@ async def apply_plan(
 
     refused: list[str] = []
     transient: list[TransientApiError] = []
+    taken: list[str] = []  # "Kind name" of creates whose name an object not ours holds
 
     async def delete(kind: str, child: str, grace: Optional[int], uid: Optional[str]) -> None:
         try:
@@ -96,10 +104,13 @@ async def apply_plan(
 
     async def create(obj: dict) -> None:
         try:
-            if await asyncio.to_thread(kube.create, obj) == "created":
+            outcome = await asyncio.to_thread(kube.create, obj)
+            if outcome == "created":
                 logger.info(f"created {obj['kind']} {obj['metadata']['name']}")
                 if obj["kind"] == "Pod":
                     ctx.expected.created(key, obj)
+            elif outcome == "taken":
+                taken.append(f"{obj['kind']} {obj['metadata']['name']}")
         except PermanentApiError as e:
             refused.append(str(e))
         except TransientApiError as e:
@@ -119,7 +130,14 @@ async def apply_plan(
         except TransientApiError as e:
             transient.append(e)
 
+    # The next pass reports these (condition NameTaken) and tries the creates again: once
+    # the foreign object is gone, the job gets its own.
+    if taken:
+        ctx.taken[key] = frozenset(taken)
+    else:
+        ctx.taken.pop(key, None)
     events = list(result.events) + [(WARNING, REASON_API_REQUEST_REFUSED, text) for text in refused]
+    events += [(WARNING, REASON_NAME_TAKEN, taken_message(what)) for what in sorted(taken)]
     await post_events(ctx, body, events, logger)
     for text in refused:
         logger.error(text)
@@ -149,6 +167,12 @@ async def post_events(
                 await asyncio.to_thread(ctx.kube.post_event, body, type_, reason, message)
             except (PermanentApiError, TransientApiError) as e:
                 logger.warning(f"could not post event {reason}: {e}")
+
+
+def taken_message(what: str) -> str:
+    """The NameTaken event about one child ("Kind name") whose name an object not owned
+    by the job holds."""
+    return f"{what} exists and is not owned by this job: it is left alone, and the job's own is created once it is gone"
 
 
 def _count(before: LeptonJobStatus, result: Plan) -> None:

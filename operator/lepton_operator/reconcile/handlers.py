@@ -44,24 +44,32 @@ async def pods_by_job(namespace, labels, body, **_):
     return {(namespace, job): trim_pod(body)} if job else {}
 
 
+def _owners(meta) -> tuple:
+    """The uids the object's ownerReferences point at: the pass counts only the job's own
+    (an object carrying our labels is not ours for that)."""
+    return tuple(ref.get("uid") for ref in meta.get("ownerReferences") or [])
+
+
 @kopf.index("", "v1", "services", labels=MANAGED)
-async def services_by_job(namespace, name, labels, **_):
+async def services_by_job(namespace, name, labels, meta, **_):
+    """(name, owner uids) of each job's Services."""
     job = labels.get(LABEL_JOB_NAME)
-    return {(namespace, job): name} if job else {}
+    return {(namespace, job): (name, _owners(meta))} if job else {}
 
 
 @kopf.index("", "v1", "persistentvolumeclaims", labels=MANAGED)
-async def claims_by_job(namespace, name, labels, **_):
+async def claims_by_job(namespace, name, labels, meta, **_):
+    """(name, owner uids) of each job's claims."""
     job = labels.get(LABEL_JOB_NAME)
-    return {(namespace, job): name} if job else {}
+    return {(namespace, job): (name, _owners(meta))} if job else {}
 
 
 # No version: kopf serves the preferred one (policy/v1beta1 before 1.21, policy/v1 after).
 @kopf.index("policy", "poddisruptionbudgets", labels=MANAGED)
-async def budgets_by_job(namespace, labels, spec, **_):
-    """The minAvailable of each job's PodDisruptionBudget."""
+async def budgets_by_job(namespace, labels, spec, meta, **_):
+    """(minAvailable, owner uids) of each job's PodDisruptionBudget."""
     job = labels.get(LABEL_JOB_NAME)
-    return {(namespace, job): spec.get("minAvailable")} if job else {}
+    return {(namespace, job): (spec.get("minAvailable"), _owners(meta))} if job else {}
 
 
 async def network_policies_by_job(namespace, labels, body, **_):

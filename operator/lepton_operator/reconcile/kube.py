@@ -6,7 +6,8 @@ trip through the client's generated models could drop or reshape fields it does 
 know. Calls are synchronous; the handlers run them with `asyncio.to_thread`.
 
 Error mapping (docs/style.md, house rule 4):
-- 409 AlreadyExists on a create of a deterministic name: success ("exists").
+- 409 AlreadyExists on a create of a deterministic name: success ("exists") when the
+  object holding the name has our owner (the job's uid), else "taken" (NameTaken).
 - 404 on a delete: success (already gone); 409 on a delete with a uid precondition:
   success too (the name now belongs to another object, ours is gone).
 - 409 Conflict on the status write (resourceVersion precondition): `Conflict`, redo the pass.
@@ -218,15 +219,26 @@ class Kube:
     # --- children ------------------------------------------------------------------
 
     def create(self, obj: dict) -> str:
-        """Create a child; returns "created", or "exists" when the name is taken (409)."""
+        """Create a child; returns "created", "exists" when an object of the same owner
+        already holds the name (ours: an earlier pass made it), or "taken" when an object
+        the job does not own holds it (409, then one GET to tell the two apart)."""
         kind, meta = obj["kind"], obj["metadata"]
+        what = f"{kind} {meta['namespace']}/{meta['name']}"
         path = self._path(kind, meta["namespace"])
         if kind == "PodDisruptionBudget":
             obj = {**obj, "apiVersion": self.policy_version()}  # same shape in both versions
         try:
-            self._call(f"create {kind} {meta['namespace']}/{meta['name']}", "POST", path, body=obj)
+            self._call(f"create {what}", "POST", path, body=obj)
         except Conflict:
-            return "exists"
+            try:
+                holder = self._call(f"get {what}", "GET", path + "/" + quote(meta["name"]))
+            except ApiError as e:
+                if e.status == 404:
+                    return "exists"  # gone since the 409: the next pass creates it
+                raise
+            owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+            held_by = {ref.get("uid") for ref in (holder.get("metadata") or {}).get("ownerReferences") or []}
+            return "exists" if owners & held_by else "taken"
         return "created"
 
     def delete(self, namespace: str, kind: str, name: str, grace: Optional[int], uid: Optional[str] = None) -> bool:

@@ -69,17 +69,35 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
         observed = ctx.pods.view(key, indexed)
     pods = ctx.expected.overlay(key, observed, now.isoformat())
     nodes = await asyncio.to_thread(ctx.nodes.get, ctx.kube.list_nodes)
-    service_exists = service_name(name) in set(indexes["services_by_job"].get(key, []))
-    pvc_exists = checkpoint_pvc_name(name) in set(indexes["claims_by_job"].get(key, []))
+    # Only the job's own children count: one that merely carries our labels is created
+    # again, and its 409 reports the name as taken (NameTaken), never used or patched.
+    service_exists = service_name(name) in owned(indexes["services_by_job"].get(key, []), job.uid)
+    pvc_exists = checkpoint_pvc_name(name) in owned(indexes["claims_by_job"].get(key, []), job.uid)
 
-    budgets = list(indexes["budgets_by_job"].get(key, []))
+    budgets = owned(indexes["budgets_by_job"].get(key, []), job.uid)
     budget = budgets[0] if budgets else None
     network = isolation.observe(ctx.config, indexes.get("network_policies_by_job"), key)
     result = plan(
-        job, meta.get("generation"), spec, status, pods, service_exists, pvc_exists, now, nodes, budget, network
+        job,
+        meta.get("generation"),
+        spec,
+        status,
+        pods,
+        service_exists,
+        pvc_exists,
+        now,
+        nodes,
+        budget,
+        network,
+        taken=ctx.taken.get(key, frozenset()),
     )
     applied = await apply_plan(ctx, body, status, result, logger)
     return GONE if applied.job_deleted else applied.requeue_after
+
+
+def owned(entries, uid: str) -> list:
+    """The values of index entries `(value, owner uids)` that the job (`uid`) owns."""
+    return [value for value, owners in entries if uid in owners]
 
 
 async def job_loop(

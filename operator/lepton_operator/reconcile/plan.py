@@ -22,10 +22,13 @@ from datetime import datetime
 from typing import Optional, Union
 
 from lepton_operator.api.conditions import (
+    CONDITION_NAME_TAKEN,
     CONDITION_READY,
     REASON_ALL_SUCCEEDED,
     REASON_FOREIGN_POD,
     REASON_HUNG,
+    REASON_NAME_TAKEN,
+    REASON_NAMES_FREE,
     REASON_NODE_DRAINING,
     REASON_NODE_LOST,
     REASON_WORKER_DISRUPTED,
@@ -38,6 +41,7 @@ from lepton_operator.api.conditions import (
 from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, LeptonJobSpec, LeptonJobStatus
 from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_string, worker_pod_name
 from lepton_operator.reconcile import isolation, lifecycle, rescale
+from lepton_operator.reconcile.conditions import get_condition
 from lepton_operator.reconcile.failures import classify_pod, is_terminating
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan
 from lepton_operator.reconcile.nodes import NodeInfo
@@ -55,6 +59,7 @@ def plan(
     nodes: Optional[dict[str, NodeInfo]] = None,
     budget: Optional[int] = None,
     network: Optional[isolation.NetworkIsolation] = None,
+    taken: frozenset[str] = frozenset(),
 ) -> Plan:
     """Compute one reconcile pass for a LeptonJob (pure; see the module docstring).
 
@@ -62,11 +67,14 @@ def plan(
     the job does not own; `spec` is the parsed spec or the InvalidJob that parsing raised;
     `nodes` is the node view (None when unknown: node loss and drains are not judged);
     `budget` the job's PodDisruptionBudget's minAvailable (None: there is none);
-    `network` the job's NetworkPolicy setting and the policies seen (None: policies are off).
+    `network` the job's NetworkPolicy setting and the policies seen (None: policies are off);
+    `taken` the children ("Kind name") whose create at the last pass found the name held by
+    an object the job does not own (condition NameTaken: `report_names_taken()`).
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
     p = JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes, budget)
+    report_names_taken(p, taken)
     result = run(p)
     if not result.delete_job:
         lifecycle.ensure_disruption_budget(p)  # after the pass: it follows the world size it decided
@@ -198,3 +206,18 @@ def steady(p: JobPass) -> Plan:
 
     rescale.maybe_start_rescale(p)
     return p.plan
+
+
+def report_names_taken(p: JobPass, taken: frozenset[str]) -> None:
+    """Condition NameTaken: True while objects the job does not own hold names of its
+    children (the executor found them on a create's 409 and posted an event for each);
+    False once they are gone. The pass still plans those creates: the foreign objects are
+    never touched, and the job gets its own as soon as a name is free."""
+    if not taken and get_condition(p.s, CONDITION_NAME_TAKEN) is None:
+        return
+    if taken:
+        message = f"held by objects this job does not own: {', '.join(sorted(taken))}"
+        p.cond(CONDITION_NAME_TAKEN, True, REASON_NAME_TAKEN, message)
+    else:
+        message = "no object the job does not own holds a name of its children"
+        p.cond(CONDITION_NAME_TAKEN, False, REASON_NAMES_FREE, message)
