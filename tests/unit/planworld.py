@@ -12,6 +12,7 @@ import copy
 from datetime import datetime, timedelta, timezone
 
 from lepton_operator.api.models import InvalidJob, LeptonJobStatus, parse_job, parse_status
+from lepton_operator.api.policy import DEFAULT_POLICY
 from lepton_operator.desired import LABEL_GENERATION, JobRef
 from lepton_operator.reconcile.plan import plan
 
@@ -49,6 +50,7 @@ class World:
         self.nodes = None  # the node view plan() gets (None: unknown)
         self.capacity: dict[str, int] | None = None  # worker slots per node (None: unlimited)
         self.budget: int | None = None  # the PodDisruptionBudget's minAvailable
+        self.policy = DEFAULT_POLICY  # the admin policy the operator was started with
 
     # --- passes -----------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class World:
             self.now,
             self.nodes,
             self.budget,
+            policy=self.policy,
         )
         self.status = parse_status(p.status.to_k8s())  # what the apiserver would store
         for delete in p.deletes:

@@ -42,6 +42,13 @@ REASON_INVALID_SPEC = "InvalidSpec"
 REASON_IMMUTABLE_FIELD = "ImmutableFieldChanged"
 REASON_SPEC_VALID = "SpecValid"
 
+# --- PolicyViolation: a running job's spec breaks the admin policy (api/policy.py) -----
+# (A job that never started fails with InvalidSpec instead.) Its workers are kept; no
+# new generation starts until the spec complies again.
+CONDITION_POLICY_VIOLATION = "PolicyViolation"
+REASON_POLICY_VIOLATION = "PolicyViolation"
+REASON_POLICY_SATISFIED = "PolicySatisfied"
+
 # --- MetricsUnavailable: the autoscaler cannot read throughput -------------------------
 CONDITION_METRICS_UNAVAILABLE = "MetricsUnavailable"
 REASON_METRICS_UNAVAILABLE = "MetricsUnavailable"

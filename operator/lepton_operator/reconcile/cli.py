@@ -4,9 +4,14 @@
                         [--liveness-port 8080] [--metrics-port 8081]
                         [--prometheus-url URL] [--standalone] [--peering NAME] [--verbose]
                         [--no-network-policies] [--prometheus-namespaces NS,KEY=VALUE,...]
+                        [--policy-file PATH]
 
 Credentials: in a pod, the ServiceAccount; elsewhere `KUBECONFIG` (or ~/.kube/config),
 through the Kubernetes client, for kopf and for the operator's own calls alike.
+
+Admin policy: `--policy-file` names a YAML or JSON file of `api.policy.AdminPolicy`
+settings (the chart renders its `policy:` values into one); without it the defaults
+apply. An unreadable or invalid file stops the command with exit status 2.
 
 Peering (docs/reliability.md, row 6): unless `--standalone`, replicas elect one active operator
 through kopf's peering objects (`crds/kopf-peering.yaml`): a `KopfPeering` named
@@ -22,9 +27,11 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, InvalidPolicy, parse_policy
 from lepton_operator.reconcile.isolation import namespace_list
 from lepton_operator.reconcile.kube import DEFAULT_API_THREADS
 
@@ -72,6 +79,13 @@ def add_parser(subparsers) -> None:
         type=float,
         default=60.0,
         help="re-list each job's pods this often, so a stale watch cache heals (default 60)",
+    )
+    p.add_argument(
+        "--policy-file",
+        default=None,
+        metavar="PATH",
+        help="admin policy, YAML or JSON (api/policy.py); the operator refuses to start on an invalid one "
+        "(default: the built-in policy)",
     )
     p.add_argument(
         "--network-policies",
@@ -174,8 +188,27 @@ def ensure_peering_objects(api_client, name: str, namespaces: list[str], cluster
     return True
 
 
+def read_policy(path: Optional[str]) -> AdminPolicy:
+    """The admin policy in the file at `path` (the defaults without one); InvalidPolicy when
+    it cannot be read or is not a valid policy."""
+    if path is None:
+        return DEFAULT_POLICY
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidPolicy(f"cannot read it: {e}") from None
+    return parse_policy(text)
+
+
 def run(args) -> int:
     """Start the operator and block until it stops (SIGTERM/SIGINT)."""
+    try:
+        policy = read_policy(args.policy_file)
+    except InvalidPolicy as e:
+        print(f"lepton-operator run: refusing to start: --policy-file {args.policy_file}: {e}", file=sys.stderr)
+        return 2
+
     import kopf
 
     from lepton_operator import metrics
@@ -198,6 +231,7 @@ def run(args) -> int:
         prometheus_ca_file=args.prometheus_ca_file,
         resync_seconds=args.resync_seconds,
         relist_seconds=args.relist_seconds,
+        policy=policy,
         network_policies=args.network_policies,
         prometheus_namespaces=args.prometheus_namespaces,
     )
@@ -225,6 +259,7 @@ def run(args) -> int:
         f"{'standalone' if standalone else 'peering ' + args.peering}, liveness {liveness}, "
         f"metrics port {args.metrics_port}"
     )
+    logging.getLogger("lepton_operator").info(f"admin policy: {policy.model_dump_json(by_alias=True)}")
     kopf.run(
         settings=make_settings(args),
         standalone=standalone,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy
+
 
 @dataclasses.dataclass
 class OperatorConfig:
@@ -27,6 +29,8 @@ class OperatorConfig:
     """Each job's pods are re-listed from the API this often (a stale watch cache heals)."""
     debounce_seconds: float = 0.2
     """A pass waits this long after a trigger, so a burst of pod events makes one pass."""
+    policy: AdminPolicy = DEFAULT_POLICY
+    """What LeptonJobs may ask for (`--policy-file`; api/policy.py); checked on every pass."""
     network_policies: bool = True
     """Keep a NetworkPolicy per job: only the job's own pods reach its workers (reconcile/isolation.py)."""
     prometheus_namespaces: tuple[str, ...] = ("monitoring",)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 from lepton_operator.api.conditions import REASON_NAME_TAKEN
 from lepton_operator.api.models import LeptonJobSpec, LeptonJobStatus
@@ -93,8 +93,10 @@ class JobPass:
         now: datetime,
         nodes: Optional[dict[str, NodeInfo]] = None,
         budget: Optional[int] = None,
+        policy_violations: Sequence[str] = (),
     ):
         self.job = job
+        self.policy_violations = list(policy_violations)  # api.policy.check_policy(): no new worker while any
         self.nodes = nodes
         self.budget = budget
         self.gen_meta = meta_generation
@@ -168,6 +170,8 @@ class JobPass:
             self.plan.delete_pod(pod, self.grace() if grace is None else grace)
 
     def create_worker(self, index: int, generation: int, world_size: int) -> None:
+        if self.policy_violations:
+            return  # lifecycle.flag_policy_violation says why
         name = worker_pod_name(self.job.name, index)
         if name in self.foreign:
             # A pod we do not own holds the name: never adopt, never delete it.
@@ -203,11 +207,15 @@ class JobPass:
     def start_generation(self, generation: int, world_size: int, skip_indices=()) -> bool:
         """Create generation `generation` with `world_size` workers and record it.
 
-        Returns False (and creates nothing) while an immutable-field change is pending:
-        the new pods would be built from a template the job was not started with.
+        Returns False (and creates nothing) while an immutable-field change is pending
+        (the new pods would be built from a template the job was not started with) or
+        while the spec breaks the admin policy.
         """
         if self.immutable_changed():
             self.s.message = "waiting for the change of an immutable field to be reverted before starting workers"
+            return False
+        if self.policy_violations:
+            self.s.message = "waiting for the spec to comply with the admin policy before starting workers"
             return False
         for index in range(world_size):
             if index not in skip_indices:

@@ -10,6 +10,9 @@ Decisions taken here (docs/rescale-protocol.md explains them):
   enforce the cross-field rules in the schema) clears the failure and starts the job.
 - An invalid or immutable-field edit of a job that has workers never touches them: the
   running generation continues, and no new generation starts until the edit is reverted.
+- A spec that breaks the admin policy (api/policy.py) fails like an invalid one before any
+  worker ran; a started job's workers are kept (condition PolicyViolation) and no new
+  worker is created until the spec complies again.
 - `activeDeadlineSeconds` counts running time: time suspended is not counted.
 """
 
@@ -21,6 +24,7 @@ from typing import Optional
 from lepton_operator.api.conditions import (
     CONDITION_FAILED,
     CONDITION_INVALID_SPEC,
+    CONDITION_POLICY_VIOLATION,
     CONDITION_READY,
     CONDITION_RESCALING,
     CONDITION_SUCCEEDED,
@@ -28,6 +32,8 @@ from lepton_operator.api.conditions import (
     REASON_DEADLINE_EXCEEDED,
     REASON_IMMUTABLE_FIELD,
     REASON_INVALID_SPEC,
+    REASON_POLICY_SATISFIED,
+    REASON_POLICY_VIOLATION,
     REASON_RESUMED,
     REASON_SPEC_VALID,
     REASON_SUSPENDED,
@@ -49,7 +55,7 @@ from lepton_operator.desired import (
     disruption_budget_name,
     selector_string,
 )
-from lepton_operator.reconcile.conditions import get_condition, set_condition
+from lepton_operator.reconcile.conditions import condition_is_true, get_condition, set_condition
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan, seconds
 
 # --- spec validity ------------------------------------------------------------------
@@ -60,15 +66,17 @@ INVALID_SPEC_PREFIX = "invalid spec: "
 KEPT_WORKERS_NOTE = " (the running workers are kept; fix the spec to allow further changes)"
 EVENT_MESSAGE_MAX_LENGTH = 1024  # reconcile/kube.py cuts event messages there
 PROBLEM_MAX_LENGTH = 512  # one problem may quote user input (a map key, a name)
+POLICY_VIOLATION_PREFIX = "the spec breaks the admin policy: "
+POLICY_KEPT_NOTE = " (the running workers are kept; no new worker starts until the spec complies)"
 
 
-def summarize_problems(problems: list[str], limit: int) -> str:
+def summarize_problems(problems: list[str], limit: int, prefix: str = INVALID_SPEC_PREFIX) -> str:
     """`invalid spec: a; b; ...and K more` in at most `limit` (>= 600) characters.
 
     Each problem is cut to PROBLEM_MAX_LENGTH; those that no longer fit are counted.
     """
     parts = [p if len(p) <= PROBLEM_MAX_LENGTH else p[: PROBLEM_MAX_LENGTH - 3] + "..." for p in problems]
-    text = INVALID_SPEC_PREFIX
+    text = prefix
     for i, part in enumerate(parts):
         sep = "; " if i else ""
         left = len(parts) - i - 1
@@ -120,6 +128,23 @@ def clear_fixed_spec(p: JobPass) -> None:
         s.completion_time = None
         s.message = "the spec was fixed"
         p.cond(CONDITION_FAILED, False, REASON_SPEC_VALID, "the spec was fixed")
+
+
+def flag_policy_violation(p: JobPass) -> None:
+    """A started job whose spec breaks the admin policy (the policy changed, or an edit of
+    a mutable field): say so; its workers are kept and no new worker is created while it
+    does (`JobPass.create_worker`, `start_generation`). Finished jobs are left as they are."""
+    s = p.s
+    if p.policy_violations and s.phase not in FINISHED_PHASES:
+        limit = STATUS_MESSAGE_MAX_LENGTH - len(POLICY_KEPT_NOTE)
+        message = summarize_problems(p.policy_violations, limit, POLICY_VIOLATION_PREFIX) + POLICY_KEPT_NOTE
+        previous = get_condition(s, CONDITION_POLICY_VIOLATION)
+        flipped = p.cond(CONDITION_POLICY_VIOLATION, True, REASON_POLICY_VIOLATION, message)
+        if flipped or previous is None or previous.message != message:
+            event = summarize_problems(p.policy_violations, EVENT_MESSAGE_MAX_LENGTH, POLICY_VIOLATION_PREFIX)
+            p.plan.event(WARNING, REASON_POLICY_VIOLATION, event)
+    elif condition_is_true(s, CONDITION_POLICY_VIOLATION):
+        p.cond(CONDITION_POLICY_VIOLATION, False, REASON_POLICY_SATISFIED, "the spec complies with the admin policy")
 
 
 def flag_immutable_change(p: JobPass) -> None:

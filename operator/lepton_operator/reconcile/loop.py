@@ -89,6 +89,7 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
         nodes,
         budget,
         network,
+        policy=ctx.config.policy,
         taken=ctx.taken.get(key, frozenset()),
     )
     applied = await apply_plan(ctx, body, status, result, logger)

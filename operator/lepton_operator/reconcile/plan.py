@@ -10,9 +10,10 @@ deterministic (a create that already happened returns AlreadyExists), deletes ar
 idempotent, and a restart is counted in the same status write that records the new
 generation's target, never again afterwards.
 
-A pass: the lifecycle first (`lifecycle.py`: spec validity, suspend/resume, deadline,
-finish, first start), then a rescale under way (`rescale.py`), then the steady state of
-the running generation (`steady()` below), which may start a rescale.
+A pass: the lifecycle first (`lifecycle.py`: spec validity and the admin policy of
+`api/policy.py`, suspend/resume, deadline, finish, first start), then a rescale under way
+(`rescale.py`), then the steady state of the running generation (`steady()` below),
+which may start a rescale.
 docs/rescale-protocol.md describes the protocol; docs/architecture.md how a pass is run.
 """
 
@@ -39,6 +40,7 @@ from lepton_operator.api.conditions import (
     REASON_WORKERS_STARTING,
 )
 from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, LeptonJobSpec, LeptonJobStatus
+from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, check_policy
 from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_string, worker_pod_name
 from lepton_operator.reconcile import isolation, lifecycle, rescale
 from lepton_operator.reconcile.conditions import get_condition
@@ -59,6 +61,7 @@ def plan(
     nodes: Optional[dict[str, NodeInfo]] = None,
     budget: Optional[int] = None,
     network: Optional[isolation.NetworkIsolation] = None,
+    policy: AdminPolicy = DEFAULT_POLICY,
     taken: frozenset[str] = frozenset(),
 ) -> Plan:
     """Compute one reconcile pass for a LeptonJob (pure; see the module docstring).
@@ -68,12 +71,17 @@ def plan(
     `nodes` is the node view (None when unknown: node loss and drains are not judged);
     `budget` the job's PodDisruptionBudget's minAvailable (None: there is none);
     `network` the job's NetworkPolicy setting and the policies seen (None: policies are off);
+    `policy` the admin policy (a job that never started and breaks it fails as InvalidSpec,
+    creating nothing; a started one keeps its workers: `lifecycle.flag_policy_violation`);
     `taken` the children ("Kind name") whose create at the last pass found the name held by
     an object the job does not own (condition NameTaken: `report_names_taken()`).
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
-    p = JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes, budget)
+    violations = check_policy(job.name, spec, policy)
+    if violations and status.worker_generation == 0:
+        return lifecycle.invalid_spec(job, meta_generation, InvalidJob(violations), status, now)
+    p = JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes, budget, violations)
     report_names_taken(p, taken)
     result = run(p)
     if not result.delete_job:
@@ -93,6 +101,7 @@ def run(p: JobPass) -> Plan:
             f"pod {name} carries this job's labels but is not owned by it; it is ignored (never adopted or deleted)",
         )
     lifecycle.clear_fixed_spec(p)
+    lifecycle.flag_policy_violation(p)
     if s.phase in FINISHED_PHASES:
         return lifecycle.finished(p)
     lifecycle.ensure_service_and_pvc(p)

@@ -128,7 +128,7 @@ def maybe_start_rescale(p: JobPass) -> None:
     """The requested size differs from the running one: start a rescale towards it."""
     s = p.s
     n, d = s.world_size, p.spec.requested_workers()
-    if d == n or condition_is_true(s, CONDITION_INVALID_SPEC):
+    if d == n or condition_is_true(s, CONDITION_INVALID_SPEC) or p.policy_violations:
         return
     if d > n and s.autoscaling.backoff_until is not None and p.now < s.autoscaling.backoff_until:
         wait = seconds(s.autoscaling.backoff_until - p.now)

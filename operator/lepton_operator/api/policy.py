@@ -1,0 +1,289 @@
+"""The admin policy: what a LeptonJob may ask for, beyond what the schema allows.
+
+Whoever may create a LeptonJob gets pods created by the operator's ServiceAccount, so the
+operator is a deputy: it must not be a way around what the cluster admin allows. The CRD
+schema checks syntax and bounds; `AdminPolicy` (set in the chart's values as `policy:`,
+read by `lepton-operator run --policy-file`) says what is allowed, and `check_policy()`
+names every violation by its rule. The operator checks it on every pass, before anything
+is created (reconcile/plan.py).
+
+Two rules hold whatever the policy says: a toleration without a key (it tolerates every
+taint) is refused, and a job never mounts another LeptonJob's checkpoint claim.
+
+Pure: imports neither kopf nor the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatchcase
+from typing import Annotated, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from lepton_operator.api.models import JOB_NAME_PATTERN, MAX_JOB_NAME_LENGTH, MOUNT_PATH_PATTERN, LeptonJobSpec
+
+# The claim the operator creates for a job is `<job>-checkpoints` (desired.checkpoint_pvc_name).
+CHECKPOINT_CLAIM_SUFFIX = "-checkpoints"
+# Kubernetes' own PriorityClasses (system-node-critical, system-cluster-critical).
+SYSTEM_PRIORITY_PREFIX = "system-"
+# What one message shows of an admin's list.
+SHOWN_VALUES = 8
+
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+MountPath = Annotated[str, Field(pattern=MOUNT_PATH_PATTERN, max_length=1024)]
+MountPrefix = Annotated[str, Field(pattern=rf"^/$|{MOUNT_PATH_PATTERN}", max_length=1024)]
+
+
+class AdminPolicy(BaseModel):
+    """What LeptonJobs may ask for; each default says why it is the default."""
+
+    # strict: a typo or a quoted "false" in an admin's file is an error, never a guess.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True)
+
+    allowed_priority_classes: list[Name] = Field(
+        ["*"],
+        description=(
+            "PriorityClasses a job may name (`*` and `?` wildcards); a job without one is always allowed. "
+            "A wildcard never matches `system-*` classes: list one by its exact name to allow it. "
+            "Default `*`: any class but Kubernetes' node- and cluster-critical ones, which would let a "
+            "training job preempt the pods that keep nodes and the cluster running."
+        ),
+        max_length=256,
+    )
+    allowed_toleration_keys: list[Name] = Field(
+        ["nvidia.com/gpu"],
+        description=(
+            "Taint keys a job may tolerate (exact keys). Default: the GPU nodes' usual taint only; add "
+            "the taints of your GPU pools. A toleration without a key tolerates every taint (control-plane "
+            "nodes, NoExecute evictions) and is refused whatever this says."
+        ),
+        max_length=256,
+    )
+    forbidden_node_selector_keys: list[Name] = Field(
+        ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"],
+        description=(
+            "Node labels a job may not select on (exact keys). Default: the control-plane labels, so that "
+            "no training job is steered onto the nodes that run the API server and etcd."
+        ),
+        max_length=256,
+    )
+    allowed_mount_path_prefixes: list[MountPrefix] = Field(
+        ["/"],
+        description=(
+            "Every mount path of a job (checkpoint, data volumes) must be one of these or inside one. "
+            "Default `/`: anywhere but the forbidden paths below."
+        ),
+        min_length=1,
+        max_length=256,
+    )
+    forbidden_mount_paths: list[MountPath] = Field(
+        ["/proc", "/sys", "/dev", "/etc", "/var/run", "/run"],
+        description=(
+            "No mount may be at one of these paths or inside one. Default: where the kernel, the container "
+            "runtime and the kubelet put what a container trusts (/proc, /sys, /dev, /etc/hosts and "
+            "resolv.conf, service account tokens under /var/run and /run); a volume there can shadow "
+            "them or attack the runtime's mount setup."
+        ),
+        max_length=256,
+    )
+    allow_read_write_data_volumes: bool = Field(
+        False,
+        description=(
+            "Whether `dataVolumes` may be mounted read-write. Default false: data volumes are inputs that "
+            "several jobs may share, and a job writes only to its checkpoint volume, so a buggy or hostile "
+            "job cannot corrupt a dataset other jobs read."
+        ),
+    )
+    allowed_secret_names: list[Name] = Field(
+        [],
+        description=(
+            "Secrets a job may read through `env[].valueFrom.secretKeyRef` (`*` and `?` wildcards). Default: "
+            "none, because the operator would otherwise hand any Secret of the namespace to whoever may "
+            "create a LeptonJob, who may not be allowed to read Secrets."
+        ),
+        max_length=256,
+    )
+    max_command_args_env_bytes: int = Field(
+        64 * 1024,
+        description=(
+            "Most bytes (JSON) of `command`, `args` and `env` together, which every worker pod copies. "
+            "Default 64 KiB: real launch lines and settings take a few KiB, and a pod stays far below "
+            "etcd's 1.5 MiB request limit."
+        ),
+        ge=1024,
+        le=1024 * 1024,
+    )
+    max_command_args_env_bytes_all_workers: int = Field(
+        16 * 1024 * 1024,
+        description=(
+            "Most bytes of `command`, `args` and `env` times `workers.max`: what one job may write into "
+            "etcd through its pods. Default 16 MiB, under 1% of etcd's default 2 GiB quota, so that one "
+            "job (a namespaced permission) cannot fill etcd and take the whole cluster down."
+        ),
+        ge=1024,
+        le=1024 * 1024 * 1024,
+    )
+    max_gpus_per_job: Optional[int] = Field(
+        None,
+        description=(
+            "Most GPUs one job may hold: `resources.gpus` times `workers.max`. Default none (unlimited): "
+            "GPU quotas are usually per namespace (ResourceQuota on `requests.nvidia.com/gpu`); set this "
+            "to cap a single job as well."
+        ),
+        ge=0,
+        le=1_000_000,
+    )
+
+
+DEFAULT_POLICY = AdminPolicy()
+
+
+class InvalidPolicy(ValueError):
+    """A policy file the operator refuses to start with."""
+
+
+def parse_policy(text: str) -> AdminPolicy:
+    """The policy in a YAML or JSON document (empty: the defaults); InvalidPolicy names each problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidPolicy(f"not YAML or JSON: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidPolicy(f"the policy must be a mapping of settings, not a {type(data).__name__}")
+    try:
+        return AdminPolicy.model_validate(data)
+    except ValidationError as e:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'policy'}: {err['msg']}" for err in e.errors()]
+        raise InvalidPolicy("; ".join(problems)) from None
+
+
+def command_args_env_bytes(spec: LeptonJobSpec) -> int:
+    """Bytes (compact JSON, as stored) of the spec's command, args and env."""
+    part = spec.model_dump(mode="json", by_alias=True, exclude_none=True, include={"command", "args", "env"})
+    return len(json.dumps(part, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _shown(values: list[str]) -> str:
+    if not values:
+        return "none"
+    more = len(values) - SHOWN_VALUES
+    return ", ".join(values[:SHOWN_VALUES]) + (f" and {more} more" if more > 0 else "")
+
+
+def _inside(path: str, prefix: str) -> bool:
+    """Whether a normalised absolute path is `prefix` or lies inside it."""
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+def _priority_class_allowed(name: str, patterns: list[str]) -> bool:
+    if name in patterns:
+        return True
+    return not name.startswith(SYSTEM_PRIORITY_PREFIX) and any(fnmatchcase(name, p) for p in patterns)
+
+
+def checkpoint_claim_owner(claim: str) -> Optional[str]:
+    """The LeptonJob whose created checkpoint claim this name is (`<job>-checkpoints`), or None."""
+    if not claim.endswith(CHECKPOINT_CLAIM_SUFFIX):
+        return None
+    job = claim[: -len(CHECKPOINT_CLAIM_SUFFIX)]
+    return job if len(job) <= MAX_JOB_NAME_LENGTH and re.fullmatch(JOB_NAME_PATTERN, job) else None
+
+
+def check_policy(job_name: str, spec: LeptonJobSpec, policy: AdminPolicy = DEFAULT_POLICY) -> list[str]:
+    """Every way the spec breaks the policy, each message starting `policy <rule>:`; [] when allowed."""
+    errors = []
+
+    def refuse(rule: str, message: str) -> None:
+        errors.append(f"policy {rule}: {message}")
+
+    pc = spec.priority_class_name
+    if pc and not _priority_class_allowed(pc, policy.allowed_priority_classes):
+        refuse(
+            "allowedPriorityClasses",
+            f"spec.priorityClassName {pc} is not allowed (allowed: {_shown(policy.allowed_priority_classes)}; "
+            f"a wildcard never matches {SYSTEM_PRIORITY_PREFIX}* classes)",
+        )
+
+    for i, t in enumerate(spec.tolerations):
+        if not t.key:
+            refuse(
+                "allowedTolerationKeys",
+                f"spec.tolerations[{i}] has no key: it would tolerate every taint, which is never allowed",
+            )
+        elif t.key not in policy.allowed_toleration_keys:
+            refuse(
+                "allowedTolerationKeys",
+                f"spec.tolerations[{i}].key {t.key} is not allowed (allowed: {_shown(policy.allowed_toleration_keys)})",
+            )
+
+    for key in spec.node_selector:
+        if key in policy.forbidden_node_selector_keys:
+            refuse("forbiddenNodeSelectorKeys", f"spec.nodeSelector key {key} is forbidden")
+
+    mounts = [(f"spec.dataVolumes[{i}].mountPath", v.mount_path) for i, v in enumerate(spec.data_volumes)]
+    if spec.checkpoint is not None:
+        mounts.append(("spec.checkpoint.mountPath", spec.checkpoint.mount_path))
+    for where, path in mounts:
+        if not any(_inside(path, prefix) for prefix in policy.allowed_mount_path_prefixes):
+            refuse(
+                "allowedMountPathPrefixes",
+                f"{where} {path} is outside the allowed prefixes ({_shown(policy.allowed_mount_path_prefixes)})",
+            )
+        forbidden = next((f for f in policy.forbidden_mount_paths if _inside(path, f)), None)
+        if forbidden is not None:
+            refuse("forbiddenMountPaths", f"{where} {path} is {forbidden} or inside it")
+
+    if not policy.allow_read_write_data_volumes:
+        for i, v in enumerate(spec.data_volumes):
+            if not v.read_only:
+                refuse("allowReadWriteDataVolumes", f"spec.dataVolumes[{i}] ({v.claim_name}) must be readOnly")
+
+    for var in spec.env:
+        ref = var.value_from.secret_key_ref if var.value_from is not None else None
+        if ref is not None and not any(fnmatchcase(ref.name, p) for p in policy.allowed_secret_names):
+            refuse(
+                "allowedSecretNames",
+                f"spec.env[{var.name}] reads Secret {ref.name}, which is not allowed "
+                f"(allowed: {_shown(policy.allowed_secret_names)})",
+            )
+
+    size = command_args_env_bytes(spec)
+    if size > policy.max_command_args_env_bytes:
+        refuse(
+            "maxCommandArgsEnvBytes",
+            f"command, args and env take {size} bytes, more than {policy.max_command_args_env_bytes}",
+        )
+    total = size * spec.workers.max
+    if total > policy.max_command_args_env_bytes_all_workers:
+        refuse(
+            "maxCommandArgsEnvBytesAllWorkers",
+            f"command, args and env ({size} bytes) times workers.max ({spec.workers.max}) is {total} bytes, "
+            f"more than {policy.max_command_args_env_bytes_all_workers}",
+        )
+
+    gpus = spec.resources.gpus * spec.workers.max
+    if policy.max_gpus_per_job is not None and gpus > policy.max_gpus_per_job:
+        refuse(
+            "maxGpusPerJob",
+            f"resources.gpus ({spec.resources.gpus}) times workers.max ({spec.workers.max}) is {gpus} GPUs, "
+            f"more than {policy.max_gpus_per_job}",
+        )
+
+    claims = [(f"spec.dataVolumes[{i}].claimName", v.claim_name) for i, v in enumerate(spec.data_volumes)]
+    if spec.checkpoint is not None and spec.checkpoint.claim_name is not None:
+        claims.append(("spec.checkpoint.claimName", spec.checkpoint.claim_name))
+    for where, claim in claims:
+        owner = checkpoint_claim_owner(claim)
+        if owner is not None and owner != job_name:
+            refuse(
+                "checkpointClaims",
+                f"{where} {claim} is LeptonJob {owner}'s checkpoint claim (names <job>{CHECKPOINT_CLAIM_SUFFIX} "
+                "belong to the claims the operator creates); a job mounts only its own",
+            )
+    return errors
