@@ -234,7 +234,7 @@ def test_prometheus_without_tls_or_token_by_default(helm, tmp_path):
     deployment = one(render(helm, tmp_path), "Deployment")
     args = _args([deployment])
     assert "--prometheus-ca-file" not in args and "--prometheus-token-file" not in args
-    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["tmp", "policy"]
 
 
 def test_the_https_example_mounts_the_ca_and_the_token_and_passes_their_files(helm, tmp_path):
@@ -287,7 +287,7 @@ def test_image_and_pod_placement_values_reach_the_pod(helm, tmp_path):
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["nodeSelector"] == {"pool": "system"}
     assert pod["tolerations"][0]["key"] == "system"
-    assert pod_template["metadata"]["annotations"] == {"example.com/team": "ml-platform"}
+    assert pod_template["metadata"]["annotations"]["example.com/team"] == "ml-platform"
 
 
 def test_metrics_service_targets_the_operator(helm, tmp_path):
@@ -555,6 +555,67 @@ def _operator_policy(objects: list[dict]) -> dict:
     assert policy["metadata"]["namespace"] == RELEASE_NS
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()  # it selects the operator
     return policy
+
+
+# ---------------------------------------------------------------------- admin policy
+
+
+def _policy_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())["policy"]
+
+
+def test_the_policy_values_are_the_operators_defaults():
+    """values.yaml documents the policy the operator applies without a file, value for value,
+    and the schema knows exactly the operator's settings."""
+    from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, parse_policy
+
+    assert parse_policy(yaml.safe_dump(_policy_values())) == DEFAULT_POLICY
+    assert _policy_values() == DEFAULT_POLICY.model_dump(mode="json", by_alias=True)
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["policy"]
+    assert set(schema["properties"]) == {f.alias for f in AdminPolicy.model_fields.values()}
+
+
+def test_the_policy_is_rendered_into_a_configmap_the_operator_reads(helm, tmp_path):
+    from lepton_operator.api.policy import parse_policy
+
+    values = {"policy": {"allowedTolerationKeys": ["nvidia.com/gpu", "gpu-pool"], "maxGpusPerJob": 64}}
+    objects = render(helm, tmp_path, values)
+    config_map = one(objects, "ConfigMap")
+    policy = parse_policy(config_map["data"]["policy.yaml"])
+    assert policy.allowed_toleration_keys == ["nvidia.com/gpu", "gpu-pool"] and policy.max_gpus_per_job == 64
+    assert policy.allowed_secret_names == []  # the values not given keep their defaults
+
+    template = one(objects, "Deployment")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    path = container["args"][container["args"].index("--policy-file") + 1]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True and path == f"{mount['mountPath']}/policy.yaml"
+    volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    # A changed policy changes the pod template, so helm upgrade restarts the operator.
+    default = one(render(helm, tmp_path), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert template["metadata"]["annotations"]["checksum/policy"] != default["checksum/policy"]
+
+
+@pytest.mark.parametrize(
+    "policy, complaint",
+    [
+        ({"allowedTolerationKey": ["a"]}, "allowedTolerationKey"),
+        ({"maxGpusPerJob": -1}, "maxGpusPerJob"),
+        ({"maxCommandArgsEnvBytes": 10}, "maxCommandArgsEnvBytes"),
+        ({"forbiddenMountPaths": ["proc"]}, "forbiddenMountPaths"),
+        ({"allowedMountPathPrefixes": []}, "allowedMountPathPrefixes"),
+        ({"allowReadWriteDataVolumes": "yes"}, "allowReadWriteDataVolumes"),
+        ({"allowedSecretNames": [""]}, "allowedSecretNames"),
+    ],
+)
+def test_schema_rejects_bad_policy_values_as_the_operator_would(helm, tmp_path, policy, complaint):
+    from lepton_operator.api.policy import InvalidPolicy, parse_policy
+
+    error = render_error(helm, tmp_path, {"policy": policy})
+    assert "schema" in error and complaint in error, error
+    with pytest.raises(InvalidPolicy):
+        parse_policy(yaml.safe_dump(policy))
 
 
 def _ports(rule: dict) -> set[tuple[str, int]]:
