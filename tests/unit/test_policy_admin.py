@@ -9,8 +9,10 @@ its workers (PolicyViolation) and gets no new one until it complies. Then the po
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from planworld import World, base_spec, running_world, scale_to
 
 from lepton_operator.api.conditions import (
@@ -39,6 +41,7 @@ from lepton_operator.reconcile.conditions import get_condition
 
 pytestmark = pytest.mark.unit
 
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
@@ -356,6 +359,14 @@ def test_every_setting_says_why_its_default_is_the_default():
     assert DEFAULT_POLICY.max_command_args_env_bytes == 64 * 1024
     assert DEFAULT_POLICY.max_command_args_env_bytes_all_workers == 16 * 1024 * 1024
     assert DEFAULT_POLICY.max_gpus_per_job is None
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_complies_with_the_default_policy(path):
+    """Examples are what users copy: the chart's default policy must run them."""
+    for doc in [d for d in yaml.safe_load_all(path.read_text()) if d]:
+        name = doc["metadata"]["name"]
+        assert check_policy(name, parse_job(name, doc["spec"])) == []
 
 
 # ------------------------------------------------------------------- the reconcile pass
