@@ -41,7 +41,7 @@ MountPrefix = Annotated[str, Field(pattern=rf"^/$|{MOUNT_PATH_PATTERN}", max_len
 class AdminPolicy(BaseModel):
     """What LeptonJobs may ask for; each default says why it is the default."""
 
-    # strict: a typo or a quoted "false" in an admin's file is an error, never a guess.
+    # forbid + strict: a misspelt key or a quoted "false" in an admin's file is an error, never a guess.
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True)
 
     allowed_priority_classes: list[Name] = Field(
