@@ -78,18 +78,21 @@ def _triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[st
     return {(group, r, v) for r in resources for v in verbs}
 
 
-# What the operator may do inside a namespace it manages: exactly this, nothing more.
+# What the operator may do inside a namespace it manages: exactly the verbs its code (and
+# kopf) calls, nothing more (the reason for each is in templates/_helpers.tpl).
 NAMESPACED_ALLOWLIST = (
-    _triples("", ["pods"], ["get", "list", "watch", "create", "delete", "patch"])
-    | _triples("", ["services"], ["get", "list", "watch", "create", "delete"])
+    _triples("", ["pods"], ["get", "list", "watch", "create", "delete"])
+    | _triples("", ["services"], ["get", "list", "watch", "create"])
     | _triples("", ["persistentvolumeclaims"], ["get", "list", "watch", "create"])
     | _triples("policy", ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch"])
-    | _triples("", ["events"], ["create", "patch"])
-    | _triples("events.k8s.io", ["events"], ["create", "patch"])
-    | _triples("lepton.ai", ["leptonjobs"], ["get", "list", "watch", "patch", "update", "delete"])
-    | _triples("lepton.ai", ["leptonjobs/status", "leptonjobs/scale"], ["get", "patch", "update"])
+    | _triples("networking.k8s.io", ["networkpolicies"], ["get", "list", "watch", "create", "patch"])
+    | _triples("", ["events"], ["create"])
+    | _triples("lepton.ai", ["leptonjobs"], ["get", "list", "watch", "patch", "delete"])
+    | {("lepton.ai", "leptonjobs/status", "patch")}
+    # blockOwnerDeletion on every child, under OwnerReferencesPermissionEnforcement
+    | {("lepton.ai", "leptonjobs/finalizers", "update")}
 )
-CRD_READ = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "list", "watch"]) | _triples(
+CRD_READ = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]) | _triples(
     "",
     ["nodes"],
     ["list"],  # read-only: lost and cordoned nodes under the workers
@@ -381,6 +384,14 @@ def test_without_peering_the_operator_is_standalone_and_gets_no_peering_rights(h
     assert "--standalone" in args and "--peering" not in args
     assert not of_kind(objects, "KopfPeering") and not of_kind(objects, "ClusterKopfPeering")
     assert not {g for g, _, _ in grants(_all_rules(objects))} & {"kopf.dev"}
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["cluster", "namespaced"])
+def test_without_network_policies_the_operator_gets_no_rights_on_them(helm, tmp_path, watch):
+    objects = render(helm, tmp_path, {"watchNamespaces": watch, "networkPolicy": {"enabled": False}})
+    triples = grants(_all_rules(objects))
+    assert not {g for g, _, _ in triples} & {"networking.k8s.io"}
+    assert triples >= {t for t in NAMESPACED_ALLOWLIST if t[0] != "networking.k8s.io"}  # the rest stays
 
 
 def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):

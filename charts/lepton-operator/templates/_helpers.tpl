@@ -55,22 +55,29 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
-RBAC rules the operator needs inside every namespace it manages. The single source for
-both modes: a ClusterRole (all namespaces) or one Role per watched namespace. Least
-privilege: no secrets, no configmaps, no wildcards, no nodes.
+RBAC rules the operator needs inside every namespace it manages: exactly the verbs its
+code calls (reconcile/kube.py is its only API caller besides kopf), nothing more. The
+single source for both modes: a ClusterRole (all namespaces) or one Role per watched
+namespace. No secrets, no configmaps, no wildcards, no node writes.
+`get` on a child kind is for one case only: a create answered 409 reads the object that
+holds the name to tell our own (created by an earlier pass) from a foreign one
+(NameTaken).
 */}}
 {{- define "lepton-operator.namespacedRules" -}}
-# Worker pods: created and deleted per generation; patched by kopf (annotations) and for
-# adoption checks; watched to follow their phase and exit codes.
+# Worker pods: created and deleted (by uid) per generation; kopf indexes and watches them
+# (list, watch), and the operator re-lists a job's pods now and then (list). Never
+# patched: kopf writes nothing to objects it only indexes.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# The headless Service that gives workers their rendezvous DNS names.
+  verbs: ["get", "list", "watch", "create", "delete"]
+# The headless Service that gives workers their rendezvous DNS names. Never deleted by
+# the operator: it goes with its job (ownerReferences, garbage collection).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create"]
 # Each job's PodDisruptionBudget (minAvailable = its world size, so a drain waits for the
-# operator's checkpoint-aware move; deleted by garbage collection via ownerRefs).
+# operator's checkpoint-aware move; patched when the size changes, deleted by garbage
+# collection via ownerRefs).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -78,30 +85,48 @@ privilege: no secrets, no configmaps, no wildcards, no nodes.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create"]
-# Events about jobs (kopf posts core/v1 events; newer clients use events.k8s.io).
+{{- if .Values.networkPolicy.enabled }}
+# Each job's NetworkPolicy (only its own pods reach its workers' rendezvous ports;
+# patched back when it differs, deleted by garbage collection via ownerRefs). None with
+# networkPolicy.enabled=false: the operator then neither watches nor creates them.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+{{- end }}
+# Events about jobs: the operator and kopf both post core/v1 events, and only create
+# them (repeats are skipped in memory, never patched).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-# The jobs themselves: kopf patches finalizers and its progress annotations; delete is for
-# ttlSecondsAfterFinished.
+  verbs: ["create"]
+# The jobs themselves: read once per pass (get), watched by kopf (list, watch), patched by
+# kopf (its finalizer and lepton.ai/ annotations) and by the autoscaler
+# (spec.workers.replicas through the main resource, with a resourceVersion precondition;
+# never /scale, which is for users and HPAs), deleted for ttlSecondsAfterFinished.
+# kopf and the operator only ever PATCH: no update.
 - apiGroups: ["lepton.ai"]
   resources: ["leptonjobs"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
-# Subresources only support get/patch/update; list and watch on them would grant nothing.
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# The status: one merge patch per pass (the operator never reads /status: the GET of the
+# job carries it).
 - apiGroups: ["lepton.ai"]
-  resources: ["leptonjobs/status", "leptonjobs/scale"]
-  verbs: ["get", "patch", "update"]
+  resources: ["leptonjobs/status"]
+  verbs: ["patch"]
+# Every child carries an ownerReference to its job with blockOwnerDeletion: true. Where
+# the OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift's default),
+# setting that needs `update` on the owner's finalizers subresource, or every create is
+# refused. Nothing else uses it.
+- apiGroups: ["lepton.ai"]
+  resources: ["leptonjobs/finalizers"]
+  verbs: ["update"]
 {{- end }}
 
-{{/* Cluster-scoped reads in both modes: kopf watches CRDs to notice its resource; the
-operator lists nodes (read-only) to see lost and cordoned nodes under its workers. */}}
+{{/* Cluster-scoped reads in both modes: kopf lists and watches CRDs to notice its
+resources (it never gets one); the operator lists nodes (read-only) to see lost and
+cordoned nodes under its workers. */}}
 {{- define "lepton-operator.crdRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]
