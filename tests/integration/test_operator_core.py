@@ -302,7 +302,7 @@ def test_two_operator_replicas_only_one_acts(kube, k8s, namespace, run_operator)
     wait(k8s, running(kube, namespace, "peered", 3, 2), 90, "the standby acted after the leader stopped", b)
 
 
-# ------------------------------------------------------------------ row 8: foreign pods
+# ------------------------------------------------------------------ row 8: foreign pods and names
 
 
 def test_foreign_pod_with_our_labels_is_never_adopted_or_deleted(kube, k8s, namespace, run_operator):
@@ -326,6 +326,61 @@ def test_foreign_pod_with_our_labels_is_never_adopted_or_deleted(kube, k8s, name
     assert status(kube, namespace, "owned")["phase"] == "Pending"
     kube.delete(namespace, "Pod", "owned-worker-0", 0)  # the owner of the name removes it
     wait(k8s, running(kube, namespace, "owned", 2, 1), 40, "job starts once the name is free", op)
+
+
+def test_a_foreign_service_and_budget_holding_our_names_give_name_taken_until_removed(
+    kube, k8s, namespace, run_operator
+):
+    # Objects the job does not own hold the names of its Service (no labels) and of its
+    # PodDisruptionBudget (our labels: still not ours). A create is answered 409 for each.
+    policy = kube.policy_version()
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "held-workers", "namespace": namespace},
+        "spec": {"ports": [{"port": 80}], "selector": {"app": "someone-else"}},
+    }
+    labels = {LABEL_JOB_NAME: "held", LABEL_MANAGED_BY: MANAGED_BY}
+    budget = {
+        "apiVersion": policy,
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "held-workers", "namespace": namespace, "labels": labels},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "someone-else"}}},
+    }
+    budgets = f"/apis/{policy}/namespaces/{namespace}/poddisruptionbudgets"
+    services = f"/api/v1/namespaces/{namespace}/services"
+    foreign = {
+        services: kube.request("POST", services, body=service),
+        budgets: kube.request("POST", budgets, body=budget),
+    }
+    op = run_operator(*FAST)
+    job = create_job(kube, namespace, job_body("held"))
+
+    def name_taken(value):
+        return lambda: condition(status(kube, namespace, "held"), "NameTaken").get("status") == value
+
+    wait(k8s, name_taken("True"), 30, "condition NameTaken", op)
+    message = condition(status(kube, namespace, "held"), "NameTaken")["message"]
+    assert "PodDisruptionBudget held-workers" in message and "Service held-workers" in message
+    wait(k8s, running(kube, namespace, "held", 2, 1), 40, "the workers run meanwhile", op)
+    time.sleep(6)  # more passes (resync 5 s), each trying the creates again
+    warned = events(kube, namespace, "held", "NameTaken")
+    assert sorted(e["message"].split(" exists")[0] for e in warned) == [
+        "PodDisruptionBudget held-workers",
+        "Service held-workers",
+    ]
+    assert all(e["count"] == 1 for e in warned)  # said once, not at every pass
+    for path, created in foreign.items():  # never adopted, patched or deleted
+        held = kube.request("GET", f"{path}/held-workers")
+        assert held["metadata"]["uid"] == created["metadata"]["uid"]
+        assert not held["metadata"].get("ownerReferences") and held["spec"] == created["spec"]
+
+    for path in foreign:  # the owner of the names removes its objects
+        kube.request("DELETE", f"{path}/held-workers")
+    wait(k8s, name_taken("False"), 40, "NameTaken cleared once the names are free", op)
+    for path in foreign:  # the job's own now hold the names
+        owners = kube.request("GET", f"{path}/held-workers")["metadata"]["ownerReferences"]
+        assert [o["uid"] for o in owners] == [job["metadata"]["uid"]]
 
 
 # ------------------------------------------------------------------ row 9: deleted while down
