@@ -1,10 +1,20 @@
 """The chart's RBAC really suffices, and grants nothing it should not (docs/reliability.md, row 14).
 
-The RBAC objects are rendered by helm from the chart, applied to the local control plane
+The RBAC objects are rendered by helm from the chart, applied to a local control plane
 (a real kube-apiserver with `--authorization-mode=RBAC`), and the operator runs with the
 chart ServiceAccount's own identity: a token from the TokenRequest API, authenticated by
 the apiserver's service-account authenticator exactly as in-cluster. No impersonation, no
 admin fallback: anything the chart forgot shows up as a 403 in the operator's log.
+
+The control plane is this module's own: its apiserver runs the
+OwnerReferencesPermissionEnforcement admission plugin (OpenShift's default, off in the
+session's clusters), under which every child the operator creates (ownerReference with
+blockOwnerDeletion) needs `update` on `leptonjobs/finalizers`.
+
+What the ServiceAccount may do is then read back from the apiserver (a
+SelfSubjectRulesReview through its own token: what `kubectl auth can-i --list` prints)
+and compared with the allowlist below, kept here apart from the chart: a verb added to or
+dropped from the chart shows up as a difference.
 
 Two modes, each matching how the chart runs the operator:
 - `watchNamespaces: [ns]` -> Role + RoleBinding in ns, operator `--namespace ns`;
@@ -23,7 +33,7 @@ import yaml
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
-from lepton_localcluster import OperatorProcess
+from lepton_localcluster import LocalCluster, OperatorProcess
 from lepton_localcluster.crds import install_crds
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
 
@@ -38,6 +48,49 @@ JOB = "rbac"
 # peering rules are exercised too.
 OPERATOR_ARGS = ("--liveness-port", "0", "--metrics-port", "0", "--resync-seconds", "5")
 POD_LABEL = f"lepton.ai/job-name={JOB}"
+OWNER_REFERENCES_ENFORCED = "--enable-admission-plugins=OwnerReferencesPermissionEnforcement"
+
+
+def _triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str, str, str]]:
+    return {(group, r, v) for r in resources for v in verbs}
+
+
+# What the operator may do in a namespace it manages: exactly what its code and kopf call.
+IN_A_MANAGED_NAMESPACE = (
+    _triples("", ["pods"], ["get", "list", "watch", "create", "delete"])
+    | _triples("", ["services", "persistentvolumeclaims"], ["get", "list", "watch", "create"])
+    | _triples("policy", ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch"])
+    | _triples("networking.k8s.io", ["networkpolicies"], ["get", "list", "watch", "create", "patch"])
+    | _triples("", ["events"], ["create"])
+    | _triples("lepton.ai", ["leptonjobs"], ["get", "list", "watch", "patch", "delete"])
+    | _triples("lepton.ai", ["leptonjobs/status"], ["patch"])
+    | _triples("lepton.ai", ["leptonjobs/finalizers"], ["update"])
+)
+# Cluster-scoped, in both modes: kopf's CRD watch, the node view (read-only).
+CLUSTER_READS = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]) | _triples(
+    "", ["nodes"], ["list"]
+)
+NAMESPACE_READS = _triples("", ["namespaces"], ["list", "watch"])  # namespaced mode: kopf's namespace watch
+PEERING = ["get", "list", "watch", "patch"]  # the chart creates the peering object
+
+
+@pytest.fixture(scope="module")
+def enforcing_cluster(k8s_binaries):
+    """A cluster of this module's own whose apiserver enforces ownerReference permissions."""
+    cluster = LocalCluster(binaries=k8s_binaries, extra_args={"kube-apiserver": [OWNER_REFERENCES_ENFORCED]})
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster_id = cluster.cluster_id
+        cluster.stop()
+        assert cluster.leftover_processes() == [], f"cluster {cluster_id} left processes behind"
+
+
+@pytest.fixture
+def cluster(enforcing_cluster):
+    """Every fixture of this module (k8s, namespace, run_operator) uses that cluster."""
+    return enforcing_cluster
 
 
 def render_rbac(helm: str, release: str, namespace: str, values: list[str]) -> list[dict]:
@@ -183,9 +236,50 @@ def assert_no_forbidden(operator) -> None:
     for line in operator.log_text().splitlines():
         message = TIMESTAMP.sub("", line)  # a timestamp's milliseconds may read "403"
         # kopf degrades quietly when it lacks a read ("Not enough permissions to ..."): a gap too.
-        if re.search(r"\b403\b", message) or re.search(r"forbidden|not enough permissions", message, re.I):
+        # A whole word only: the admin policy logged at start has `forbiddenMountPaths`.
+        if re.search(r"\b403\b", message) or re.search(r"\bforbidden\b|not enough permissions", message, re.I):
             offending.append(line)
     assert not offending, "the operator hit RBAC denials:\n" + "\n".join(offending[:20])
+
+
+def granted(identity, namespace: str) -> set[tuple[str, str, str]]:
+    """What the identity may do in `namespace` (Role and ClusterRole rules alike), as the
+    apiserver itself reports it to that identity, flattened to (group, resource, verb)."""
+    review = client.AuthorizationV1Api(identity).create_self_subject_rules_review({"spec": {"namespace": namespace}})
+    assert not review.status.incomplete, review.status.evaluation_error
+    triples = set()
+    for rule in review.status.resource_rules:
+        assert not rule.resource_names, rule  # the chart never narrows a rule by name
+        for group in rule.api_groups or []:
+            triples |= _triples(group, rule.resources or [], rule.verbs)
+    return triples
+
+
+def every_user(k8s) -> set[tuple[str, str, str]]:
+    """What any authenticated user may do (system:basic-user: review its own access)."""
+    role = k8s.rbac.read_cluster_role("system:basic-user")
+    return {t for rule in role.rules for group in rule.api_groups for t in _triples(group, rule.resources, rule.verbs)}
+
+
+def assert_granted(identity, k8s, namespace: str, expected: set) -> None:
+    actual = granted(identity, namespace) - every_user(k8s)
+    assert actual == expected, (
+        f"in namespace {namespace}: granted but not on the allowlist {sorted(actual - expected)}; "
+        f"on the allowlist but not granted {sorted(expected - actual)}"
+    )
+
+
+def assert_owner_references_enforced(identity, namespace: str) -> None:
+    """The admission plugin is really on: the ServiceAccount may create pods, but not one
+    whose blockOwnerDeletion ownerReference points at an owner it cannot finalize."""
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "0", "blockOwnerDeletion": True}
+    pod = {
+        "metadata": {"name": "blocked", "ownerReferences": [owner]},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }
+    with pytest.raises(ApiException) as refused:
+        client.CoreV1Api(identity).create_namespaced_pod(namespace, pod)
+    assert refused.value.status == 403 and "blockOwnerDeletion" in refused.value.body
 
 
 def assert_cannot(identity, action, what: str) -> None:
@@ -207,13 +301,25 @@ def test_namespaced_role_suffices_for_a_full_lifecycle(helm, cluster, k8s, names
         sa_name = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
         kubeconfig = service_account_kubeconfig(cluster, k8s, namespace, sa_name, tmp_path / "sa-kubeconfig")
 
+        identity = config.new_client_from_config(config_file=str(kubeconfig))
+        assert_owner_references_enforced(identity, namespace)
+
         operator = run_operator(*OPERATOR_ARGS, env={"KUBECONFIG": str(kubeconfig)})
         run_lifecycle(k8s, namespace)
         assert operator.running(), operator.log_text()[-3000:]
         assert_no_forbidden(operator)
 
-        # And it can do no more than that.
-        identity = config.new_client_from_config(config_file=str(kubeconfig))
+        # And it can do no more than that: exactly the allowlist in its namespace, only the
+        # cluster-scoped reads anywhere else.
+        cluster_wide = CLUSTER_READS | NAMESPACE_READS
+        assert_granted(
+            identity,
+            k8s,
+            namespace,
+            IN_A_MANAGED_NAMESPACE | _triples("kopf.dev", ["kopfpeerings"], PEERING) | cluster_wide,
+        )
+        assert_granted(identity, k8s, "kube-system", cluster_wide)
+
         core = client.CoreV1Api(identity)
         assert_cannot(core, lambda c: c.list_namespaced_secret(namespace), "read secrets")
         assert_cannot(core, lambda c: c.read_namespaced_secret("anything", namespace), "get a secret")
@@ -245,6 +351,9 @@ def test_cluster_role_suffices_for_a_full_lifecycle(helm, cluster, k8s, namespac
         sa_name = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
         kubeconfig = service_account_kubeconfig(cluster, k8s, namespace, sa_name, tmp_path / "sa-kubeconfig")
 
+        identity = config.new_client_from_config(config_file=str(kubeconfig))
+        assert_owner_references_enforced(identity, namespace)
+
         operator = AllNamespacesOperator(
             cluster,
             namespace,
@@ -256,7 +365,13 @@ def test_cluster_role_suffices_for_a_full_lifecycle(helm, cluster, k8s, namespac
         assert operator.running(), operator.log_text()[-3000:]
         assert_no_forbidden(operator)
 
-        core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        # Exactly the allowlist, and in every namespace alike: kube-system included (the reach
+        # of cluster mode that the README's "Security model" warns about).
+        everywhere = IN_A_MANAGED_NAMESPACE | _triples("kopf.dev", ["clusterkopfpeerings"], PEERING) | CLUSTER_READS
+        assert_granted(identity, k8s, namespace, everywhere)
+        assert_granted(identity, k8s, "kube-system", everywhere)
+
+        core = client.CoreV1Api(identity)
         assert_cannot(core, lambda c: c.list_secret_for_all_namespaces(), "read secrets in any namespace")
         assert_cannot(core, lambda c: c.list_namespaced_secret(namespace), "read secrets")
         assert_cannot(core, lambda c: c.create_namespace({"metadata": {"name": "x"}}), "create namespaces")
