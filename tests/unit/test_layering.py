@@ -124,3 +124,11 @@ def test_the_operator_cli_loads_without_dev_tools_trainer_or_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_modules_have_unique_basenames():
+    # pytest's default import mode puts each test directory on sys.path: two test modules
+    # with one basename in different directories cannot be collected in one session.
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
