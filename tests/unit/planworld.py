@@ -9,11 +9,13 @@ terminating) and time forward.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 from lepton_operator.api.models import InvalidJob, LeptonJobStatus, parse_job, parse_status
 from lepton_operator.api.policy import DEFAULT_POLICY
 from lepton_operator.desired import LABEL_GENERATION, JobRef
+from lepton_operator.reconcile.jobpass import Observed
 from lepton_operator.reconcile.plan import plan
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -60,21 +62,21 @@ class World:
         except InvalidJob as e:
             return e
 
+    def observed(self, **changes) -> Observed:
+        """What the operator would see of this world now (pods copied: plan() must not
+        change the world), with `changes` to some fields."""
+        seen = Observed(
+            pods=[copy.deepcopy(x) for x in self.pods.values()],
+            service_exists=self.service,
+            pvc_exists=self.pvc,
+            nodes=self.nodes,
+            budget=self.budget,
+        )
+        return dataclasses.replace(seen, **changes)
+
     def step(self, seconds: float = 0):
         self.now += timedelta(seconds=seconds)
-        p = plan(
-            self.job,
-            self.meta_generation,
-            self.parsed(),
-            self.status,
-            [copy.deepcopy(x) for x in self.pods.values()],
-            self.service,
-            self.pvc,
-            self.now,
-            self.nodes,
-            self.budget,
-            policy=self.policy,
-        )
+        p = plan(self.job, self.meta_generation, self.parsed(), self.status, self.observed(), self.now, self.policy)
         self.status = parse_status(p.status.to_k8s())  # what the apiserver would store
         for delete in p.deletes:
             assert delete.kind == "Pod"

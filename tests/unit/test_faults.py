@@ -88,7 +88,7 @@ def test_a_stale_same_name_pod_of_an_older_generation_never_gets_the_live_pod_de
     live_uid = w.pods["job-worker-1"]["metadata"]["uid"]
     pods = [copy.deepcopy(p) for p in w.pods.values()] + [ghost]
     for _ in range(3):  # every pass
-        result = plan(w.job, 1, w.parsed(), w.status, pods, True, False, w.now, budget=w.budget)
+        result = plan(w.job, 1, w.parsed(), w.status, w.observed(pods=pods), w.now)
         assert [(d.name, d.uid) for d in result.deletes] == [("job-worker-1", ghost["metadata"]["uid"])]
         assert live_uid not in {d.uid for d in result.deletes}
         assert result.status.restarts == 0 and result.creates == []

@@ -23,7 +23,7 @@ from lepton_operator.reconcile.conditions import get_condition
 from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.executor import apply_plan
-from lepton_operator.reconcile.jobpass import Plan
+from lepton_operator.reconcile.jobpass import Observed, Plan
 from lepton_operator.reconcile.kube import Kube
 from lepton_operator.reconcile.loop import run_pass
 from lepton_operator.reconcile.plan import plan
@@ -127,7 +127,7 @@ def test_a_taken_name_is_an_event_and_is_remembered_for_the_next_pass_until_a_cr
 
 
 def pass_of(w: World, status, service_exists: bool, taken: frozenset[str]) -> Plan:
-    return plan(w.job, 1, w.parsed(), status, [], service_exists, False, T0, taken=taken)
+    return plan(w.job, 1, w.parsed(), status, Observed(service_exists=service_exists, taken=taken), T0)
 
 
 def test_the_condition_follows_the_names_taken_and_the_create_is_tried_again():

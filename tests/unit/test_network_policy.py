@@ -221,19 +221,7 @@ def test_observe_is_none_when_policies_are_off():
 
 
 def pass_with(w: World, net):
-    return plan(
-        w.job,
-        w.meta_generation,
-        w.parsed(),
-        w.status,
-        [copy.deepcopy(p) for p in w.pods.values()],
-        w.service,
-        w.pvc,
-        w.now,
-        w.nodes,
-        w.budget,
-        net,
-    )
+    return plan(w.job, w.meta_generation, w.parsed(), w.status, w.observed(network=net), w.now)
 
 
 def stored(policy: dict) -> dict:

@@ -167,7 +167,7 @@ def test_retryable_exit_starts_a_new_generation_and_counts_the_restart_exactly_o
     assert REASON_WORKER_RESTART in w.reasons()
     assert "code 137" in w.status.message
     # Passes before the old pods are gone (and a replay of the same pass) count nothing.
-    replay = plan(w.job, 1, w.parsed(), w.status, list(w.pods.values()), True, False, w.now)
+    replay = plan(w.job, 1, w.parsed(), w.status, w.observed(), w.now)
     assert replay.status.restarts == 1
     w.step(1)
     w.step(1)
@@ -206,9 +206,9 @@ def test_a_replayed_failure_pass_does_not_double_count():
     """Operator killed after the status write: the next pass starts from the written status."""
     w = running_world()
     w.exit("job-worker-1", 137)
-    first = plan(w.job, 1, w.parsed(), w.status, list(w.pods.values()), True, False, w.now)
+    first = plan(w.job, 1, w.parsed(), w.status, w.observed(), w.now)
     written = parse_status(first.status.to_k8s())
-    again = plan(w.job, 1, w.parsed(), written, list(w.pods.values()), True, False, w.now + timedelta(seconds=1))
+    again = plan(w.job, 1, w.parsed(), written, w.observed(), w.now + timedelta(seconds=1))
     assert again.status.restarts == 1
 
 

@@ -78,6 +78,26 @@ def live(pods) -> list[dict]:
     return [p for p in pods if not is_terminating(p)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What a pass saw of the job's world besides the job itself (the loop gathers it)."""
+
+    pods: list[dict] = dataclasses.field(default_factory=list)
+    """Pods with the job's labels, including ones the job does not own."""
+    service_exists: bool = False
+    """The job owns its headless Service."""
+    pvc_exists: bool = False
+    """The job owns its checkpoint claim."""
+    nodes: Optional[dict[str, NodeInfo]] = None
+    """The node view (None when unknown: node loss and drains are not judged)."""
+    budget: Optional[int] = None
+    """The minAvailable of the job's PodDisruptionBudget (None: it has none)."""
+    network: Optional[object] = None
+    """isolation.NetworkIsolation: the setting and the policies seen (None: policies off)."""
+    taken: frozenset[str] = frozenset()
+    """Children ("Kind name") whose name an object the job does not own holds."""
+
+
 class JobPass:
     """One pass over one job: its inputs, the status being built (`s`) and the plan."""
 
@@ -87,28 +107,24 @@ class JobPass:
         meta_generation: Optional[int],
         spec: LeptonJobSpec,
         status: LeptonJobStatus,
-        pods: list[dict],
-        service_exists: bool,
-        pvc_exists: bool,
+        observed: Observed,
         now: datetime,
-        nodes: Optional[dict[str, NodeInfo]] = None,
-        budget: Optional[int] = None,
         policy_violations: Sequence[str] = (),
     ):
         self.job = job
         self.policy_violations = list(policy_violations)  # api.policy.check_policy(): no new worker while any
-        self.nodes = nodes
-        self.budget = budget
+        self.nodes = observed.nodes
+        self.budget = observed.budget
         self.gen_meta = meta_generation
         self.spec = spec
         self.now = now
-        self.service_exists = service_exists
-        self.pvc_exists = pvc_exists
+        self.service_exists = observed.service_exists
+        self.pvc_exists = observed.pvc_exists
         self.s: LeptonJobStatus = status.model_copy(deep=True)
         self.plan = Plan(status=self.s)
         self.ours: list[dict] = []
         self.foreign: dict[str, dict] = {}
-        for pod in pods:
+        for pod in observed.pods:
             if owned_by(pod, job.uid):
                 self.ours.append(pod)
             else:

@@ -33,6 +33,7 @@ from lepton_operator.desired import JobRef, checkpoint_pvc_name, selector_string
 from lepton_operator.reconcile import isolation
 from lepton_operator.reconcile.context import JobKey, OperatorContext
 from lepton_operator.reconcile.executor import apply_plan
+from lepton_operator.reconcile.jobpass import Observed
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 from lepton_operator.reconcile.plan import plan
 
@@ -64,10 +65,10 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     indexed = [dict(p) for p in indexes["pods_by_job"].get(key, [])]
     if ctx.pods.relist_due(key):
         listed = await asyncio.to_thread(ctx.kube.list_pods, namespace, selector_string(name))
-        observed = ctx.pods.listed(key, indexed, listed)
+        seen = ctx.pods.listed(key, indexed, listed)
     else:
-        observed = ctx.pods.view(key, indexed)
-    pods = ctx.expected.overlay(key, observed, now.isoformat())
+        seen = ctx.pods.view(key, indexed)
+    pods = ctx.expected.overlay(key, seen, now.isoformat())
     nodes = await asyncio.to_thread(ctx.nodes.get, ctx.kube.list_nodes)
     # Only the job's own children count: one that merely carries our labels is created
     # again, and its 409 reports the name as taken (NameTaken), never used or patched.
@@ -77,21 +78,16 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     budgets = owned(indexes["budgets_by_job"].get(key, []), job.uid)
     budget = budgets[0] if budgets else None
     network = isolation.observe(ctx.config, indexes.get("network_policies_by_job"), key)
-    result = plan(
-        job,
-        meta.get("generation"),
-        spec,
-        status,
-        pods,
-        service_exists,
-        pvc_exists,
-        now,
-        nodes,
-        budget,
-        network,
-        policy=ctx.config.policy,
+    observed = Observed(
+        pods=pods,
+        service_exists=service_exists,
+        pvc_exists=pvc_exists,
+        nodes=nodes,
+        budget=budget,
+        network=network,
         taken=ctx.taken.get(key, frozenset()),
     )
+    result = plan(job, meta.get("generation"), spec, status, observed, now, ctx.config.policy)
     applied = await apply_plan(ctx, body, status, result, logger)
     return GONE if applied.job_deleted else applied.requeue_after
 

@@ -45,8 +45,7 @@ from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_
 from lepton_operator.reconcile import isolation, lifecycle, rescale
 from lepton_operator.reconcile.conditions import get_condition
 from lepton_operator.reconcile.failures import classify_pod, is_terminating
-from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Plan
-from lepton_operator.reconcile.nodes import NodeInfo
+from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Observed, Plan
 
 
 def plan(
@@ -54,39 +53,28 @@ def plan(
     meta_generation: Optional[int],
     spec: Union[LeptonJobSpec, InvalidJob],
     status: LeptonJobStatus,
-    pods: list[dict],
-    service_exists: bool,
-    pvc_exists: bool,
+    observed: Observed,
     now: datetime,
-    nodes: Optional[dict[str, NodeInfo]] = None,
-    budget: Optional[int] = None,
-    network: Optional[isolation.NetworkIsolation] = None,
     policy: AdminPolicy = DEFAULT_POLICY,
-    taken: frozenset[str] = frozenset(),
 ) -> Plan:
     """Compute one reconcile pass for a LeptonJob (pure; see the module docstring).
 
-    `pods` are all pods carrying the job's labels (the handler's index), including ones
-    the job does not own; `spec` is the parsed spec or the InvalidJob that parsing raised;
-    `nodes` is the node view (None when unknown: node loss and drains are not judged);
-    `budget` the job's PodDisruptionBudget's minAvailable (None: there is none);
-    `network` the job's NetworkPolicy setting and the policies seen (None: policies are off);
-    `policy` the admin policy (a job that never started and breaks it fails as InvalidSpec,
-    creating nothing; a started one keeps its workers: `lifecycle.flag_policy_violation`);
-    `taken` the children ("Kind name") whose create at the last pass found the name held by
-    an object the job does not own (condition NameTaken: `report_names_taken()`).
+    `spec` is the parsed spec or the InvalidJob that parsing raised; `observed` what the
+    loop saw (pods, children, nodes: `jobpass.Observed`); `policy` the admin policy (a job
+    that never started and breaks it fails as InvalidSpec, creating nothing; a started one
+    keeps its workers: `lifecycle.flag_policy_violation`).
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
     violations = check_policy(job.name, spec, policy)
     if violations and status.worker_generation == 0:
         return lifecycle.invalid_spec(job, meta_generation, InvalidJob(violations), status, now)
-    p = JobPass(job, meta_generation, spec, status, pods, service_exists, pvc_exists, now, nodes, budget, violations)
-    report_names_taken(p, taken)
+    p = JobPass(job, meta_generation, spec, status, observed, now, violations)
+    report_names_taken(p, observed.taken)
     result = run(p)
     if not result.delete_job:
         lifecycle.ensure_disruption_budget(p)  # after the pass: it follows the world size it decided
-        isolation.ensure_network_policy(p, network)
+        isolation.ensure_network_policy(p, observed.network)
     return result
 
 
