@@ -412,6 +412,19 @@ HOSTILE = [
     ("initial", {"workers": {"min": 1, "max": 2, "initial": 5}}, "initial"),
     ("reserved", {"env": [{"name": "PET_NNODES", "value": "64"}]}, "reserved"),
     ("prefix", {"env": [{"name": "TORCHELASTIC_FOO", "value": "x"}]}, "reserved"),
+    # Rules a 1.20 server cannot check (CEL is stripped there): the operator refuses them
+    # before the apiserver would refuse the pods they make.
+    ("ports", {"metricsPort": 29401}, "spec.metricsPort (29401) must differ"),
+    ("shm", {"dataVolumes": [{"claimName": "data", "mountPath": "/dev/shm"}]}, "/dev/shm"),
+    (
+        "nested",
+        {"dataVolumes": [{"claimName": "a", "mountPath": "/data"}, {"claimName": "b", "mountPath": "/data/x"}]},
+        "are nested",
+    ),
+    ("hang", {"restart": {"hangSeconds": 5}}, "hangSeconds"),
+    ("qty", {"resources": {"memory": "1.2.3Gi"}}, "spec.resources.memory"),  # the schema refuses it
+    # 128 problems: the status still fits the schema's bounds (summarised), so it is written.
+    ("many", {"env": [{"name": f"PET_X{i}", "value": "x"} for i in range(128)]}, "more"),
 ]
 
 
