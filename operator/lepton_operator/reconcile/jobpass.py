@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple, Optional, Sequence
 
 from lepton_operator.api.conditions import REASON_NAME_TAKEN
-from lepton_operator.api.models import LeptonJobSpec, LeptonJobStatus
+from lepton_operator.api.models import LeptonJobSpec, LeptonJobStatus, RescaleInProgress
 from lepton_operator.desired import (
     JobRef,
     build_worker_pod,
@@ -176,6 +176,21 @@ class JobPass:
         node = (pod.get("spec") or {}).get("nodeName")
         info = self.nodes.get(node) if node and self.nodes else None
         return node if info is not None and info.unschedulable else None
+
+    def stop_for_rescale(self, to: int, reason: str, message: str, not_before=None) -> None:
+        """Record in status a rescale that begins by stopping the running generation (a
+        restart, a scale-down, a resume, a shrink), with a fresh target generation."""
+        self.s.rescale = RescaleInProgress(
+            from_=self.s.world_size,
+            to=to,
+            reason=reason,
+            message=message,
+            stage="Stopping",
+            started_at=self.now,
+            stopped_at=self.now,
+            target_generation=self.next_generation(),
+            not_before=not_before,
+        )
 
     def grace(self) -> int:
         return self.spec.termination_grace_period_seconds

@@ -45,7 +45,6 @@ from lepton_operator.api.models import (
     STATUS_MESSAGE_MAX_LENGTH,
     InvalidJob,
     LeptonJobStatus,
-    RescaleInProgress,
 )
 from lepton_operator.desired import (
     JobRef,
@@ -303,14 +302,5 @@ def resume(p: JobPass) -> None:
     p.cond(CONDITION_SUSPENDED, False, REASON_RESUMED, "resumed")
     p.plan.event(NORMAL, REASON_RESUMED, "job resumed: starting a new generation")
     if s.worker_generation > 0:
-        s.rescale = RescaleInProgress(
-            from_=s.world_size,
-            to=p.spec.requested_workers(),
-            reason=REASON_RESUMED,
-            message="resumed after suspension",
-            stage="Stopping",
-            started_at=p.now,
-            stopped_at=p.now,
-            target_generation=p.next_generation(),
-        )
+        p.stop_for_rescale(p.spec.requested_workers(), REASON_RESUMED, "resumed after suspension")
         s.phase = "Pending"

@@ -91,16 +91,7 @@ def restart(p: JobPass, reason: str, detail: str) -> Plan:
         # later pass sees the rescale under way and never counts this failure again.
         s.restarts += 1
         s.message = f"{detail}; restart {s.restarts}/{budget}: stopping generation {s.worker_generation}"
-    s.rescale = RescaleInProgress(
-        from_=n,
-        to=n,
-        reason=reason,
-        message=detail,
-        stage="Stopping",
-        started_at=p.now,
-        stopped_at=p.now,
-        target_generation=p.next_generation(),
-    )
+    p.stop_for_rescale(n, reason, detail)
     s.phase = "Pending"
     p.cond(CONDITION_READY, False, reason, s.message)
     p.plan.event(WARNING, reason, s.message)
@@ -139,8 +130,8 @@ def maybe_start_rescale(p: JobPass) -> None:
         p.plan.requeue(wait)
         return
     reason, message = rescale_reason(p, d)
-    target = p.next_generation()
     if d > n:
+        target = p.next_generation()
         s.rescale = RescaleInProgress(
             from_=n,
             to=d,
@@ -156,16 +147,7 @@ def maybe_start_rescale(p: JobPass) -> None:
         s.message = f"scaling {n} -> {d} ({reason}): waiting for the added worker(s) to be scheduled"
         p.plan.requeue(p.spec.autoscaling.capacity_timeout_seconds)
     else:
-        s.rescale = RescaleInProgress(
-            from_=n,
-            to=d,
-            reason=reason,
-            message=message,
-            stage="Stopping",
-            started_at=p.now,
-            stopped_at=p.now,
-            target_generation=target,
-        )
+        p.stop_for_rescale(d, reason, message)
         p.delete_all(p.ours)
         s.message = f"scaling {n} -> {d} ({reason}): stopping generation {s.worker_generation}"
     s.phase = "Rescaling"
@@ -363,17 +345,7 @@ def shrink_if_unplaceable(p: JobPass, current: dict[int, dict]) -> Optional[Plan
             f"generation {g}: only {fits} of {n} worker(s) placed within {timeout}s, fewer than min {lo}; "
             f"stopping all workers (no GPUs held) and trying again in {backoff}s"
         )
-    s.rescale = RescaleInProgress(
-        from_=n,
-        to=to,
-        reason=reason,
-        message=s.message,
-        stage="Stopping",
-        started_at=p.now,
-        stopped_at=p.now,
-        target_generation=p.next_generation(),
-        not_before=not_before,
-    )
+    p.stop_for_rescale(to, reason, s.message, not_before)
     s.phase = "Rescaling" if to != n else "Pending"
     p.delete_all(p.ours)
     p.cond(CONDITION_RESCALING, True, reason, s.message)
