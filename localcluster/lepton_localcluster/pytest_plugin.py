@@ -180,8 +180,11 @@ class K8s:
         self.coordination = client.CoordinationV1Api(self.api_client)
 
     @staticmethod
-    def wait_for(predicate, timeout: float = 30, interval: float = 0.2, message: str = "condition"):
-        """Poll ``predicate`` until it returns a truthy value; return it or fail the test."""
+    def wait_for(predicate, timeout: float = 30, interval: float = 0.2, message="condition"):
+        """Poll ``predicate`` until it returns a truthy value; return it or fail the test.
+
+        ``message`` is a string, or a callable that builds one at the timeout (to report the
+        state the test was waiting on)."""
         deadline = time.monotonic() + timeout
         last_error = None
         while time.monotonic() < deadline:
@@ -193,7 +196,7 @@ class K8s:
                 last_error = e
             time.sleep(interval)
         pytest.fail(
-            f"timed out after {timeout} s waiting for {message}"
+            f"timed out after {timeout} s waiting for {message() if callable(message) else message}"
             + (f" (last error: {last_error})" if last_error else "")
         )
 

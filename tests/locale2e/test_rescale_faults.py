@@ -26,7 +26,6 @@ import time
 
 import pytest
 from kubernetes import watch
-from kubernetes.client.rest import ApiException
 
 from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port_pair
@@ -97,21 +96,6 @@ def _scale(k8s, namespace: str, name: str, replicas: int) -> None:
         {"spec": {"replicas": replicas}},
         _content_type="application/merge-patch+json",
     )
-
-
-def _wait(fn, timeout: float, message, interval: float = 0.5):
-    """Poll until `fn()` is truthy and return it; `message()` explains a timeout."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-        except ApiException as exc:
-            last_error = exc
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {message()} (last API error: {last_error})")
 
 
 def _steps(log_text: str, generation: int) -> list[int]:
@@ -312,7 +296,9 @@ def test_ten_capacity_confirmed_scale_ups_cost_no_restart(process_cluster, crds,
                 return None
             return st, stepped[0][-1]
 
-        return _wait(ok, 150, explain(f"generation {generation} Running at {size}, trainers past step {min_step}"))
+        return k8s.wait_for(
+            ok, 150, 0.5, explain(f"generation {generation} Running at {size}, trainers past step {min_step}")
+        )
 
     try:
         k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
@@ -449,31 +435,34 @@ def test_hung_trainer_gets_a_new_generation_that_resumes_past_the_hang(
             return message
 
         k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-        _wait(
+        k8s.wait_for(
             lambda: re.search(rf"^event=hang_injected step={HANG_AT_STEP} ", _read(log), re.M),
             180,
+            0.5,
             explain(f"generation 1 to hang at step {HANG_AT_STEP}"),
         )
         hung_at = time.monotonic()
         st = _status(k8s, namespace, name)
         assert st["workerGeneration"] == 1 and st.get("restarts", 0) == 0, st
 
-        _wait(
+        k8s.wait_for(
             lambda: _status(k8s, namespace, name).get("restarts") == 1,
             HANG_SECONDS + 60,
+            0.5,
             explain("the watchdog's restart"),
         )
         detected = time.monotonic() - hung_at
         print(f"\nhang at step {HANG_AT_STEP} -> restart seen after {detected:.1f}s (hangSeconds {HANG_SECONDS})")
         # The window must see no samples for hangSeconds; the watchdog looks every 5 s.
         assert HANG_SECONDS - 2 <= detected <= HANG_SECONDS + 40, detected
-        hung = _wait(lambda: k8s.events(namespace, name, "Hung"), 30, explain("the Hung event"))
+        hung = k8s.wait_for(lambda: k8s.events(namespace, name, "Hung"), 30, 0.5, explain("the Hung event"))
         assert "processed no samples" in hung[0].message and "generation 1" in hung[0].message, hung[0].message
         assert re.search(rf"^event=stopping reason=sigterm step={HANG_AT_STEP}$", _read(log), re.M), _read(log)[-2000:]
 
-        st = _wait(
+        st = k8s.wait_for(
             lambda: (s := _status(k8s, namespace, name)).get("phase") in ("Succeeded", "Failed") and s,
             240,
+            0.5,
             explain("the job to finish"),
         )
         text = _read(log)
