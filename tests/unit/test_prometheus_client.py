@@ -14,9 +14,12 @@ import pytest
 
 from lepton_operator.scaling.prometheus import (
     MetricsError,
+    Progress,
     PrometheusClient,
     promql_string,
+    target_samples_query,
     throughput_query,
+    trained_samples_query,
     world_size_query,
 )
 
@@ -28,6 +31,7 @@ class Stub:
 
     def __init__(self):
         self.reply = (200, b"{}")
+        self.replies: dict[str, tuple[int, bytes]] = {}  # per query text, else `reply`
         self.delay = 0.0
         self.redirect: tuple[int, str] | None = None  # (code, Location)
         self.flood: tuple[int, bool] | None = None  # (bytes, announce Content-Length)
@@ -45,10 +49,11 @@ class Stub:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 form = parse_qs(self.rfile.read(length).decode())
-                stub.queries.append(form.get("query", [""])[0])
+                query = form.get("query", [""])[0]
+                stub.queries.append(query)
                 stub.headers.append(dict(self.headers))
                 time.sleep(stub.delay)
-                code, body = stub.reply
+                code, body = stub.replies.get(query, stub.reply)
                 try:
                     if stub.redirect:
                         self.send_response(stub.redirect[0])
@@ -89,9 +94,17 @@ class Stub:
         self.thread.start()
 
     def vector(self, *values, ts=None):
+        self.reply = self.vector_reply(*values, ts=ts)
+
+    def answer(self, query, *values, ts=None):
+        """Answer `query` (exact text) with a vector of `values`."""
+        self.replies[query] = self.vector_reply(*values, ts=ts)
+
+    @staticmethod
+    def vector_reply(*values, ts=None):
         ts = time.time() if ts is None else ts
         result = [{"metric": {"i": str(i)}, "value": [ts, v]} for i, v in enumerate(values)]
-        self.reply = (
+        return (
             200,
             json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode(),
         )
@@ -280,3 +293,77 @@ def test_hostile_name_is_sent_verbatim_as_a_literal(stub):
     assert stub.queries[-1] == (
         'sum(rate(lepton_trainer_samples_total{namespace="ns\\"}", job_name="j\\"} or up{"}[60s]))'
     )
+
+
+TRAINED = 'max(lepton_trainer_trained_samples{namespace="team-a", job_name="llm"})'
+TARGET = 'max(lepton_trainer_target_samples{namespace="team-a", job_name="llm"})'
+
+
+def test_run_progress_queries_and_parses_both_gauges(stub):
+    assert (trained_samples_query("team-a", "llm"), target_samples_query("team-a", "llm")) == (TRAINED, TARGET)
+    stub.answer(TRAINED, "2500")
+    stub.answer(TARGET, "10000")
+    progress = client(stub.url).run_progress("team-a", "llm", now=time.time())
+    assert progress == Progress(done=2500.0, target=10000.0)
+    assert (progress.remaining, progress.fraction) == (7500.0, 0.25)
+    assert sorted(stub.queries) == sorted([TRAINED, TARGET])  # no generation filter, no regex
+    with pytest.raises(AttributeError):
+        progress.done = 0  # frozen
+
+
+def test_run_progress_past_the_target_has_nothing_remaining(stub):
+    stub.answer(TRAINED, "10400")  # a resume with a smaller --max-steps, or a last partial step
+    stub.answer(TARGET, "10000")
+    progress = client(stub.url).run_progress("team-a", "llm", now=time.time())
+    assert (progress.remaining, progress.fraction) == (0.0, 1.0)
+    assert Progress(done=0, target=0).fraction == 1.0
+
+
+@pytest.mark.parametrize("trained, target", [((), ()), (("5",), ()), ((), ("10",))])
+def test_run_progress_is_none_when_the_trainer_does_not_export_it(stub, trained, target):
+    stub.answer(TRAINED, *trained)
+    stub.answer(TARGET, *target)
+    assert client(stub.url).run_progress("team-a", "llm", now=time.time()) is None
+
+
+@pytest.mark.parametrize(
+    "trained, target, kind",
+    [
+        (("-1",), ("10",), "malformed"),
+        (("1",), ("0",), "malformed"),
+        (("x",), ("10",), "malformed"),
+        (("NaN",), ("10",), "nan"),
+        (("1",), ("+Inf",), "nan"),
+        (("1", "2"), ("10",), "many_series"),
+    ],
+)
+def test_run_progress_unusable_values_are_typed_errors(stub, trained, target, kind):
+    stub.answer(TRAINED, *trained)
+    stub.answer(TARGET, *target)
+    with pytest.raises(MetricsError) as err:
+        client(stub.url).run_progress("team-a", "llm", now=time.time())
+    assert err.value.kind == kind
+
+
+def test_run_progress_outages_are_errors_not_none(stub):
+    stub.reply = (503, b'{"status":"error","errorType":"unavailable","error":"shutting down"}')
+    with pytest.raises(MetricsError) as err:
+        client(stub.url).run_progress("team-a", "llm", now=time.time())
+    assert err.value.kind == "http"
+    stub.reply = (200, b"<html>not json")
+    with pytest.raises(MetricsError) as err:
+        client(stub.url).run_progress("team-a", "llm", now=time.time())
+    assert err.value.kind == "malformed"
+    stub.answer(TRAINED, "5", ts=time.time() - 3600)
+    stub.answer(TARGET, "10", ts=time.time() - 3600)
+    with pytest.raises(MetricsError) as err:
+        client(stub.url, max_age_seconds=120).run_progress("team-a", "llm", now=time.time())
+    assert err.value.kind == "stale"
+
+
+def test_run_progress_queries_keep_hostile_names_inside_literals():
+    q = trained_samples_query('ns"}', 'j"} or vector(1e9) #')
+    assert q == 'max(lepton_trainer_trained_samples{namespace="ns\\"}", job_name="j\\"} or vector(1e9) #"})'
+    assert "=~" not in target_samples_query("ns", ".*")
+    with pytest.raises(ValueError):
+        target_samples_query("", "j")

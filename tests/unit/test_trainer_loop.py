@@ -83,10 +83,11 @@ def test_metrics_endpoint_serves_the_contract_names():
     port = free_port()
     metrics = TrainerMetrics()
     metrics.set_membership(3, 7)
+    metrics.set_run(320, 64)
     metrics.serve("127.0.0.1", port)
     try:
-        metrics.observe_step(16, 0.02, 2.5)
-        metrics.observe_step(16, 0.03, 2.4)
+        metrics.observe_step(16, 0.02, 2.5, 80)
+        metrics.observe_step(16, 0.03, 2.4, 96)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     finally:
         metrics.stop()
@@ -97,6 +98,8 @@ def test_metrics_endpoint_serves_the_contract_names():
         "lepton_trainer_world_size 3.0",
         "lepton_trainer_generation 7.0",
         "lepton_trainer_step_seconds_count 2.0",
+        "lepton_trainer_trained_samples 96.0",
+        "lepton_trainer_target_samples 320.0",
     ):
         assert line in body.splitlines(), line
 
@@ -145,3 +148,53 @@ def test_an_unreadable_checkpoint_is_a_retryable_exit_not_a_fresh_start(tmp_path
     assert Trainer(_synthetic(ck, 10), DistEnv(generation=2)).run() == exitcodes.STORAGE_ERROR
     assert "event=storage_error" in capsys.readouterr().out
     assert [e.step for e in CheckpointStore(ck).entries()] == [5]  # kept, and nothing newer written
+
+
+def _run_with_metrics(cfg_argv, env):
+    """Run a synthetic trainer with /metrics on; returns (exit code, the run's two progress
+    gauges at start, the position gauge after every step, the last scrape of /metrics)."""
+    port = free_port()
+    trainer = Trainer(_synthetic(*cfg_argv, "--metrics-addr", "127.0.0.1", "--metrics-port", str(port)), env)
+    seen = {"start": None, "steps": [], "body": ""}
+    start_metrics = trainer._start_metrics
+
+    def gauges():
+        reg = trainer.metrics.registry
+        return reg.get_sample_value("lepton_trainer_trained_samples"), reg.get_sample_value(
+            "lepton_trainer_target_samples"
+        )
+
+    def start_and_watch():
+        start_metrics()
+        seen["start"] = gauges()
+        observe = trainer.metrics.observe_step
+
+        def observe_and_record(*args, **kwargs):
+            observe(*args, **kwargs)
+            seen["steps"].append(gauges()[0])
+            seen["body"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+        trainer.metrics.observe_step = observe_and_record
+
+    trainer._start_metrics = start_and_watch
+    return trainer.run(), seen
+
+
+def test_the_run_position_and_target_are_exported_and_survive_a_resume(tmp_path, capsys):
+    ck = tmp_path / "ck"  # global batch 4 (see _synthetic)
+    code, seen = _run_with_metrics((ck, 5), DistEnv(generation=1))
+    assert code == exitcodes.OK
+    assert seen["start"] == (0.0, 20.0)
+    assert seen["steps"] == [4.0, 8.0, 12.0, 16.0, 20.0]  # updated every step
+    scraped = seen["body"].splitlines()
+    assert "lepton_trainer_trained_samples 20.0" in scraped and "lepton_trainer_target_samples 20.0" in scraped
+    # A new generation (new pods: the samples counter starts over) extends the run to 8
+    # steps and resumes at step 5: the position comes back from the checkpoint.
+    code, seen = _run_with_metrics((ck, 8), DistEnv(generation=2))
+    assert code == exitcodes.OK
+    assert "event=resumed step=5 data_position=20" in capsys.readouterr().out
+    assert seen["start"] == (20.0, 32.0)
+    assert seen["steps"] == [24.0, 28.0, 32.0]
+    scraped = seen["body"].splitlines()
+    assert "lepton_trainer_trained_samples 32.0" in scraped and "lepton_trainer_target_samples 32.0" in scraped
+    assert "lepton_trainer_samples_total 12.0" in scraped  # this pod's own work only

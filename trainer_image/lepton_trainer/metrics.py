@@ -28,6 +28,19 @@ class TrainerMetrics:
         self.generation = Gauge(
             "lepton_trainer_generation", "Generation of the job this worker belongs to", registry=self.registry
         )
+        # The run's position and its end, in samples of the global batch: every pod of a job
+        # exports the same values, and they survive restarts (the position comes back from the
+        # checkpoint), unlike lepton_trainer_samples_total, which starts at 0 in every new pod.
+        self.trained_samples = Gauge(
+            "lepton_trainer_trained_samples",
+            "Position of the run in samples (global step x global batch), restored from the checkpoint on resume",
+            registry=self.registry,
+        )
+        self.target_samples = Gauge(
+            "lepton_trainer_target_samples",
+            "Samples of the whole run (--max-steps x global batch)",
+            registry=self.registry,
+        )
         self.step_seconds = Histogram(
             "lepton_trainer_step_seconds",
             "Wall time of one global step, pacing included",
@@ -50,9 +63,17 @@ class TrainerMetrics:
         self.world_size.set(world_size)
         self.generation.set(generation)
 
-    def observe_step(self, samples: int, seconds: float, loss: float) -> None:
-        """Record one completed global step of which this pod processed ``samples``."""
+    def set_run(self, target_samples: int, position: int) -> None:
+        """The run's end and its position at start (0, or where the checkpoint left it)."""
+        self.target_samples.set(target_samples)
+        self.trained_samples.set(position)
+
+    def observe_step(self, samples: int, seconds: float, loss: float, position: int | None = None) -> None:
+        """Record one completed global step of which this pod processed ``samples``;
+        ``position`` is the run's position in samples after it."""
         self.samples.inc(samples)
+        if position is not None:
+            self.trained_samples.set(position)
         self.steps.inc()
         self.loss.set(loss)
         self.step_seconds.observe(seconds)

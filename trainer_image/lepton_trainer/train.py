@@ -239,6 +239,7 @@ class Trainer:
             return
         self.metrics = TrainerMetrics()
         self.metrics.set_membership(self.env.nodes, self.env.generation)
+        self.metrics.set_run(self.cfg.max_steps * self.cfg.global_batch_size, self.data_position)
         try:
             self.metrics.serve(self.cfg.metrics_addr, self.cfg.metrics_port)
             log(
@@ -435,7 +436,7 @@ class Trainer:
                 pacer.wait(G)
             seconds = time.perf_counter() - t0
             if self.metrics is not None:
-                self.metrics.observe_step(node_samples, seconds, loss)
+                self.metrics.observe_step(node_samples, seconds, loss, self.data_position)
             if first and env.rank == 0:
                 log(event="first_step", step=self.step, t=f"{time.time():.3f}")
                 first = False

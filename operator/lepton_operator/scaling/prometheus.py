@@ -39,6 +39,8 @@ from typing import Optional, Union
 
 SAMPLES_METRIC = "lepton_trainer_samples_total"
 WORLD_SIZE_METRIC = "lepton_trainer_world_size"
+TRAINED_SAMPLES_METRIC = "lepton_trainer_trained_samples"
+TARGET_SAMPLES_METRIC = "lepton_trainer_target_samples"
 MAX_RESPONSE_BYTES = 1024 * 1024
 
 
@@ -58,6 +60,26 @@ class Sample:
     value: float
     timestamp: float
     labels: dict
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, in samples: `done` of `target` (both from the trainer's gauges)."""
+
+    done: float
+    target: float
+
+    @property
+    def remaining(self) -> float:
+        """Samples left to train (0 once `done` reaches or passes `target`)."""
+        return max(0.0, self.target - self.done)
+
+    @property
+    def fraction(self) -> float:
+        """`done / target` in [0, 1] (1 for a run with nothing to do)."""
+        if self.target <= 0:
+            return 1.0
+        return min(1.0, max(0.0, self.done / self.target))
 
 
 def promql_string(value: str) -> str:
@@ -96,6 +118,21 @@ def progress_query(namespace: str, job_name: str, window_seconds: int, generatio
 def world_size_query(namespace: str, job_name: str, generation: Optional[int] = None) -> str:
     """Workers reporting metrics (one series per worker pod): `count(lepton_trainer_world_size{...})`."""
     return f"count({selector(WORLD_SIZE_METRIC, namespace, job_name, generation)})"
+
+
+def trained_samples_query(namespace: str, job_name: str) -> str:
+    """The run's position in samples: `max(lepton_trainer_trained_samples{...})`.
+
+    Every pod exports the same gauge, restored from the checkpoint on resume, so no
+    generation filter: the max over the pods Prometheus still sees is the position (unlike
+    `lepton_trainer_samples_total`, which starts at 0 in every new pod).
+    """
+    return f"max({selector(TRAINED_SAMPLES_METRIC, namespace, job_name)})"
+
+
+def target_samples_query(namespace: str, job_name: str) -> str:
+    """The run's total in samples (`--max-steps` x global batch): `max(lepton_trainer_target_samples{...})`."""
+    return f"max({selector(TARGET_SAMPLES_METRIC, namespace, job_name)})"
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -215,6 +252,34 @@ class PrometheusClient:
         if now - ts > self.max_age_seconds:
             raise MetricsError("stale", f"sample is {now - ts:.0f} s old (limit {self.max_age_seconds:.0f} s)")
         return Sample(value=value, timestamp=ts, labels=dict(series.get("metric") or {}))
+
+    def _scalar_or_none(self, promql: str, now: float) -> Optional[Sample]:
+        """`query_scalar`, but None for an empty answer (a series nobody exports)."""
+        try:
+            return self.query_scalar(promql, now)
+        except MetricsError as exc:
+            if exc.kind == "empty":
+                return None
+            raise
+
+    def run_progress(self, namespace: str, job_name: str, now: float) -> Optional[Progress]:
+        """The run's position and total in samples (remaining work = target - done).
+
+        None when the job's trainer exports neither gauge (another image, or no pod
+        running); a MetricsError on every other failure, as for the other queries. A
+        negative position or a target that is not positive is malformed.
+        """
+        target = self._scalar_or_none(target_samples_query(namespace, job_name), now)
+        if target is None:
+            return None
+        done = self._scalar_or_none(trained_samples_query(namespace, job_name), now)
+        if done is None:
+            return None
+        if target.value <= 0:
+            raise MetricsError("malformed", f"target of {target.value} samples for {namespace}/{job_name}")
+        if done.value < 0:
+            raise MetricsError("malformed", f"negative position {done.value} for {namespace}/{job_name}")
+        return Progress(done=done.value, target=target.value)
 
     def progress(self, namespace: str, job_name: str, window_seconds: int, now: float, generation: int) -> Sample:
         """Samples the job's workers processed over the last `window_seconds`."""
