@@ -97,3 +97,20 @@ HOLD_AT_KNEE = "AtKnee"
 HOLD_AT_BOUND = "AtBound"
 HOLD_NOT_WORTH_RESTART = "RestartCostExceedsGain"
 REASON_OUT_OF_BOUNDS = "OutsideBounds"
+
+# --- Admitted: the cluster allocator admitted the job (gang admission) ----------------
+# False while the job is Queued: its `min` workers do not fit yet; it has no pods.
+CONDITION_ADMITTED = "Admitted"
+REASON_ADMITTED = "Admitted"
+REASON_QUEUED = "Queued"  # its min workers do not fit, even after shrinking others to their min
+REASON_QUEUED_BEHIND = "QueuedBehindStarvingJob"  # an earlier job waited too long: it goes first
+REASON_NO_MATCHING_NODES = "NoMatchingNodes"  # its node pool has too few GPUs for its min, ever
+REASON_WAITING_FOR_SHRINK = "WaitingForShrink"  # admitted once the jobs shrunk for it free their GPUs
+
+# --- allocator decisions (status.allocation.reason) --------------------------------------
+REASON_ALLOCATOR_GROW = "AllocatorGrow"
+REASON_ALLOCATOR_SHRINK = "AllocatorShrink"  # GPUs go to a job that completes faster with them
+REASON_ALLOCATOR_FLOOR = "BelowEfficiencyFloor"  # the last workers add less than efficiencyThreshold
+REASON_ALLOCATOR_HOLD = "AllocatorHold"
+REASON_ALLOCATOR_WAITING = "WaitingForGPUs"  # a grow waits for shrinking jobs to free GPUs
+REASON_ALLOCATOR_FIXED = "FixedSize"  # autoscaling disabled: admitted at its size, never resized

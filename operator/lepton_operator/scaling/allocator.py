@@ -29,10 +29,25 @@ the whole story.
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lepton_operator.scaling.throughput import Measurement
+from lepton_operator.api.conditions import (
+    REASON_ADMITTED,
+    REASON_ALLOCATOR_FIXED,
+    REASON_ALLOCATOR_FLOOR,
+    REASON_ALLOCATOR_GROW,
+    REASON_ALLOCATOR_HOLD,
+    REASON_ALLOCATOR_SHRINK,
+    REASON_ALLOCATOR_WAITING,
+    REASON_NO_MATCHING_NODES,
+    REASON_QUEUED,
+    REASON_QUEUED_BEHIND,
+    REASON_WAITING_FOR_SHRINK,
+)
+from lepton_operator.scaling.throughput import Measurement, fit_throughput
 
 
 @dataclass(frozen=True)
@@ -116,8 +131,431 @@ class Allocation:
     why_not_less: str = ""
 
 
+# A job that does not report its remaining work is treated as running this long more.
+LONG_RUNNING_SECONDS = 7 * 24 * 3600.0
+
+
+@dataclass
+class _Step:
+    """A job's next step in the greedy: from `size` to `to`, worth `value` per GPU."""
+
+    job: JobState
+    size: int
+    to: int
+    value: float
+    likely: bool
+    """The gain is likely: the prediction's lower bound still beats the current size."""
+
+
+def queue_order(job: JobState) -> tuple:
+    """Admission order: higher priority first, then older first."""
+    return (-job.priority, job.created, job.key)
+
+
 def allocate(
     jobs: Sequence[JobState], capacity: Capacity, now: float, settings: Settings = Settings()
 ) -> dict[str, Allocation]:
     """One allocation for every job; see the module docstring."""
-    raise NotImplementedError
+    return _Pass(jobs, capacity, now, settings).run()
+
+
+class _Pass:
+    """One allocator pass. Steps, in order: admit (gang), ideal sizes (greedy), then the
+    changes that pay (shrinks first, grows only into GPUs free now)."""
+
+    def __init__(self, jobs: Sequence[JobState], capacity: Capacity, now: float, settings: Settings):
+        self.jobs = sorted(jobs, key=queue_order)
+        self.by_key = {j.key: j for j in self.jobs}
+        self.capacity = capacity
+        self.now = now
+        self.settings = settings
+        self.models = {j.key: fit_throughput(j.measurements) for j in self.jobs}
+        self.why_not_more: dict[str, str] = {}
+        self.why_not_less: dict[str, str] = {}
+        self.reasons: dict[str, tuple[str, str]] = {}
+
+    # ------------------------------------------------------------------ capacity
+
+    def _fits(self, gpus: dict[str, int]) -> bool:
+        """Do these GPUs per job fit the cluster and every node pool?"""
+        if sum(gpus.values()) > self.capacity.total:
+            return False
+        used: dict[str, int] = {}
+        for key, n in gpus.items():
+            pool = self.by_key[key].pool
+            if pool is not None:
+                used[pool] = used.get(pool, 0) + n
+        return all(n <= self.capacity.pools.get(pool, 0) for pool, n in used.items())
+
+    def _gpus(self, sizes: dict[str, int]) -> dict[str, int]:
+        return {k: n * self.by_key[k].gpus_per_worker for k, n in sizes.items()}
+
+    def _fits_now(self, sizes: dict[str, int]) -> bool:
+        """Would these sizes fit while every job still holds the GPUs its pods hold now?"""
+        gpus = self._gpus(sizes)
+        return self._fits({k: max(g, self.by_key[k].held_gpus) for k, g in gpus.items()})
+
+    # ------------------------------------------------------------------ model
+
+    def _throughput(self, job: JobState, n: int) -> Optional[float]:
+        model = self.models[job.key]
+        return model.predict(n) if model is not None else None
+
+    def _remaining_seconds(self, job: JobState, n: int) -> float:
+        """Predicted time to finish at n workers (LONG_RUNNING_SECONDS when unknown)."""
+        x = self._throughput(job, n)
+        if job.remaining_samples is None or not x:
+            return LONG_RUNNING_SECONDS
+        return max(0.0, job.remaining_samples) / x
+
+    def _delay(self, job: JobState, n: int, to: int, over: Optional[float] = None) -> float:
+        """Seconds by which moving from n to `to` workers delays the job's completion
+        (negative: it finishes sooner), its restart included. With `over`, the change
+        lasts only that long (a donor gets its GPUs back when the job it gave them to
+        ends); a job whose remaining work is unknown counts the settings' horizon."""
+        x, x_to = self._throughput(job, n), self._throughput(job, to)
+        if not x or not x_to:
+            return job.restart_seconds
+        if over is None and job.remaining_samples is not None:
+            r = max(0.0, job.remaining_samples)
+            return job.restart_seconds + r / x_to - r / x
+        if over is None:
+            over = self.settings.horizon_seconds
+        return job.restart_seconds + min(over, self._remaining_seconds(job, n)) * (1 - x_to / x)
+
+    def _next_step(self, job: JobState, n: int) -> tuple[Optional[_Step], str]:
+        """The job's next step up from n workers, or None and why not."""
+        to = n + job.step
+        if to > job.max:
+            return None, f"at max = {job.max}"
+        model = self.models[job.key]
+        if model is None:
+            first = max(job.min, min(job.requested, job.max))
+            if to <= first:
+                return _Step(job, n, to, math.inf, likely=False), ""
+            return None, "no throughput measured yet: it runs at its requested size first"
+        ceiling = self.settings.growth_factor * model.sizes[-1]
+        if to > ceiling:
+            return None, (
+                f"grows at most {self.settings.growth_factor}x its largest measured size "
+                f"({model.sizes[-1]}) per decision"
+            )
+        x, x_to = model.predict(n), model.predict(to)
+        gain = x_to - x
+        if gain <= 0:
+            return None, f"{n}->{to} workers: the model predicts no gain ({x:.1f} -> {x_to:.1f} samples/s)"
+        efficiency = (gain / job.step) / (x / n)
+        if efficiency < job.floor:
+            return None, (
+                f"{n}->{to} workers: marginal efficiency {efficiency:.2f} < efficiencyThreshold {job.floor:.2f}"
+            )
+        if job.remaining_samples is not None and job.remaining_samples <= 0:
+            return None, "no work left"
+        remaining = job.remaining_samples if job.remaining_samples is not None else x * LONG_RUNNING_SECONDS
+        value = gain / remaining / (job.step * job.gpus_per_worker)
+        # Inside the measured sizes the fit is trusted; beyond them the gain must clear the
+        # prediction's uncertainty to count as likely (otherwise it is exploration).
+        likely = to <= model.sizes[-1] or x_to - model.sigma(to) > x
+        return _Step(job, n, to, value, likely), ""
+
+    # ------------------------------------------------------------------ the pass
+
+    def run(self) -> dict[str, Allocation]:
+        floors, queued = self._admit()
+        ideal = self._ideal(floors)
+        final = self._changes(floors, ideal)
+        return self._answers(floors, queued, ideal, final)
+
+    def _floor_size(self, job: JobState, for_priority: Optional[int]) -> int:
+        """Workers an admitted job keeps when a job of `for_priority` needs room (None:
+        nobody): an elastic job of no higher priority can shrink to its min."""
+        if not job.elastic or job.busy or job.current == 0:
+            return max(job.requested, job.min) if not job.elastic else max(job.requested, job.current, job.min)
+        if for_priority is not None and job.priority <= for_priority:
+            return job.min
+        return job.current
+
+    def _admit(self) -> tuple[dict[str, int], dict[str, tuple[int, str, str]]]:
+        """Gang admission. Returns the floor size of every admitted job (old and newly
+        admitted) and, for each queued job, (place in queue, reason, message)."""
+        admitted = [j for j in self.jobs if j.admitted]
+        floors = {j.key: self._floor_size(j, None) for j in admitted}
+        queued: dict[str, tuple[int, str, str]] = {}
+        blocking: Optional[JobState] = None
+        for job in self.jobs:
+            if job.admitted:
+                continue
+            need = max(job.min, min(job.requested, job.max)) if not job.elastic else job.min
+            place = len(queued) + 1
+            if blocking is not None and job.priority <= blocking.priority:
+                queued[job.key] = (
+                    place,
+                    REASON_QUEUED_BEHIND,
+                    f"{blocking.key} has waited longer than {self.settings.starvation_seconds:.0f} s; "
+                    "no job of its priority or lower is admitted before it",
+                )
+                continue
+            squeezed = {
+                k: self._floor_size(self.by_key[k], job.priority) if k in floors and self.by_key[k].admitted else n
+                for k, n in floors.items()
+            }
+            if self._fits(self._gpus({**squeezed, job.key: need})):
+                floors[job.key] = need
+                continue
+            if not self._fits(self._gpus({job.key: need})):
+                pool = f" on the nodes its nodeSelector/tolerations allow ({job.pool})" if job.pool else ""
+                queued[job.key] = (
+                    place,
+                    REASON_NO_MATCHING_NODES,
+                    f"its {need} workers x {job.gpus_per_worker} GPUs exceed the GPUs of the cluster{pool}",
+                )
+                continue
+            waited = self.now - (job.queued_since if job.queued_since is not None else job.created)
+            queued[job.key] = (
+                place,
+                REASON_QUEUED,
+                f"its {need} workers x {job.gpus_per_worker} GPUs do not fit, even with the elastic jobs "
+                f"of its priority or lower at their min; place {place} in the queue",
+            )
+            if waited >= self.settings.starvation_seconds and blocking is None:
+                blocking = job
+        return floors, queued
+
+    def _ideal(self, floors: dict[str, int]) -> dict[str, int]:
+        """The sizes the admitted jobs would have with no change costs: from their floors
+        (elastic jobs not busy from their min), spare steps go greedily to the highest
+        priority, then the most completion rate gained per GPU. Steps whose gain is
+        likely come first; steps whose gain is only a guess (exploration) get the GPUs
+        that would otherwise idle."""
+        sizes: dict[str, int] = {}
+        growing: list[JobState] = []
+        for key, floor in floors.items():
+            job = self.by_key[key]
+            if job.elastic and not job.busy and job.current > 0:
+                sizes[key] = job.min
+                growing.append(job)
+            elif job.elastic and not job.admitted:
+                sizes[key] = job.min  # newly admitted: its requested size is explored below
+                growing.append(job)
+            else:
+                sizes[key] = floor
+                self.why_not_more[key] = (
+                    "autoscaling is disabled: it runs at its requested size"
+                    if not job.elastic
+                    else "a rescale is under way or its size is not measured yet"
+                )
+        for likely_only in (True, False):
+            heap: list[tuple] = []
+            for job in growing:
+                self._push(heap, job, sizes[job.key], likely_only)
+            while heap:
+                _, _, step = heapq.heappop(heap)
+                trial = {**sizes, step.job.key: step.to}
+                if not self._fits(self._gpus(trial)):
+                    self.why_not_more[step.job.key] = (
+                        "no free GPUs: the rest went to jobs of higher priority or that gain more per GPU"
+                    )
+                    continue
+                sizes = trial
+                self._push(heap, step.job, step.to, likely_only)
+        return sizes
+
+    def _push(self, heap: list, job: JobState, n: int, likely_only: bool) -> None:
+        step, why = self._next_step(job, n)
+        if step is None:
+            self.why_not_more[job.key] = why
+            return
+        if likely_only and not step.likely:
+            self.why_not_more[job.key] = (
+                f"{n}->{step.to} workers: the gain is a guess (beyond the sizes measured); tried only with idle GPUs"
+            )
+            return
+        heapq.heappush(heap, ((-job.priority, -step.value), job.key, step))
+
+    def _changes(self, floors: dict[str, int], ideal: dict[str, int]) -> dict[str, int]:
+        """From the sizes now toward the ideal, only where it pays: floor shrinks, shrinks
+        to make room, then grows (each must pay its own restart and its donors')."""
+        final: dict[str, int] = {}
+        movable: list[JobState] = []
+        for key in floors:
+            job = self.by_key[key]
+            if not job.admitted:
+                final[key] = ideal[key]
+            elif not job.elastic or job.busy or job.current == 0:
+                final[key] = floors[key]
+            else:
+                final[key] = max(job.min, min(job.max, job.current))
+                movable.append(job)
+        for job in movable:
+            self._shrink_below_floor(job, ideal, final)
+        self._make_room(movable, ideal, final)
+        growers = [j for j in movable if ideal[j.key] > final[j.key]]
+        growers.sort(key=lambda j: (-j.priority, self._delay(j, final[j.key], ideal[j.key])))
+        for job in growers:
+            self._grow(job, movable, ideal, final)
+        return final
+
+    def _shrink_below_floor(self, job: JobState, ideal: dict[str, int], final: dict[str, int]) -> None:
+        """The user's floor: workers whose predicted marginal efficiency is below
+        efficiencyThreshold (by the hysteresis margin) are given back."""
+        n, to = final[job.key], ideal[job.key]
+        model = self.models[job.key]
+        if to >= n or model is None:
+            return
+        x, x_to = model.predict(n), model.predict(to)
+        efficiency = ((x - x_to) / (n - to)) / (x_to / to) if x_to > 0 else 0.0
+        if efficiency < job.floor * (1 - self.settings.hysteresis) or x_to >= x * (1 + self.settings.hysteresis):
+            final[job.key] = to
+            self.reasons[job.key] = (
+                REASON_ALLOCATOR_FLOOR,
+                f"{to}->{n} workers add {efficiency:.2f} of per-worker throughput "
+                f"(efficiencyThreshold {job.floor:.2f}; predicted {x_to:.1f} samples/s at {to}, {x:.1f} at {n})",
+            )
+
+    def _donors(self, movable: list[JobState], ideal: dict[str, int], final: dict[str, int], priority: int):
+        """Jobs holding more than their ideal, cheapest to shrink first."""
+        donors = [d for d in movable if final[d.key] > ideal[d.key] and d.priority <= priority]
+        donors.sort(key=lambda d: (d.priority, self._delay(d, final[d.key], ideal[d.key])))
+        return donors
+
+    def _make_room(self, movable: list[JobState], ideal: dict[str, int], final: dict[str, int]) -> None:
+        """Admissions (and a cluster that lost GPUs) need room: shrink jobs above their
+        ideal, lowest priority and cheapest first, then, if still needed, toward min."""
+        if self._fits(self._gpus(final)):
+            return
+        for donor in self._donors(movable, ideal, final, priority=max((j.priority for j in self.jobs), default=0)):
+            final[donor.key] = ideal[donor.key]
+            self.reasons[donor.key] = (
+                REASON_ALLOCATOR_SHRINK,
+                f"{donor.current}->{ideal[donor.key]} workers: room for admitted jobs",
+            )
+            if self._fits(self._gpus(final)):
+                return
+        for job in sorted(movable, key=lambda j: (j.priority, j.created)):
+            while final[job.key] - job.step >= job.min and not self._fits(self._gpus(final)):
+                final[job.key] -= job.step
+                self.reasons[job.key] = (
+                    REASON_ALLOCATOR_SHRINK,
+                    f"{job.current}->{final[job.key]} workers: the cluster has fewer GPUs than its jobs hold",
+                )
+
+    def _grow(self, job: JobState, movable: list[JobState], ideal: dict[str, int], final: dict[str, int]) -> None:
+        """Grow toward the ideal when it pays; shrink donors first when GPUs are needed;
+        release the grow only when its GPUs are free now."""
+        n = final[job.key]
+        donors = self._donors([d for d in movable if d is not job], ideal, final, job.priority)
+        for to in range(ideal[job.key], n, -job.step):
+            used: list[JobState] = []
+            trial = {**final, job.key: to}
+            for donor in donors:
+                if self._fits(self._gpus(trial)):
+                    break
+                trial[donor.key] = ideal[donor.key]
+                used.append(donor)
+            if self._fits(self._gpus(trial)):
+                break
+        else:
+            self.why_not_more[job.key] = "no GPUs to grow into, even from jobs above their ideal size"
+            return
+        model = self.models[job.key]
+        x, x_to = model.predict(n), model.predict(to)
+        # A donor loses throughput until this job ends (then it can grow back: a second restart).
+        until = self._remaining_seconds(job, to)
+        delay = self._delay(job, n, to) + sum(
+            self._delay(d, final[d.key], ideal[d.key], over=until) + d.restart_seconds for d in used
+        )
+        restarts = job.restart_seconds + sum(2 * d.restart_seconds for d in used)
+        relative = x_to / x - 1 if x > 0 else math.inf
+        likely = x_to - model.sigma(to) > x
+        if -delay <= self.settings.hysteresis * restarts or relative <= self.settings.hysteresis:
+            self.why_not_more[job.key] = (
+                f"{n}->{to} workers: predicted {x:.1f} -> {x_to:.1f} samples/s (+{relative:.0%}) saves "
+                f"{-delay:.0f} s of completion time, not enough to pay {restarts:.0f} s of restarts "
+                f"with a {self.settings.hysteresis:.0%} margin"
+            )
+            return
+        if used and not likely:
+            self.why_not_more[job.key] = (
+                f"{n}->{to} workers: the gain is a guess; other jobs are not shrunk for a guess"
+            )
+            return
+        for donor in used:
+            final[donor.key] = ideal[donor.key]
+            self.reasons[donor.key] = (
+                REASON_ALLOCATOR_SHRINK,
+                f"{donor.current}->{ideal[donor.key]} workers: its GPUs finish {job.key} sooner",
+            )
+        if not self._fits_now({**final, job.key: to}):
+            self.reasons[job.key] = (
+                REASON_ALLOCATOR_WAITING,
+                f"{n}->{to} workers once the jobs shrinking for it have freed their GPUs",
+            )
+            return
+        final[job.key] = to
+        self.reasons[job.key] = (
+            REASON_ALLOCATOR_GROW,
+            f"{n}->{to} workers: predicted {x:.1f} -> {x_to:.1f} samples/s (+{relative:.0%}), "
+            f"completes {-delay:.0f} s sooner net of {restarts:.0f} s of restarts",
+        )
+
+    # ------------------------------------------------------------------ answers
+
+    def _answers(
+        self,
+        floors: dict[str, int],
+        queued: dict[str, tuple[int, str, str]],
+        ideal: dict[str, int],
+        final: dict[str, int],
+    ) -> dict[str, Allocation]:
+        out: dict[str, Allocation] = {}
+        # A newly admitted job starts only once its GPUs are free now (no Pending pods).
+        for key in list(final):
+            job = self.by_key[key]
+            if job.admitted:
+                continue
+            others = {k: n for k, n in final.items() if k != key}
+            if not self._fits_now({**others, key: final[key]}):
+                del final[key]
+                queued[key] = (
+                    len(queued) + 1,
+                    REASON_WAITING_FOR_SHRINK,
+                    "admitted once the jobs shrinking for it have freed their GPUs",
+                )
+        for job in self.jobs:
+            key = job.key
+            if key in queued:
+                place, reason, message = queued[key]
+                out[key] = Allocation(key, False, 0, reason, message, queue_position=place)
+                continue
+            target = final[key]
+            x = self._throughput(job, target)
+            lower = self._throughput(job, target - job.step) if target - job.step >= 1 else 0.0
+            gain = x - lower if x is not None and lower is not None else None
+            if key in self.reasons:
+                reason, message = self.reasons[key]
+            elif not job.elastic:
+                reason, message = REASON_ALLOCATOR_FIXED, f"{target} workers: autoscaling is disabled"
+            elif not job.admitted:
+                reason, message = REASON_ADMITTED, f"admitted at {target} workers (its min is {job.min})"
+            else:
+                reason, message = REASON_ALLOCATOR_HOLD, f"holding {target} workers"
+            if target <= job.min:
+                why_less = f"at min = {job.min}"
+            elif ideal.get(key, target) < target:
+                why_less = "above its ideal size, but no job needs its GPUs more than the restart would cost"
+            else:
+                why_less = "every step of its workers adds at least its floor and no job gains more from them"
+            if x is not None:
+                message += f"; predicted {x:.1f} samples/s"
+            out[key] = Allocation(
+                key,
+                True,
+                target,
+                reason,
+                message,
+                predicted_throughput=x,
+                marginal_gain=gain,
+                why_not_more=self.why_not_more.get(key, ""),
+                why_not_less=why_less,
+            )
+        return out

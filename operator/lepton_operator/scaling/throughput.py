@@ -125,36 +125,40 @@ def fit_throughput(measurements: Iterable[Measurement]) -> Optional[ThroughputMo
     if not points:
         return None
     sizes = tuple(sorted({m.world_size for m in points}))
-    ys = [1.0 / m.throughput for m in points]
-    weights = [
-        m.window_seconds * 0.5 ** (max(0.0, m.age_seconds) / HALF_LIFE_SECONDS) / (y * y) for m, y in zip(points, ys)
-    ]
+    # (features, seconds per sample, fit weight, plain weight) per measurement.
+    rows = []
+    for m in points:
+        y = 1.0 / m.throughput
+        plain = m.window_seconds * 0.5 ** (max(0.0, m.age_seconds) / HALF_LIFE_SECONDS)
+        rows.append((_features(m.world_size), y, plain / (y * y), plain))
     # As many terms as measured sizes: a/n first (linear scaling), then b, then c*n.
     allowed = (0, 1, 2)[: min(3, len(sizes))]
     best: Optional[tuple[float, list[float]]] = None
     for k in range(1, len(allowed) + 1):
         for subset in combinations(allowed, k):
-            rows = [[_features(m.world_size)[i] for i in subset] for m in points]
-            normal = [[sum(w * r[i] * r[j] for w, r in zip(weights, rows)) for j in range(k)] for i in range(k)]
-            rhs = [sum(w * r[i] * y for w, r, y in zip(weights, rows, ys)) for i in range(k)]
+            normal = [[sum(w * f[i] * f[j] for f, _, w, _ in rows) for j in subset] for i in subset]
+            rhs = [sum(w * f[i] * y for f, y, w, _ in rows) for i in subset]
             coef = _solve(normal, rhs)
             if coef is None or any(c < 0 for c in coef):
                 continue
             full = [0.0, 0.0, 0.0]
-            for i, c in zip(subset, coef):
+            for i, c in dict(zip(subset, coef, strict=True)).items():
                 full[i] = c
-            sse = sum(w * (y - sum(f * c for f, c in zip(_features(m.world_size), full))) ** 2 for m, w, y in zip(points, weights, ys))
+            sse = sum(w * (y - f[0] * full[0] - f[1] * full[1] - f[2] * full[2]) ** 2 for f, y, w, _ in rows)
             if best is None or sse < best[0] - 1e-18:
                 best = (sse, full)
-    if best is None or best[1][0] + best[1][1] + best[1][2] <= 0:
+    if best is None or sum(best[1]) <= 0:
         # Nothing non-negative fits (cannot happen with a/n alone unless all weights vanish).
         mean = sum(m.throughput / m.world_size for m in points) / len(points)
         best = (0.0, [1.0 / mean, 0.0, 0.0])
     a, b, c = best[1]
     model = ThroughputModel(a, b, c, sizes, MIN_RELATIVE_SIGMA)
     # Relative residuals, weighted by window and recency only.
-    plain = [m.window_seconds * 0.5 ** (max(0.0, m.age_seconds) / HALF_LIFE_SECONDS) for m in points]
-    residual = sum(w * (model.predict(m.world_size) / m.throughput - 1.0) ** 2 for m, w in zip(points, plain))
+    total = sum(r[3] for r in rows)
+    residual = sum(
+        plain * (model.predict(m.world_size) / m.throughput - 1.0) ** 2
+        for m, (_, _, _, plain) in zip(points, rows, strict=True)
+    )
     dof = max(1, len(points) - len([x for x in best[1] if x > 0]))
-    sigma = math.sqrt(residual / sum(plain) * len(points) / dof) if sum(plain) > 0 else 0.0
+    sigma = math.sqrt(residual / total * len(points) / dof) if total > 0 else 0.0
     return ThroughputModel(a, b, c, sizes, max(MIN_RELATIVE_SIGMA, sigma))
