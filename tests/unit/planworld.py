@@ -53,6 +53,7 @@ class World:
         self.capacity: dict[str, int] | None = None  # worker slots per node (None: unlimited)
         self.budget: int | None = None  # the PodDisruptionBudget's minAvailable
         self.policy = DEFAULT_POLICY  # the admin policy the operator was started with
+        self.gated = False  # the cluster allocator admits jobs (Admitted condition)
 
     # --- passes -----------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class World:
             pvc_exists=self.pvc,
             nodes=self.nodes,
             budget=self.budget,
+            gated=self.gated,
         )
         return dataclasses.replace(seen, **changes)
 

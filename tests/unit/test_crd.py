@@ -159,7 +159,7 @@ def test_static_defaults_match_the_model():
     assert props["workers"]["default"] == {} and props["autoscaling"]["default"] == {}
     assert props["env"]["default"] == [] and props["nodeSelector"]["default"] == {}
     assert "default" not in props["checkpoint"]  # Optional: absent means "no checkpoints"
-    assert props["autoscaling"]["properties"]["efficiencyThreshold"]["default"] == 0.5
+    assert props["autoscaling"]["properties"]["efficiencyThreshold"]["default"] == 0.1
 
 
 def test_enums_come_from_literals():

@@ -19,7 +19,7 @@ def test_reference_lists_every_spec_field_with_its_description():
     for name, prop in spec["properties"].items():
         assert f"| `spec.{name}` |" in markdown
         assert prop["description"].split("`")[0][:20] in markdown
-    assert "| `spec.autoscaling.efficiencyThreshold` | number | `0.5` | >= 0.0, <= 1.0 |" in markdown
+    assert "| `spec.autoscaling.efficiencyThreshold` | number | `0.1` | >= 0.0, <= 1.0 |" in markdown
 
 
 def test_markers_are_required():

@@ -403,6 +403,12 @@ PRINTER_COLUMNS = [
         "description": "Latest measured throughput, samples/s.",
     },
     {
+        "name": "Progress",
+        "type": "number",
+        "jsonPath": ".status.progress",
+        "description": "Fraction of the run's samples trained.",
+    },
+    {
         "name": "Generation",
         "type": "integer",
         "jsonPath": ".status.workerGeneration",

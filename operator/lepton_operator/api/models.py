@@ -347,10 +347,12 @@ class AutoscalingSpec(ApiModel):
         le=64,
     )
     efficiency_threshold: float = Field(
-        0.5,
+        0.1,
         description=(
-            "Scale up again only while each added worker raised throughput by at least this fraction "
-            "of the per-worker throughput (scaling efficiency of the last step)."
+            "The floor on an added worker's marginal efficiency: a worker is added only while it is "
+            "predicted to raise throughput by at least this fraction of the per-worker throughput, and "
+            "workers below it are given back. 0.1 (the default) lets a job use idle GPUs while they "
+            "still shorten it noticeably (benchmarks/allocator.py); raise it to trade speed for GPUs."
         ),
         ge=0.0,
         le=1.0,
@@ -447,7 +449,23 @@ class LeptonJobSpec(ApiModel):
         default_factory=list, description="Taints the workers tolerate.", max_length=32
     )
     priority_class_name: Optional[str] = Field(
-        None, description="PriorityClass of the workers.", max_length=253, pattern=DNS_LABEL_PATTERN
+        None,
+        description=(
+            "PriorityClass of the workers; its value is also the job's priority for the cluster allocator "
+            "unless `priority` is set."
+        ),
+        max_length=253,
+        pattern=DNS_LABEL_PATTERN,
+    )
+    priority: Optional[int] = Field(
+        None,
+        description=(
+            "The job's priority for the cluster allocator (higher first; default: the value of "
+            "`priorityClassName`, else 0). A higher-priority job is admitted first and may shrink "
+            "lower-priority elastic jobs down to their `min`, never below."
+        ),
+        ge=-1_000_000_000,
+        le=1_000_000_000,
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Throughput autoscaling.")
 
@@ -474,8 +492,8 @@ class LeptonJobSpec(ApiModel):
 
 # -------------------------------------------------------------------------- status
 
-Phase = Literal["Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[str, ...] = ("Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended")
+Phase = Literal["Queued", "Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = ("Queued", "Pending", "Running", "Rescaling", "Succeeded", "Failed", "Suspended")
 FINISHED_PHASES = ("Succeeded", "Failed")
 
 
@@ -556,6 +574,23 @@ class Observation(StatusModel):
     world_size: int = Field(description="Workers.", ge=1)
     throughput: float = Field(description="Samples per second, whole job.", ge=0)
     measured_at: Timestamp = Field(description="When it was measured.")
+    window_seconds: Optional[int] = Field(None, description="Seconds of training the rate covers.", ge=1)
+
+
+class AllocationStatus(StatusModel):
+    """The cluster allocator's last decision for the job, with its numbers."""
+
+    target: int = Field(description="Workers allocated (0 while queued).", ge=0)
+    reason: str = Field(description="CamelCase reason.", max_length=128)
+    message: str = Field("", description="What was decided and why.", max_length=4096)
+    predicted_throughput: Optional[float] = Field(None, description="Samples/s the model predicts at `target`.")
+    marginal_gain: Optional[float] = Field(
+        None, description="Samples/s the last step of workers adds at `target`, per the model."
+    )
+    why_not_more: str = Field("", description="Why the job has no more workers.", max_length=1024)
+    why_not_less: str = Field("", description="Why the job has no fewer workers.", max_length=1024)
+    queue_position: Optional[int] = Field(None, description="Place in the admission queue while Queued.", ge=1)
+    time: Timestamp = Field(description="When it was decided.")
 
 
 class Decision(StatusModel):
@@ -566,11 +601,20 @@ class Decision(StatusModel):
     time: Timestamp = Field(description="When.")
 
 
+# Recent measurements kept besides the latest per world size.
+OBSERVATION_HISTORY = 32
+
+
 class AutoscalingStatus(StatusModel):
     """What the autoscaler has seen and decided."""
 
     observations: list[Observation] = Field(
-        default_factory=list, description="Latest throughput per world size.", max_length=MAX_WORKERS
+        default_factory=list,
+        description=(
+            "Throughput measurements, newest last: the latest per world size and the recent ones "
+            "(the cluster allocator fits its model to all of them)."
+        ),
+        max_length=MAX_WORKERS + OBSERVATION_HISTORY,
     )
     last_decision: Optional[Decision] = Field(None, description="The latest decision.")
     backoff_until: Optional[Timestamp] = Field(
@@ -582,7 +626,9 @@ class LeptonJobStatus(StatusModel):
     """Observed state of a LeptonJob, written by the operator."""
 
     observed_generation: Optional[int] = Field(None, description="metadata.generation last reconciled.", ge=0)
-    phase: Optional[Phase] = Field(None, description="Pending, Running, Rescaling, Succeeded, Failed or Suspended.")
+    phase: Optional[Phase] = Field(
+        None, description="Queued, Pending, Running, Rescaling, Succeeded, Failed or Suspended."
+    )
     message: Optional[str] = Field(
         None, description="Short summary of the latest state change.", max_length=STATUS_MESSAGE_MAX_LENGTH
     )
@@ -612,6 +658,14 @@ class LeptonJobStatus(StatusModel):
         default_factory=list, description="Recent rescales, newest last (bounded).", max_length=50
     )
     throughput: Optional[float] = Field(None, description="Latest measured throughput, samples/s.", ge=0)
+    progress: Optional[float] = Field(
+        None, description="Fraction of the run's samples trained (from the trainer's metrics).", ge=0, le=1
+    )
+    remaining_samples: Optional[float] = Field(None, description="Samples left to train.", ge=0)
+    estimated_completion_time: Optional[Timestamp] = Field(
+        None, description="When the job will have trained its samples at the current throughput."
+    )
+    allocation: Optional[AllocationStatus] = Field(None, description="The cluster allocator's last decision.")
     autoscaling: AutoscalingStatus = Field(default_factory=AutoscalingStatus, description="Autoscaler state.")
 
 

@@ -29,6 +29,7 @@ measures and writes around it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from lepton_operator.api.conditions import (
     REASON_METRICS_UNAVAILABLE,
 )
 from lepton_operator.api.models import (
+    OBSERVATION_HISTORY,
     InvalidJob,
     LeptonJobSpec,
     LeptonJobStatus,
@@ -54,7 +56,7 @@ from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.executor import post_events
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 from lepton_operator.scaling.policy import ScaleDecision, ScalingState, decide
-from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient, Sample
+from lepton_operator.scaling.prometheus import MetricsError, Progress, PrometheusClient, Sample
 
 # Longest rate window: beyond an hour the generation mean hardly changes.
 MAX_WINDOW_SECONDS = 3600
@@ -113,26 +115,54 @@ def _metrics_condition(
     )
 
 
+def record_observation(observations: list[Observation], new: Observation) -> list[Observation]:
+    """The observations with `new` added: the latest per world size and the
+    `OBSERVATION_HISTORY` most recent, ordered by size then time (the allocator fits its
+    model to all of them; the per-job policy uses the latest per size)."""
+    by_time = sorted([*observations, new], key=lambda o: o.measured_at)
+    latest = {o.world_size: o for o in by_time}
+    keep = {id(o) for o in by_time[-OBSERVATION_HISTORY:]} | {id(o) for o in latest.values()}
+    return sorted((o for o in by_time if id(o) in keep), key=lambda o: (o.world_size, o.measured_at))
+
+
+def progress_patch(progress: Optional[Progress], throughput: Optional[float], now: datetime) -> dict:
+    """status.progress, remainingSamples and estimatedCompletionTime (at the current
+    throughput), from the trainer's progress metrics; nothing when it does not export them."""
+    if progress is None:
+        return {}
+    patch = {"progress": round(progress.fraction, 4), "remainingSamples": round(progress.remaining, 1)}
+    if throughput and throughput > 0:
+        eta = now + timedelta(seconds=progress.remaining / throughput)
+        patch["estimatedCompletionTime"] = eta.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return patch
+
+
 def plan_autoscale(
     spec: LeptonJobSpec,
     status: LeptonJobStatus,
     measured: Union[Sample, MetricsError, None],
     now: datetime,
     observed_generation: Optional[int] = None,
+    window_seconds: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    decide_size: bool = True,
 ) -> AutoscalePlan:
     """One autoscaler pass, pure: record the measurement, decide, say what to write.
 
-    `measured` is the throughput of the current generation (a Sample), the error that
-    prevented measuring it, or None when the generation is too young to be measured.
+    `measured` is the throughput of the current generation (a Sample) over
+    `window_seconds`, the error that prevented measuring it, or None when the generation
+    is too young to be measured. `progress` is the trainer's position in its run. With
+    `decide_size` False (the cluster allocator decides sizes) it only records.
     """
     plan = AutoscalePlan()
     auto_patch: dict = {}
     n = status.world_size
     observations = list(status.autoscaling.observations)
     if isinstance(measured, Sample):
-        observations = [o for o in observations if o.world_size != n]
-        observations.append(Observation(world_size=n, throughput=max(0.0, measured.value), measured_at=now))
-        observations.sort(key=lambda o: o.world_size)
+        observation = Observation(
+            world_size=n, throughput=max(0.0, measured.value), measured_at=now, window_seconds=window_seconds
+        )
+        observations = record_observation(observations, observation)
         auto_patch["observations"] = [o.to_k8s() for o in observations]
         plan.status_patch["throughput"] = round(measured.value, 3)
         conditions = _metrics_condition(
@@ -148,19 +178,27 @@ def plan_autoscale(
         conditions = None
     if conditions is not None:
         plan.status_patch["conditions"] = conditions
+    throughput = measured.value if isinstance(measured, Sample) else status.throughput
+    plan.status_patch.update(progress_patch(progress, throughput, now))
 
-    # Without a fresh measurement the policy holds (it checks staleness itself).
-    decision = decide(observations, spec, ScalingState.from_status(status), now)
-    plan.decision = decision
-    last = status.autoscaling.last_decision
-    recorded = decision.to_model(now)
-    if last is None or last.target != recorded.target or last.reason != recorded.reason or decision.action != "hold":
-        auto_patch["lastDecision"] = recorded.to_k8s()
+    if decide_size:
+        # Without a fresh measurement the policy holds (it checks staleness itself).
+        decision = decide(observations, spec, ScalingState.from_status(status), now)
+        plan.decision = decision
+        last = status.autoscaling.last_decision
+        recorded = decision.to_model(now)
+        if (
+            last is None
+            or last.target != recorded.target
+            or last.reason != recorded.reason
+            or decision.action != "hold"
+        ):
+            auto_patch["lastDecision"] = recorded.to_k8s()
+        if decision.action != "hold" and decision.target != n and spec.workers.replicas != decision.target:
+            plan.replicas = decision.target
+            plan.events.append(("Normal", decision.reason, decision.message[:1024]))
     if auto_patch:
         plan.status_patch["autoscaling"] = auto_patch
-    if decision.action != "hold" and decision.target != n and spec.workers.replicas != decision.target:
-        plan.replicas = decision.target
-        plan.events.append(("Normal", decision.reason, decision.message[:1024]))
     return plan
 
 
@@ -195,11 +233,23 @@ def measure(
         window = measurement_window(spec, status, now, reporting_since[generation])
         if window is None:
             return None
-        return client.throughput(namespace, name, window, now=now.timestamp(), generation=generation)
+        sample = client.throughput(namespace, name, window, now=now.timestamp(), generation=generation)
+        return dataclasses.replace(sample, window_seconds=window)
     except MetricsError as exc:
         if exc.kind == "empty" and generation not in reporting_since:
             return None  # no worker of this generation reports yet
         return exc
+
+
+def read_progress(client: Optional[PrometheusClient], namespace: str, name: str, now: datetime) -> Optional[Progress]:
+    """The trainer's position in its run (None when unknown: no metrics, or an outage,
+    which the throughput query reports already)."""
+    if client is None:
+        return None
+    try:
+        return client.run_progress(namespace, name, now=now.timestamp())
+    except MetricsError:
+        return None
 
 
 def prometheus_client(config: OperatorConfig) -> Optional[PrometheusClient]:
@@ -240,10 +290,19 @@ async def autoscale_pass(
             return
         memory.last_run = mono
         now = datetime.now(timezone.utc)
-        measured = await asyncio.to_thread(
-            measure, prometheus_client(ctx.config), namespace, name, job, st, now, memory.reporting_since
+        client = prometheus_client(ctx.config)
+        measured = await asyncio.to_thread(measure, client, namespace, name, job, st, now, memory.reporting_since)
+        progress = await asyncio.to_thread(read_progress, client, namespace, name, now)
+        plan = plan_autoscale(
+            job,
+            st,
+            measured,
+            now,
+            observed_generation=body["metadata"].get("generation"),
+            window_seconds=measured.window_seconds if isinstance(measured, Sample) else None,
+            progress=progress,
+            decide_size=not ctx.config.allocator,
         )
-        plan = plan_autoscale(job, st, measured, now, observed_generation=body["metadata"].get("generation"))
         version = body["metadata"]["resourceVersion"]
         if plan.status_patch:
             written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, plan.status_patch)

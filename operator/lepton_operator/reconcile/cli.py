@@ -4,7 +4,8 @@
                         [--liveness-port 8080] [--metrics-port 8081]
                         [--prometheus-url URL] [--standalone] [--peering NAME] [--verbose]
                         [--no-network-policies] [--prometheus-namespaces NS,KEY=VALUE,...]
-                        [--policy-file PATH]
+                        [--policy-file PATH] [--no-allocator] [--allocator-interval-seconds S]
+                        [--gpu-budget N]
 
 Credentials: in a pod, the ServiceAccount; elsewhere `KUBECONFIG` (or ~/.kube/config),
 through the Kubernetes client, for kopf and for the operator's own calls alike.
@@ -36,6 +37,21 @@ from lepton_operator.reconcile.isolation import namespace_list
 from lepton_operator.reconcile.kube import DEFAULT_API_THREADS
 
 DEFAULT_PEERING = "lepton-operator"
+
+
+def _at_least(minimum: float, kind=float):
+    """An argparse type: a number >= minimum, with a clear error otherwise."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    return parse
 
 
 def add_parser(subparsers) -> None:
@@ -99,6 +115,28 @@ def add_parser(subparsers) -> None:
         default=("monitoring",),
         metavar="NS,KEY=VALUE,...",
         help="namespaces (names, or key=value namespace labels) whose pods may scrape the workers (default monitoring)",
+    )
+    p.add_argument(
+        "--allocator",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the cluster allocator admits jobs (gang admission) and decides every elastic job's size from "
+        "measured throughput across all jobs (default on); off: each job is scaled on its own and starts at once",
+    )
+    p.add_argument(
+        "--allocator-interval-seconds",
+        type=_at_least(1.0),
+        default=30.0,
+        metavar="S",
+        help="how often the allocator runs; it also runs within seconds of a job arriving or finishing (default 30)",
+    )
+    p.add_argument(
+        "--gpu-budget",
+        type=_at_least(0, int),
+        default=None,
+        metavar="N",
+        help="namespaced installs, where nodes cannot be read: the GPUs the allocator may hand out "
+        "(default: read from the nodes)",
     )
     peering = p.add_mutually_exclusive_group()
     peering.add_argument(
@@ -234,6 +272,10 @@ def run(args) -> int:
         policy=policy,
         network_policies=args.network_policies,
         prometheus_namespaces=args.prometheus_namespaces,
+        allocator=args.allocator,
+        allocator_interval_seconds=args.allocator_interval_seconds,
+        gpu_budget=args.gpu_budget,
+        namespaces=tuple(args.namespace),
     )
     if config.network_policies:
         handlers.watch_network_policies()
@@ -260,6 +302,12 @@ def run(args) -> int:
         f"metrics port {args.metrics_port}"
     )
     logging.getLogger("lepton_operator").info(f"admin policy: {policy.model_dump_json(by_alias=True)}")
+    logging.getLogger("lepton_operator").info(
+        f"cluster allocator: every {args.allocator_interval_seconds:g} s, capacity "
+        f"{'from the nodes' if args.gpu_budget is None else f'budget {args.gpu_budget} GPUs'}"
+        if args.allocator
+        else "cluster allocator off: each job is scaled on its own"
+    )
     kopf.run(
         settings=make_settings(args),
         standalone=standalone,

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Optional
 
 from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy
+from lepton_operator.scaling.allocator import Settings
 
 
 @dataclasses.dataclass
@@ -35,3 +36,14 @@ class OperatorConfig:
     """Keep a NetworkPolicy per job: only the job's own pods reach its workers (reconcile/isolation.py)."""
     prometheus_namespaces: tuple[str, ...] = ("monitoring",)
     """Namespaces (names, or `key=value` namespace labels) whose pods may reach the workers' metrics port."""
+    allocator: bool = True
+    """The cluster allocator decides every job's size and admits jobs (gang admission);
+    off: each job is scaled on its own (scaling/policy.py) and starts when created."""
+    allocator_interval_seconds: float = 30.0
+    """How often the allocator runs (also at the next tick after a job arrives or finishes)."""
+    allocator_settings: Settings = dataclasses.field(default_factory=Settings)
+    """Hysteresis, horizon, starvation bound (scaling/allocator.py)."""
+    gpu_budget: Optional[int] = None
+    """Namespaced mode: the GPUs the allocator may hand out (nodes are not readable there)."""
+    namespaces: tuple[str, ...] = ()
+    """Namespaces the operator serves (globs allowed); empty: the whole cluster."""

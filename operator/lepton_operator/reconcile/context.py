@@ -169,6 +169,19 @@ class AutoscalerMemory:
 
 
 @dataclasses.dataclass
+class AllocatorMemory:
+    """The cluster allocator's state between ticks (reconcile/allocation.py)."""
+
+    last_run: float = float("-inf")
+    """time.monotonic() of the last pass."""
+    wanted: bool = True
+    """A job arrived or finished: run at the next tick."""
+    running: bool = False
+    priority_classes_readable: bool = True
+    """False once listing PriorityClasses was refused (RBAC): not asked again."""
+
+
+@dataclasses.dataclass
 class OperatorContext:
     """Everything the handlers share: API access, settings and in-memory state."""
 
@@ -181,6 +194,7 @@ class OperatorContext:
     pods: PodCache = dataclasses.field(default_factory=PodCache)
     nodes: NodeCache = dataclasses.field(default_factory=NodeCache)
     autoscaler: dict[JobKey, AutoscalerMemory] = dataclasses.field(default_factory=dict)
+    allocator: AllocatorMemory = dataclasses.field(default_factory=AllocatorMemory)
     taken: dict[JobKey, frozenset[str]] = dataclasses.field(default_factory=dict)
     """Children ("Kind name") whose create at the job's last pass found the name held by an
     object the job does not own (executor); the next pass reports them (NameTaken)."""

@@ -6,8 +6,10 @@ the autoscaler timer. Every handler gets the `OperatorContext` as kopf's `memo`.
 - `@kopf.on.event` handlers on the job and its children wake the job's loop.
 - One `@kopf.daemon` per LeptonJob runs its reconcile loop (`loop.job_loop`).
 - One `@kopf.timer` per LeptonJob with `spec.autoscaling.enabled` runs the autoscaler
-  (`autoscaling.autoscale_pass`), another per job with `spec.restart.hangSeconds > 0`
-  the hang watchdog (`watchdog.watchdog_pass`).
+  (`autoscaling.autoscale_pass`: measurements, and the size when the allocator is off),
+  another per job with `spec.restart.hangSeconds > 0` the hang watchdog
+  (`watchdog.watchdog_pass`), and one per job ticks the cluster allocator
+  (`allocation.allocator_tick`, one pass for all jobs).
 
 kopf's daemons put a finalizer on the job (kopf stops the daemon before the job goes).
 Pods get none: children are removed by ownerReferences and the garbage collector. A job
@@ -21,6 +23,7 @@ import kopf
 
 from lepton_operator.api.models import GROUP, PLURAL, VERSION, RestartSpec
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, JobRef
+from lepton_operator.reconcile.allocation import allocator_tick
 from lepton_operator.reconcile.autoscaling import autoscale_pass
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.isolation import trim_network_policy
@@ -102,6 +105,8 @@ def watch_network_policies() -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def job_changed(type, namespace, name, meta, memo: OperatorContext, **_):
     """The job changed (spec, scale, status written by anyone): wake its loop."""
+    if type in (None, "ADDED", "DELETED"):
+        memo.allocator.wanted = True  # an arrival or a departure: the allocator looks again
     if type == "DELETED":
         memo.watch.forget((namespace, name))  # its loop has ended or is ending: nothing to watch
     else:
@@ -156,6 +161,15 @@ async def autoscale(spec, name, namespace, logger, memo: OperatorContext, **_):
     """The autoscaler, every `spec.autoscaling.intervalSeconds` (autoscaling.autoscale_pass)."""
     interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", AUTOSCALER_TICK_SECONDS)
     await autoscale_pass(memo, namespace, name, interval, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALER_TICK_SECONDS)
+async def cluster_allocator(logger, memo: OperatorContext, **_):
+    """Ticks the cluster allocator (allocation.allocator_tick: one pass for all jobs when
+    due). Every job's timer ticks it, so it runs while any job exists; kopf pauses timers
+    on a replica that is not the peering leader, so only the active operator allocates."""
+    if memo.config.allocator:
+        await allocator_tick(memo, logger)
 
 
 def _hang_seconds(spec) -> float:

@@ -96,6 +96,8 @@ class Observed:
     """isolation.NetworkIsolation: the setting and the policies seen (None: policies off)."""
     taken: frozenset[str] = frozenset()
     """Children ("Kind name") whose name an object the job does not own holds."""
+    gated: bool = False
+    """The cluster allocator admits jobs: no first generation before `Admitted=True`."""
 
 
 class JobPass:
@@ -113,6 +115,7 @@ class JobPass:
     ):
         self.job = job
         self.policy_violations = list(policy_violations)  # api.policy.check_policy(): no new worker while any
+        self.observed = observed
         self.nodes = observed.nodes
         self.budget = observed.budget
         self.gen_meta = meta_generation

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Optional
 
 from lepton_operator.api.conditions import (
+    CONDITION_ADMITTED,
     CONDITION_FAILED,
     CONDITION_INVALID_SPEC,
     CONDITION_POLICY_VIOLATION,
@@ -195,6 +196,16 @@ def ensure_disruption_budget(p: JobPass) -> None:
 
 
 # --- the first generation -------------------------------------------------------------
+
+
+def queued(p: JobPass) -> Plan:
+    """Not admitted by the cluster allocator yet (gang admission): no pods, no GPUs held.
+    The allocator's Admitted condition says why and the job's place in the queue."""
+    s = p.s
+    s.phase = "Queued"
+    admitted = get_condition(s, CONDITION_ADMITTED)
+    s.message = admitted.message if admitted is not None else "waiting for the cluster allocator to admit the job"
+    return p.plan
 
 
 def initial_start(p: JobPass) -> Plan:

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Callable, Optional
 
 from lepton_operator import metrics
-from lepton_operator.api.models import InvalidJob, parse_job, parse_status
+from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, parse_job, parse_status
 from lepton_operator.desired import JobRef, checkpoint_pvc_name, selector_string, service_name
 from lepton_operator.reconcile import isolation
 from lepton_operator.reconcile.context import JobKey, OperatorContext
@@ -86,9 +86,12 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
         budget=budget,
         network=network,
         taken=ctx.taken.get(key, frozenset()),
+        gated=ctx.config.allocator,
     )
     result = plan(job, meta.get("generation"), spec, status, observed, now, ctx.config.policy)
     applied = await apply_plan(ctx, body, status, result, logger)
+    if result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES:
+        ctx.allocator.wanted = True  # its GPUs are free: the allocator hands them out now
     return GONE if applied.job_deleted else applied.requeue_after
 
 

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Optional, Union
 
 from lepton_operator.api.conditions import (
+    CONDITION_ADMITTED,
     CONDITION_NAME_TAKEN,
     CONDITION_READY,
     REASON_ALL_SUCCEEDED,
@@ -43,7 +44,7 @@ from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, LeptonJobSpe
 from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, check_policy
 from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_string, worker_pod_name
 from lepton_operator.reconcile import isolation, lifecycle, rescale
-from lepton_operator.reconcile.conditions import get_condition
+from lepton_operator.reconcile.conditions import condition_is_true, get_condition
 from lepton_operator.reconcile.failures import classify_pod, is_terminating
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Observed, Plan
 
@@ -103,6 +104,8 @@ def run(p: JobPass) -> Plan:
         return p.plan
     force_delete_on_lost_nodes(p)
     if s.worker_generation == 0:
+        if p.observed.gated and not condition_is_true(s, CONDITION_ADMITTED):
+            return lifecycle.queued(p)
         return lifecycle.initial_start(p)
     if s.rescale is not None:
         result = rescale.continue_rescale(p)

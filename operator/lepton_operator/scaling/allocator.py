@@ -252,7 +252,7 @@ class _Pass:
         if job.remaining_samples is not None and job.remaining_samples <= 0:
             return None, "no work left"
         remaining = job.remaining_samples if job.remaining_samples is not None else x * LONG_RUNNING_SECONDS
-        value = gain / remaining / (job.step * job.gpus_per_worker)
+        value = gain / remaining / (job.step * max(1, job.gpus_per_worker))  # a CPU job: per worker
         # Inside the measured sizes the fit is trusted; beyond them the gain must clear the
         # prediction's uncertainty to count as likely (otherwise it is exploration).
         likely = to <= model.sizes[-1] or x_to - model.sigma(to) > x

@@ -60,6 +60,8 @@ class Sample:
     value: float
     timestamp: float
     labels: dict
+    window_seconds: Optional[int] = None
+    """The rate window of a throughput query (set by the caller that chose it)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,454 @@
+"""The cluster allocator's pass: every LeptonJob, the GPU capacity, one allocation.
+
+Run by the active operator only (a kopf timer per job ticks it, and kopf pauses timers on
+replicas that are not the peering leader). A pass runs every `--allocator-interval-seconds`,
+and at the next tick after a job arrives or finishes (`AllocatorMemory.wanted`). It
+
+1. lists the LeptonJobs, and reads the capacity: allocatable `nvidia.com/gpu` of Ready,
+   schedulable nodes minus the GPUs requested by pods that are not LeptonJob workers
+   (`capacity_view`), or, in namespaced mode, `--gpu-budget` minus nothing; the GPUs each
+   job's pods hold now; each job's node pool when its nodeSelector/tolerations restrict it;
+   and the PriorityClasses (`job_priority`);
+2. turns each job into a `scaling.allocator.JobState` (`job_state`: measurements from
+   `status.autoscaling.observations`, remaining work from `status.remainingSamples`, the
+   measured restart downtime) and calls the pure `allocate()`;
+3. writes, per job (`plan_job_writes`): `spec.workers.replicas` when the target changed,
+   the `Admitted` condition (the core creates no pod before it is True: gang admission)
+   and `status.allocation` (the decision with its numbers); shrinks are written before
+   grows, and the allocator releases a grow only once the GPUs are free.
+
+The decision logic is in scaling/allocator.py; this module only reads and writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+from lepton_operator.api.conditions import (
+    CONDITION_ADMITTED,
+    REASON_ADMITTED,
+    REASON_ALLOCATOR_FLOOR,
+    REASON_ALLOCATOR_GROW,
+    REASON_ALLOCATOR_SHRINK,
+)
+from lepton_operator.api.models import (
+    FINISHED_PHASES,
+    AllocationStatus,
+    InvalidJob,
+    LeptonJobSpec,
+    LeptonJobStatus,
+    parse_job,
+    parse_status,
+)
+from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from lepton_operator.reconcile.conditions import condition_is_true, conditions_patch
+from lepton_operator.reconcile.context import AllocatorMemory, OperatorContext
+from lepton_operator.reconcile.executor import post_events
+from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
+from lepton_operator.scaling.allocator import Allocation, Capacity, JobState, allocate
+from lepton_operator.scaling.policy import ScalingState, restart_seconds_estimate
+from lepton_operator.scaling.throughput import Measurement
+
+GPU = "nvidia.com/gpu"
+# A decision that says the same is written again after this long (status.allocation.time
+# shows it is alive); otherwise only changes are written, so a quiet cluster makes no writes.
+REFRESH_SECONDS = 300.0
+
+log = logging.getLogger("lepton_operator.allocator")
+JobKey = tuple[str, str]
+
+
+# ------------------------------------------------------------------ capacity (pure)
+
+
+def pod_gpus(pod: dict) -> int:
+    """GPUs a pod requests (extended resources: requests equal limits; either may be given)."""
+    total = 0
+    spec = pod.get("spec") or {}
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        amount = (resources.get("limits") or {}).get(GPU) or (resources.get("requests") or {}).get(GPU)
+        try:
+            total += int(amount or 0)
+        except (TypeError, ValueError):
+            continue
+    return total
+
+
+def _tolerates(tolerations: list[dict], taint: dict) -> bool:
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        if not t.get("key"):
+            if t.get("operator") == "Exists":
+                return True
+            continue
+        if t.get("key") != taint.get("key"):
+            continue
+        if t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def node_fits_job(node: dict, spec: LeptonJobSpec) -> bool:
+    """Can the job's workers go to this node (nodeSelector, NoSchedule/NoExecute taints)?"""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    if any(labels.get(k) != v for k, v in spec.node_selector.items()):
+        return False
+    tolerations = [t.to_k8s() for t in spec.tolerations]
+    taints = (node.get("spec") or {}).get("taints") or []
+    return all(_tolerates(tolerations, t) for t in taints if t.get("effect") in ("NoSchedule", "NoExecute"))
+
+
+def usable_gpu_nodes(nodes: list[dict]) -> dict[str, dict]:
+    """Ready, schedulable nodes with allocatable GPUs, by name."""
+    usable = {}
+    for node in nodes:
+        status = node.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if not ready or (node.get("spec") or {}).get("unschedulable"):
+            continue
+        try:
+            gpus = int((status.get("allocatable") or {}).get(GPU) or 0)
+        except (TypeError, ValueError):
+            gpus = 0
+        if gpus > 0:
+            usable[node["metadata"]["name"]] = {**node, "gpus": gpus}
+    return usable
+
+
+def job_of_pod(pod: dict) -> Optional[JobKey]:
+    """The LeptonJob a worker pod belongs to (by our labels), or None for any other pod."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or not labels.get(LABEL_JOB_NAME):
+        return None
+    return (meta.get("namespace", ""), labels[LABEL_JOB_NAME])
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityView:
+    """What the allocator may hand out, and what each job holds now."""
+
+    capacity: Capacity
+    held: dict[JobKey, int]
+    pools: dict[JobKey, Optional[str]]
+
+
+def capacity_view(nodes: list[dict], pods: list[dict], specs: dict[JobKey, LeptonJobSpec]) -> CapacityView:
+    """Allocatable GPUs of usable nodes minus the GPUs of pods that are not workers of a
+    LeptonJob in `specs`; each job's held GPUs; and, for a job whose nodeSelector or
+    tolerations leave it fewer nodes than all, its pool (key: its selector and
+    tolerations) with that pool's free GPUs."""
+    usable = usable_gpu_nodes(nodes)
+    foreign_on: dict[str, int] = {}  # node name ("" while unscheduled) -> GPUs of other pods
+    held: dict[JobKey, int] = {key: 0 for key in specs}
+    for pod in pods:
+        gpus = pod_gpus(pod)
+        if gpus == 0:
+            continue
+        key = job_of_pod(pod)
+        if key in held:
+            held[key] += gpus
+        else:
+            node = (pod.get("spec") or {}).get("nodeName") or ""
+            foreign_on[node] = foreign_on.get(node, 0) + gpus
+    # Other pods still Pending will take GPUs somewhere: count them against the whole cluster.
+    free = {name: max(0, n["gpus"] - foreign_on.get(name, 0)) for name, n in usable.items()}
+    total = max(0, sum(free.values()) - foreign_on.get("", 0))
+    pools: dict[JobKey, Optional[str]] = {}
+    pool_gpus: dict[str, int] = {}
+    for key, spec in specs.items():
+        eligible = [name for name, node in usable.items() if node_fits_job(node, spec)]
+        if len(eligible) == len(usable):
+            pools[key] = None
+            continue
+        pool = json.dumps(
+            {"nodeSelector": spec.node_selector, "tolerations": [t.to_k8s() for t in spec.tolerations]},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        pools[key] = pool
+        pool_gpus[pool] = sum(free[name] for name in eligible)
+    return CapacityView(Capacity(total, pool_gpus), held, pools)
+
+
+def job_priority(spec: LeptonJobSpec, classes: dict[str, int]) -> int:
+    """spec.priority, else the value of spec.priorityClassName, else the global default class, else 0."""
+    if spec.priority is not None:
+        return spec.priority
+    if spec.priority_class_name:
+        return classes.get(spec.priority_class_name, 0)
+    return classes.get("", 0)
+
+
+def priority_values(items: list[dict]) -> dict[str, int]:
+    """PriorityClass name -> value; "" -> the value of the globalDefault class, if any."""
+    values = {}
+    for item in items:
+        name = (item.get("metadata") or {}).get("name")
+        value = int(item.get("value") or 0)
+        values[name] = value
+        if item.get("globalDefault"):
+            values[""] = value
+    return values
+
+
+# ------------------------------------------------------------------ jobs (pure)
+
+
+def _time(value: Optional[datetime], now: datetime) -> float:
+    return ((value or now) - now).total_seconds()
+
+
+def admitted(status: LeptonJobStatus) -> bool:
+    """Admitted by the allocator, or started before it was in charge."""
+    return condition_is_true(status, CONDITION_ADMITTED) or status.worker_generation > 0
+
+
+def job_state(
+    key: JobKey,
+    body: dict,
+    spec: LeptonJobSpec,
+    status: LeptonJobStatus,
+    held_gpus: int,
+    pool: Optional[str],
+    priority: int,
+    now: datetime,
+) -> JobState:
+    """The allocator's view of one job (`now` is the clock; times become seconds from it)."""
+    auto = spec.autoscaling
+    created = _parse_time(body["metadata"].get("creationTimestamp")) or now
+    running = status.worker_generation > 0 and status.phase in ("Running", "Pending", "Rescaling")
+    current = status.world_size if running else 0
+    measurements = tuple(
+        Measurement(
+            o.world_size,
+            o.throughput,
+            age_seconds=max(0.0, (now - o.measured_at).total_seconds()),
+            window_seconds=float(o.window_seconds or auto.window_seconds),
+        )
+        for o in status.autoscaling.observations
+    )
+    start = status.generation_start_time
+    warm = start + timedelta(seconds=auto.warmup_seconds) if start else None
+    fresh = any(
+        o.world_size == current and (warm is None or o.measured_at >= warm) for o in status.autoscaling.observations
+    )
+    return JobState(
+        key=f"{key[0]}/{key[1]}",
+        min=spec.workers.min,
+        max=spec.workers.max,
+        step=auto.step,
+        gpus_per_worker=spec.resources.gpus,
+        priority=priority,
+        created=_time(created, now),
+        elastic=auto.enabled,
+        requested=spec.requested_workers(),
+        admitted=admitted(status),
+        current=current,
+        held_gpus=held_gpus,
+        busy=status.rescale is not None or status.phase != "Running" or not fresh,
+        measurements=measurements,
+        remaining_samples=status.remaining_samples,
+        restart_seconds=restart_seconds_estimate(ScalingState.from_status(status).rescales),
+        floor=auto.efficiency_threshold,
+        queued_since=_time(created, now),
+        pool=pool,
+    )
+
+
+def _parse_time(text: Optional[str]) -> Optional[datetime]:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass
+class JobWrites:
+    """What the allocator writes to one job, in order: replicas (before an admission, so
+    the first generation starts at the allocated size), status, replicas (otherwise), events."""
+
+    replicas: Optional[int] = None
+    replicas_first: bool = False
+    status_patch: dict = dataclasses.field(default_factory=dict)
+    events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    shrink: bool = False
+
+
+def plan_job_writes(
+    body: dict, spec: LeptonJobSpec, status: LeptonJobStatus, decision: Allocation, now: datetime
+) -> JobWrites:
+    """The writes that carry one decision out (pure). Nothing when nothing changed."""
+    writes = JobWrites()
+    meta_gen = body["metadata"].get("generation")
+    if decision.admitted:
+        message = decision.message
+        conditions = (
+            None
+            if condition_is_true(status, CONDITION_ADMITTED)
+            else conditions_patch(status, CONDITION_ADMITTED, True, REASON_ADMITTED, message, now, meta_gen)
+        )
+    else:
+        message = f"{decision.message} (place {decision.queue_position} in the queue)"
+        conditions = conditions_patch(status, CONDITION_ADMITTED, False, decision.reason, message, now, meta_gen)
+    if conditions is not None:
+        writes.status_patch["conditions"] = conditions
+        if decision.admitted:
+            writes.events.append(("Normal", REASON_ADMITTED, decision.message[:1024]))
+        elif not any(c.type == CONDITION_ADMITTED for c in status.conditions):
+            writes.events.append(("Normal", decision.reason, message[:1024]))
+
+    record = AllocationStatus(
+        target=decision.target,
+        reason=decision.reason,
+        message=decision.message[:4096],
+        predicted_throughput=_round(decision.predicted_throughput),
+        marginal_gain=_round(decision.marginal_gain),
+        why_not_more=decision.why_not_more[:1024],
+        why_not_less=decision.why_not_less[:1024] if decision.admitted else "",
+        queue_position=decision.queue_position,
+        time=now,
+    )
+    last = status.allocation
+    changed = last is None or (last.target, last.reason, last.queue_position) != (
+        record.target,
+        record.reason,
+        record.queue_position,
+    )
+    if changed or (now - last.time).total_seconds() >= REFRESH_SECONDS or conditions is not None:
+        writes.status_patch["allocation"] = record.to_k8s()
+
+    if decision.admitted and spec.autoscaling.enabled and decision.target != spec.requested_workers():
+        writes.replicas = decision.target
+        writes.replicas_first = not admitted(status)
+        writes.shrink = decision.target < status.world_size
+        if decision.reason in (REASON_ALLOCATOR_GROW, REASON_ALLOCATOR_SHRINK, REASON_ALLOCATOR_FLOOR):
+            writes.events.append(("Normal", decision.reason, decision.message[:1024]))
+    return writes
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None or not math.isfinite(value) else round(value, 3)
+
+
+# ------------------------------------------------------------------ the pass (I/O)
+
+
+def _list_jobs(ctx: OperatorContext) -> list[dict]:
+    namespaces = ctx.config.namespaces
+    if not namespaces or any(any(ch in ns for ch in "*?[") for ns in namespaces):
+        items = ctx.kube.list_jobs()
+        if namespaces:
+            items = [j for j in items if any(fnmatch.fnmatch(j["metadata"]["namespace"], ns) for ns in namespaces)]
+        return items
+    return [job for ns in namespaces for job in ctx.kube.list_jobs(ns)]
+
+
+def _read_world(ctx: OperatorContext, memory: AllocatorMemory, specs: dict[JobKey, LeptonJobSpec]):
+    """Capacity and priorities (blocking; run in a thread)."""
+    classes: dict[str, int] = {}
+    if memory.priority_classes_readable:
+        try:
+            classes = priority_values(ctx.kube.list_priority_classes())
+        except (PermanentApiError, TransientApiError) as e:
+            if isinstance(e, PermanentApiError):
+                memory.priority_classes_readable = False
+            log.warning(f"cannot read PriorityClasses, priorityClassName counts as 0: {e}")
+    if ctx.config.gpu_budget is not None:
+        # Namespaced mode: nodes are not readable; the admin's budget is the capacity.
+        held = {key: 0 for key in specs}
+        for (namespace, name), _ in specs.items():
+            pods = ctx.kube.list_pods(namespace, f"{LABEL_JOB_NAME}={name}")
+            held[(namespace, name)] = sum(pod_gpus(p) for p in pods)
+        view = CapacityView(Capacity(ctx.config.gpu_budget), held, {key: None for key in specs})
+    else:
+        view = capacity_view(ctx.kube.list_nodes(), ctx.kube.list_active_pods(), specs)
+    return view, classes
+
+
+async def allocator_tick(ctx: OperatorContext, logger: logging.Logger) -> None:
+    """Run a pass if one is due (interval elapsed, or a job arrived or finished)."""
+    memory = ctx.allocator
+    if memory.running:
+        return
+    mono = time.monotonic()
+    due = mono - memory.last_run >= ctx.config.allocator_interval_seconds
+    if not due and not (memory.wanted and mono - memory.last_run >= 1.0):
+        return
+    memory.running, memory.wanted, memory.last_run = True, False, mono
+    try:
+        await allocator_pass(ctx, logger)
+    except (TransientApiError, PermanentApiError) as e:
+        logger.warning(f"allocator: {e}")
+        memory.wanted = True
+    finally:
+        memory.running = False
+
+
+async def allocator_pass(ctx: OperatorContext, logger: logging.Logger) -> dict[str, Allocation]:
+    """One allocation over every job this operator manages; see the module docstring."""
+    bodies = await asyncio.to_thread(_list_jobs, ctx)
+    now = datetime.now(timezone.utc)
+    jobs: dict[JobKey, tuple[dict, LeptonJobSpec, LeptonJobStatus]] = {}
+    for body in bodies:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
+        try:
+            spec = parse_job(meta["name"], body.get("spec") or {})
+        except InvalidJob:
+            continue  # the core marks it Failed/InvalidSpec
+        status = parse_status(body.get("status"))
+        if status.phase in FINISHED_PHASES or spec.suspend or status.phase == "Failed":
+            continue
+        jobs[(meta["namespace"], meta["name"])] = (body, spec, status)
+    specs = {key: spec for key, (_, spec, _) in jobs.items()}
+    view, classes = await asyncio.to_thread(_read_world, ctx, ctx.allocator, specs)
+    states = [
+        job_state(key, body, spec, status, view.held.get(key, 0), view.pools.get(key), job_priority(spec, classes), now)
+        for key, (body, spec, status) in jobs.items()
+    ]
+    decisions = allocate(states, view.capacity, 0.0, ctx.config.allocator_settings)
+    plans = []
+    for key, (body, spec, status) in jobs.items():
+        writes = plan_job_writes(body, spec, status, decisions[f"{key[0]}/{key[1]}"], now)
+        plans.append((key, body, writes))
+    # Shrinks first: their GPUs are what the grows of a later pass will use.
+    plans.sort(key=lambda p: not p[2].shrink)
+    for key, body, writes in plans:
+        await _write(ctx, key, body, writes, logger)
+    return decisions
+
+
+async def _write(ctx: OperatorContext, key: JobKey, body: dict, writes: JobWrites, logger: logging.Logger) -> None:
+    namespace, name = key
+    version = body["metadata"]["resourceVersion"]
+    kube = ctx.kube
+    try:
+        if writes.replicas is not None and writes.replicas_first:
+            written = await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, writes.replicas)
+            version = written["metadata"]["resourceVersion"]
+        if writes.status_patch:
+            written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, writes.status_patch)
+            version = written["metadata"]["resourceVersion"]
+        if writes.replicas is not None and not writes.replicas_first:
+            await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, writes.replicas)
+    except Conflict:
+        ctx.allocator.wanted = True  # the job changed under us: decide again at the next tick
+        return
+    except (TransientApiError, PermanentApiError) as e:
+        logger.warning(f"allocator: {namespace}/{name}: {e}")
+        ctx.allocator.wanted = True
+        return
+    if writes.events:
+        await post_events(ctx, body, writes.events, logger)

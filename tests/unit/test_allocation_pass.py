@@ -1,0 +1,245 @@
+"""The allocator's pass around the pure allocator (reconcile/allocation.py): capacity from
+nodes and pods, priorities, the job view, the writes; and the core's gang admission gate
+(a job the allocator has not admitted is Queued and creates nothing)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from lepton_operator.api.conditions import (
+    CONDITION_ADMITTED,
+    REASON_ADMITTED,
+    REASON_ALLOCATOR_GROW,
+    REASON_QUEUED,
+)
+from lepton_operator.api.models import LeptonJobStatus, Observation, parse_job, parse_status
+from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from lepton_operator.reconcile.allocation import (
+    capacity_view,
+    job_priority,
+    job_state,
+    plan_job_writes,
+    pod_gpus,
+    priority_values,
+)
+from lepton_operator.reconcile.autoscaling import progress_patch, record_observation
+from lepton_operator.reconcile.conditions import set_condition
+from lepton_operator.scaling.allocator import Allocation
+from lepton_operator.scaling.prometheus import Progress
+from tests.unit.planworld import World, base_spec
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def node(name, gpus=8, ready=True, cordoned=False, labels=None, taints=None):
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"unschedulable": cordoned, **({"taints": taints} if taints else {})},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": str(gpus)},
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def pod(namespace, gpus, node_name=None, job=None):
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: job} if job else {}
+    return {
+        "metadata": {"namespace": namespace, "name": f"p-{gpus}-{job}", "labels": labels},
+        "spec": {
+            **({"nodeName": node_name} if node_name else {}),
+            "containers": [{"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
+        },
+    }
+
+
+def spec(**overrides):
+    return parse_job("job", base_spec(**overrides))
+
+
+def test_pod_gpus_reads_limits_or_requests():
+    assert pod_gpus(pod("ns", 4)) == 4
+    requests_only = {"spec": {"containers": [{"resources": {"requests": {"nvidia.com/gpu": 2}}}, {}]}}
+    assert pod_gpus(requests_only) == 2
+    assert pod_gpus({"spec": {}}) == 0
+
+
+def test_capacity_counts_usable_nodes_minus_gpus_of_other_pods():
+    nodes = [node("a"), node("b"), node("sick", ready=False), node("cordoned", cordoned=True), node("cpu", gpus=0)]
+    pods = [
+        pod("other", 3, node_name="a"),  # someone else's training pod
+        pod("other", 2),  # someone else's, still Pending: it will take GPUs somewhere
+        pod("ns", 4, node_name="b", job="job"),  # our job's worker: held, not subtracted
+        pod("other", 8, node_name="sick"),  # on a node not counted anyway
+    ]
+    view = capacity_view(nodes, pods, {("ns", "job"): spec()})
+    assert view.capacity.total == 16 - 3 - 2
+    assert view.held == {("ns", "job"): 4}
+    assert view.pools == {("ns", "job"): None}
+
+
+def test_a_job_restricted_by_node_selector_or_taints_gets_its_own_pool():
+    nodes = [
+        node("a100-1", labels={"gpu": "a100"}),
+        node("a100-2", labels={"gpu": "a100"}),
+        node("h100", labels={"gpu": "h100"}, taints=[{"key": "dedicated", "value": "llm", "effect": "NoSchedule"}]),
+    ]
+    pods = [pod("other", 2, node_name="a100-1")]
+    specs = {
+        ("ns", "pinned"): spec(nodeSelector={"gpu": "a100"}),
+        ("ns", "any"): spec(),
+        ("ns", "tolerant"): spec(tolerations=[{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]),
+    }
+    view = capacity_view(nodes, pods, specs)
+    assert view.capacity.total == 24 - 2
+    assert view.pools[("ns", "tolerant")] is None  # every node
+    pinned, untainted = view.pools[("ns", "pinned")], view.pools[("ns", "any")]
+    assert view.capacity.pools[pinned] == 16 - 2
+    # Without the toleration the tainted node is out of reach: the same two nodes.
+    assert view.capacity.pools[untainted] == 16 - 2
+
+
+def test_priority_comes_from_the_spec_then_the_class_then_the_global_default():
+    classes = priority_values(
+        [
+            {"metadata": {"name": "high"}, "value": 1000},
+            {"metadata": {"name": "normal"}, "value": 10, "globalDefault": True},
+        ]
+    )
+    assert job_priority(spec(priority=5, priorityClassName="high"), classes) == 5
+    assert job_priority(spec(priorityClassName="high"), classes) == 1000
+    assert job_priority(spec(priorityClassName="missing"), classes) == 0
+    assert job_priority(spec(), classes) == 10
+    assert job_priority(spec(), {}) == 0
+
+
+def body(created=NOW - timedelta(minutes=5)):
+    return {
+        "metadata": {
+            "name": "job",
+            "namespace": "ns",
+            "generation": 3,
+            "resourceVersion": "7",
+            "creationTimestamp": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    }
+
+
+def running_status(world_size=2, measured=True) -> LeptonJobStatus:
+    start = NOW - timedelta(minutes=10)
+    observations = [Observation(world_size=1, throughput=100.0, measured_at=NOW - timedelta(hours=1))]
+    if measured:
+        observations.append(
+            Observation(
+                world_size=world_size, throughput=190.0, measured_at=NOW - timedelta(seconds=30), window_seconds=300
+            )
+        )
+    return parse_status(
+        {
+            "phase": "Running",
+            "workerGeneration": 2,
+            "worldSize": world_size,
+            "generationStartTime": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "remainingSamples": 5e6,
+            "autoscaling": {"observations": [o.to_k8s() for o in observations]},
+        }
+    )
+
+
+def test_job_state_carries_measurements_progress_and_whether_it_can_be_resized_now():
+    sp = spec(autoscaling={"enabled": True, "step": 2, "efficiencyThreshold": 0.3})
+    state = job_state(("ns", "job"), body(), sp, running_status(), 2, None, 7, NOW)
+    assert (state.key, state.min, state.max, state.step, state.floor, state.priority) == ("ns/job", 1, 4, 2, 0.3, 7)
+    assert state.admitted and state.current == 2 and state.held_gpus == 2 and not state.busy
+    assert state.remaining_samples == 5e6
+    assert [(m.world_size, m.window_seconds) for m in state.measurements] == [(1, 60.0), (2, 300.0)]
+    assert state.measurements[0].age_seconds == pytest.approx(3600)
+    assert state.created == pytest.approx(-300) and state.queued_since == pytest.approx(-300)
+    # Not measured since this generation started: busy (the allocator leaves its size alone).
+    assert job_state(("ns", "job"), body(), sp, running_status(measured=False), 2, None, 0, NOW).busy
+    # Never started and not admitted: queued.
+    fresh = job_state(("ns", "job"), body(), sp, LeptonJobStatus(), 0, None, 0, NOW)
+    assert not fresh.admitted and fresh.current == 0
+
+
+def test_an_admission_writes_replicas_first_then_the_admitted_condition():
+    sp = spec(autoscaling={"enabled": True}, workers={"min": 1, "max": 8, "initial": 2})
+    decision = Allocation("ns/job", True, 6, REASON_ADMITTED, "admitted at 6 workers")
+    writes = plan_job_writes(body(), sp, LeptonJobStatus(), decision, NOW)
+    assert writes.replicas == 6 and writes.replicas_first
+    admitted = next(c for c in writes.status_patch["conditions"] if c["type"] == CONDITION_ADMITTED)
+    assert admitted["status"] == "True" and admitted["reason"] == REASON_ADMITTED
+    assert writes.status_patch["allocation"]["target"] == 6
+    assert ("Normal", REASON_ADMITTED, "admitted at 6 workers") in writes.events
+
+
+def test_a_queued_job_gets_admitted_false_with_its_place_and_no_replicas():
+    decision = Allocation("ns/job", False, 0, REASON_QUEUED, "its 4 workers do not fit", queue_position=3)
+    writes = plan_job_writes(body(), spec(autoscaling={"enabled": True}), LeptonJobStatus(), decision, NOW)
+    assert writes.replicas is None
+    cond = next(c for c in writes.status_patch["conditions"] if c["type"] == CONDITION_ADMITTED)
+    assert cond["status"] == "False" and cond["reason"] == REASON_QUEUED and "place 3" in cond["message"]
+    assert writes.status_patch["allocation"]["queuePosition"] == 3
+
+
+def test_the_same_decision_again_writes_nothing_until_the_refresh():
+    sp = spec(autoscaling={"enabled": True})
+    status = running_status()
+    set_condition(status, CONDITION_ADMITTED, True, REASON_ADMITTED, "admitted", NOW, 1)
+    decision = Allocation("ns/job", True, 2, "AllocatorHold", "holding 2 workers")
+    first = plan_job_writes(body(), sp, status, decision, NOW)
+    assert set(first.status_patch) == {"allocation"} and first.replicas is None
+    stored = parse_status({**status.to_k8s(), "allocation": first.status_patch["allocation"]})
+    assert not plan_job_writes(body(), sp, stored, decision, NOW + timedelta(seconds=60)).status_patch
+    assert plan_job_writes(body(), sp, stored, decision, NOW + timedelta(minutes=6)).status_patch
+
+
+def test_a_grow_of_a_running_job_writes_status_then_replicas_and_an_event():
+    sp = spec(autoscaling={"enabled": True})
+    status = running_status()
+    set_condition(status, CONDITION_ADMITTED, True, REASON_ADMITTED, "admitted", NOW, 1)
+    decision = Allocation("ns/job", True, 4, REASON_ALLOCATOR_GROW, "2->4 workers: ...")
+    writes = plan_job_writes(body(), sp, status, decision, NOW)
+    assert writes.replicas == 4 and not writes.replicas_first and not writes.shrink
+    assert ("Normal", REASON_ALLOCATOR_GROW, "2->4 workers: ...") in writes.events
+    # A fixed job is never resized, whatever the decision says.
+    fixed = plan_job_writes(body(), spec(), status, decision, NOW)
+    assert fixed.replicas is None
+
+
+def test_the_core_queues_a_job_the_allocator_has_not_admitted():
+    w = World(base_spec())
+    w.gated = True
+    w.step()
+    assert w.status.phase == "Queued" and not w.pods
+    assert "allocator" in w.status.message
+    set_condition(w.status, CONDITION_ADMITTED, False, REASON_QUEUED, "place 2 in the queue", w.now, 1)
+    w.step()
+    assert w.status.phase == "Queued" and w.status.message == "place 2 in the queue" and not w.pods
+    set_condition(w.status, CONDITION_ADMITTED, True, REASON_ADMITTED, "admitted at 2 workers", w.now, 1)
+    w.step()
+    assert w.status.phase == "Pending" and len(w.pods) == 2
+
+
+def test_observations_keep_history_and_the_latest_per_size():
+    obs = []
+    for i in range(60):
+        size = 1 if i == 0 else 2 + i % 3
+        obs = record_observation(
+            obs, Observation(world_size=size, throughput=float(i), measured_at=NOW + timedelta(seconds=i))
+        )
+    assert any(o.world_size == 1 for o in obs)  # the only measurement at 1, though old
+    assert len(obs) <= 32 + 4
+    assert max(o.throughput for o in obs) == 59
+    assert obs == sorted(obs, key=lambda o: (o.world_size, o.measured_at))
+
+
+def test_progress_patch_gives_fraction_remaining_and_eta():
+    patch = progress_patch(Progress(done=2500, target=10000), throughput=100.0, now=NOW)
+    assert patch == {"progress": 0.25, "remainingSamples": 7500, "estimatedCompletionTime": "2026-03-01T12:01:15Z"}
+    assert progress_patch(None, 100.0, NOW) == {}
+    assert "estimatedCompletionTime" not in progress_patch(Progress(done=1, target=2), None, NOW)
