@@ -67,8 +67,10 @@ IN_A_MANAGED_NAMESPACE = (
     | _triples("lepton.ai", ["leptonjobs/finalizers"], ["update"])
 )
 # Cluster-scoped, in both modes: kopf's CRD watch, the node view (read-only).
-CLUSTER_READS = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]) | _triples(
-    "", ["nodes"], ["list"]
+CLUSTER_READS = (
+    _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"])
+    | _triples("", ["nodes"], ["list"])
+    | _triples("scheduling.k8s.io", ["priorityclasses"], ["list"])
 )
 NAMESPACE_READS = _triples("", ["namespaces"], ["list", "watch"])  # namespaced mode: kopf's namespace watch
 PEERING = ["get", "list", "watch", "patch"]  # the chart creates the peering object

@@ -92,11 +92,15 @@ NAMESPACED_ALLOWLIST = (
     # blockOwnerDeletion on every child, under OwnerReferencesPermissionEnforcement
     | {("lepton.ai", "leptonjobs/finalizers", "update")}
 )
-CRD_READ = _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]) | _triples(
-    "",
-    ["nodes"],
-    ["list"],  # read-only: lost and cordoned nodes under the workers
-)
+CRD_READ = (
+    _triples("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"])
+    | _triples(
+        "",
+        ["nodes"],
+        ["list"],  # read-only: lost and cordoned nodes under the workers, their GPUs for the allocator
+    )
+    | _triples("scheduling.k8s.io", ["priorityclasses"], ["list"])
+)  # a job's priorityClassName is its priority
 CLUSTER_PEERING = _triples("kopf.dev", ["clusterkopfpeerings"], ["get", "list", "watch", "patch"])
 NAMESPACED_PEERING = _triples("kopf.dev", ["kopfpeerings"], ["get", "list", "watch", "patch"])
 NAMESPACE_READ = _triples("", ["namespaces"], ["list", "watch"])
@@ -737,3 +741,14 @@ def test_the_schema_checks_namespace_entries_as_the_operator_does():
 def test_schema_rejects_bad_network_policy_values(helm, tmp_path, network_policy, complaint):
     error = render_error(helm, tmp_path, {"networkPolicy": network_policy})
     assert "schema" in error and complaint in error, error
+
+
+def test_allocator_args(helm, tmp_path):
+    args = _args(render(helm, tmp_path))
+    assert args[args.index("--allocator-interval-seconds") + 1] == "30"
+    assert "--gpu-budget" not in args and "--no-allocator" not in args  # cluster-wide: capacity from the nodes
+    namespaced = _args(render(helm, tmp_path, {"watchNamespaces": ["team-a"], "allocator": {"gpuBudget": 24}}))
+    assert namespaced[namespaced.index("--gpu-budget") + 1] == "24"
+    off = _args(render(helm, tmp_path, {"allocator": {"enabled": False}}))
+    assert "--no-allocator" in off and "--allocator-interval-seconds" not in off
+    assert "gpuBudget" in render_error(helm, tmp_path, {"allocator": {"gpuBudget": -1}})

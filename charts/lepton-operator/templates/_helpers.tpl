@@ -122,12 +122,18 @@ holds the name to tell our own (created by an earlier pass) from a foreign one
 
 {{/* Cluster-scoped reads in both modes: kopf lists and watches CRDs to notice its
 resources (it never gets one); the operator lists nodes (read-only) to see lost and
-cordoned nodes under its workers. */}}
+cordoned nodes under its workers and, for the cluster allocator, their allocatable GPUs;
+and it lists PriorityClasses (read-only): a job's priorityClassName is its priority.
+In cluster-wide mode the allocator also lists the pods of every namespace (the pods rule
+of the ClusterRole) to subtract the GPUs of pods that are not LeptonJob workers. */}}
 {{- define "lepton-operator.crdRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["nodes"]
+  verbs: ["list"]
+- apiGroups: ["scheduling.k8s.io"]
+  resources: ["priorityclasses"]
   verbs: ["list"]
 {{- end }}

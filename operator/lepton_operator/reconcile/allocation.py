@@ -153,7 +153,7 @@ def capacity_view(nodes: list[dict], pods: list[dict], specs: dict[JobKey, Lepto
     held: dict[JobKey, int] = {key: 0 for key in specs}
     for pod in pods:
         gpus = pod_gpus(pod)
-        if gpus == 0:
+        if gpus == 0 or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
         key = job_of_pod(pod)
         if key in held:
@@ -364,16 +364,22 @@ def _read_world(ctx: OperatorContext, memory: AllocatorMemory, specs: dict[JobKe
             if isinstance(e, PermanentApiError):
                 memory.priority_classes_readable = False
             log.warning(f"cannot read PriorityClasses, priorityClassName counts as 0: {e}")
+    namespaces = ctx.config.namespaces
     if ctx.config.gpu_budget is not None:
-        # Namespaced mode: nodes are not readable; the admin's budget is the capacity.
-        held = {key: 0 for key in specs}
-        for (namespace, name), _ in specs.items():
-            pods = ctx.kube.list_pods(namespace, f"{LABEL_JOB_NAME}={name}")
-            held[(namespace, name)] = sum(pod_gpus(p) for p in pods)
-        view = CapacityView(Capacity(ctx.config.gpu_budget), held, {key: None for key in specs})
+        # The admin's budget is the capacity; only our own pods are counted against it.
+        pods = [p for ns in sorted({ns for ns, _ in specs}) for p in ctx.kube.list_pods(ns, LABEL_JOB_NAME)]
+        view = capacity_view([], pods, specs)
+        return CapacityView(Capacity(ctx.config.gpu_budget), view.held, {key: None for key in specs}), classes
+    if namespaces:
+        # Namespaced mode: other namespaces' pods are out of sight (and out of RBAC).
+        if not memory.warned_namespaced:
+            log.warning("namespaced mode without --gpu-budget: GPUs used by pods of other namespaces are not seen")
+            memory.warned_namespaced = True
+        watched = sorted({ns for ns, _ in specs} | {ns for ns in namespaces if not any(c in ns for c in "*?[")})
+        pods = [p for ns in watched for p in ctx.kube.list_pods(ns, "")]
     else:
-        view = capacity_view(ctx.kube.list_nodes(), ctx.kube.list_active_pods(), specs)
-    return view, classes
+        pods = ctx.kube.list_active_pods()
+    return capacity_view(ctx.kube.list_nodes(), pods, specs), classes
 
 
 async def allocator_tick(ctx: OperatorContext, logger: logging.Logger) -> None:

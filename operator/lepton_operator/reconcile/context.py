@@ -179,6 +179,7 @@ class AllocatorMemory:
     running: bool = False
     priority_classes_readable: bool = True
     """False once listing PriorityClasses was refused (RBAC): not asked again."""
+    warned_namespaced: bool = False
 
 
 @dataclasses.dataclass
