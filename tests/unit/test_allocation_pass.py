@@ -159,8 +159,9 @@ def test_job_state_carries_measurements_progress_and_whether_it_can_be_resized_n
     assert [(m.world_size, m.window_seconds) for m in state.measurements] == [(1, 60.0), (2, 300.0)]
     assert state.measurements[0].age_seconds == pytest.approx(3600)
     assert state.created == pytest.approx(-300) and state.queued_since == pytest.approx(-300)
-    # Not measured since this generation started: busy (the allocator leaves its size alone).
-    assert job_state(("ns", "job"), body(), sp, running_status(measured=False), 2, None, 0, NOW).busy
+    # Not measured since this generation started: unsettled (not resized by choice).
+    unmeasured = job_state(("ns", "job"), body(), sp, running_status(measured=False), 2, None, 0, NOW)
+    assert not unmeasured.settled and not unmeasured.busy
     # Never started and not admitted: queued.
     fresh = job_state(("ns", "job"), body(), sp, LeptonJobStatus(), 0, None, 0, NOW)
     assert not fresh.admitted and fresh.current == 0

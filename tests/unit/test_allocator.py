@@ -342,3 +342,18 @@ def test_no_flapping_under_15_percent_noise_over_200_intervals(seed):
         assert changes <= 6, (k, sizes)
         # After the first 50 intervals the sizes hold.
         assert len(set(sizes[50:])) == 1, (k, sizes[50:])
+
+
+def test_an_unmeasured_job_is_shrunk_to_admit_a_higher_priority_one_but_not_resized_by_choice():
+    unmeasured = running("low", amdahl(0.0), 12, sizes=(), min=2, settled=False)
+    result = allocate([unmeasured], Capacity(16), 0.0)
+    assert result["low"].target == 12 and result["low"].reason == REASON_ALLOCATOR_HOLD
+    high = queued("high", 10.0, min=8, max=8, requested=8, priority=10)
+    result = allocate([unmeasured, high], Capacity(16), 20.0)
+    assert 2 <= result["low"].target <= 8 and result["low"].reason == REASON_ALLOCATOR_SHRINK
+
+
+def test_an_unsettled_job_is_not_grown_on_an_old_model():
+    job = running("a", amdahl(0.0), 2, sizes=(1, 2), settled=False)
+    assert allocate([job], Capacity(16), 0.0)["a"].target == 2
+    assert allocate([replace(job, settled=True)], Capacity(16), 0.0)["a"].target > 2

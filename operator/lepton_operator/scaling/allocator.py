@@ -74,7 +74,10 @@ class JobState:
     held_gpus: int = 0
     """GPUs requested by the job's pods now, terminating ones included."""
     busy: bool = False
-    """A rescale under way or a generation not yet measured: its size is not changed now."""
+    """A rescale under way (or the job not running): its size is not changed now."""
+    settled: bool = True
+    """Its current size has been measured since its generation started. An unsettled job
+    is not resized by choice (its model may be out of date), only shrunk to admit a job."""
     measurements: tuple[Measurement, ...] = ()
     remaining_samples: Optional[float] = None
     """Samples left to train (None: unknown, treated as long-running)."""
@@ -386,13 +389,14 @@ class _Pass:
             else:
                 final[key] = max(job.min, min(job.max, job.current))
                 movable.append(job)
-        for job in movable:
+        settled = [j for j in movable if j.settled and self.models[j.key] is not None]
+        for job in settled:
             self._shrink_below_floor(job, ideal, final)
         self._make_room(movable, ideal, final)
-        growers = [j for j in movable if ideal[j.key] > final[j.key]]
+        growers = [j for j in settled if ideal[j.key] > final[j.key]]
         growers.sort(key=lambda j: (-j.priority, self._delay(j, final[j.key], ideal[j.key])))
         for job in growers:
-            self._grow(job, movable, ideal, final)
+            self._grow(job, settled, ideal, final)
         return final
 
     def _shrink_below_floor(self, job: JobState, ideal: dict[str, int], final: dict[str, int]) -> None:
