@@ -1,4 +1,4 @@
-"""The simulator: the oracle, baselines, restart costs and capacity; and the benchmark target."""
+"""The single-job simulator (`simulate --curve`): the oracle, baselines, restart costs and capacity; the targets."""
 
 from __future__ import annotations
 
@@ -79,6 +79,46 @@ def test_benchmark_suite_meets_the_target():
     assert sum(r["ratio"] for r in rows) < sum(r["hpa_ratio"] for r in rows)
 
 
+def test_default_policy_is_the_allocator_with_the_same_result_keys():
+    c = Curve.from_dict(ISSUE_CURVE)
+    a, lep = simulate(c, seed=1), simulate(c, "lepton", seed=1)
+    assert a["policy"] == "allocator"
+    assert set(a) == set(lep)
+    sizes = [s for _, s in a["trajectory"]]
+    assert a["trajectory"][0][0] == 0.0 and all(1 <= s <= 8 for s in sizes) and a["rescales"] == len(sizes) - 1
+    assert a["ratio_to_oracle"] == pytest.approx(a["completion_seconds"] / a["oracle_completion_seconds"], 1e-3)
+    assert a == simulate(c, "allocator", seed=1)
+
+
+def test_policy_aliases():
+    c = Curve.from_dict(ISSUE_CURVE)
+    per_job, lep = simulate(c, "per-job", seed=2), simulate(c, "lepton", seed=2)
+    assert {**per_job, "policy": "lepton"} == lep
+    static = simulate(Curve.from_dict({**ISSUE_CURVE, "initial": 2}), "static")
+    assert static["policy"] == "static" and static["trajectory"] == [[0.0, 2]] and static["rescales"] == 0
+
+
+def test_allocator_restart_cost_and_capacity_on_a_curve():
+    c = Curve.from_dict({**ISSUE_CURVE, "throughput": {"1": 100, "8": 800}, "capacity": 3, "noise": 0})
+    r = simulate(c)
+    assert max(s for _, s in r["trajectory"]) <= 3 and r["final_size"] == 3 and r["oracle_size"] == 3
+    # Every start and rescale costs its 30 s: never faster than the oracle's one start.
+    assert r["completion_seconds"] >= r["oracle_completion_seconds"] + 30 * r["rescales"] - 0.2
+
+
+def test_allocator_within_10_percent_of_the_best_fixed_size_on_long_jobs():
+    """`simulate --curve` at the default settings (its default policy, the spec's autoscaling
+    defaults, the allocator's): every curve of benchmarks/curves/ and every seed."""
+    worst = {}
+    for path in sorted(CURVES.glob("*.json")):
+        curve = Curve.load(str(path))
+        for seed in range(3):
+            r = simulate(curve, seed=seed)
+            worst[curve.name] = max(worst.get(curve.name, 0.0), r["ratio_to_oracle"])
+    assert len(worst) >= 8
+    assert max(worst.values()) <= 1.10, worst
+
+
 def test_cli_prints_json(tmp_path):
     path = tmp_path / "curve.json"
     path.write_text(json.dumps(ISSUE_CURVE))
@@ -108,3 +148,11 @@ def test_cli_prints_json(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown policy" in bad.stderr
+    default = subprocess.run(
+        [sys.executable, "-m", "lepton_operator.cli", "simulate", "--curve", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(default.stdout)["policy"] == "allocator"

@@ -1,11 +1,18 @@
-"""A discrete-time simulator of one training job under an autoscaling policy.
+"""A discrete-time simulator of one training job under an autoscaling policy, and the CLI.
 
-It runs the operator's own `decide()` at every autoscaler interval on noisy throughput
-measurements taken the way the operator takes them (averaged over the part of the
-current generation after its warm-up, reported once a rate window has passed), charges
-`restart_seconds` of zero throughput for the start and for every rescale, and stops when
-`total_samples` are trained. Baselines: the best fixed size in hindsight (the oracle),
-any fixed size, and an HPA-style rule that keeps per-worker throughput near a target.
+`simulate(curve, policy)` runs one job to completion. The default policy, `allocator`,
+is the cluster allocator the operator runs (`scaling.allocator`), played on the one-job
+trace of the curve by the multi-job simulator (`scaling.tracesim`). `per-job` (alias
+`lepton`) runs the per-job policy `decide()` at every autoscaler interval on noisy
+throughput measurements taken the way the operator takes them (averaged over the part
+of the current generation after its warm-up, reported once a rate window has passed).
+Every policy is charged `restart_seconds` of zero throughput for the start and for every
+rescale, and the job stops when `total_samples` are trained. Baselines: the best fixed
+size in hindsight (the oracle), any fixed size (`fixed:N`; `static` is `initial`), and an
+HPA-style rule that keeps per-worker throughput near a target.
+
+`lepton-operator simulate --trace FILE` runs many jobs on one cluster instead
+(`scaling.tracesim` describes the trace file and the result).
 
 A curve file is JSON:
 
@@ -22,19 +29,26 @@ stays flat, below the smallest it scales linearly from zero.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable, Optional
 
 from lepton_operator.api.models import LeptonJobSpec, Observation
 from lepton_operator.scaling.policy import RescaleEvent, ScalingState, decide
+from lepton_operator.scaling.tracesim import (
+    DEFAULT_INTERVAL_SECONDS,
+    EPOCH,
+    POLICIES,
+    Trace,
+    TraceError,
+    interpolate_throughput,
+    simulate_trace,
+)
 
-EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
 # HPA-style baseline: keep per-worker throughput at this fraction of a single worker's
 # (the way an HPA keeps CPU utilisation at a target), with the HPA's 10% tolerance and
 # 5-minute scale-down stabilisation window.
@@ -83,15 +97,7 @@ class Curve:
 
     def throughput(self, n: int) -> float:
         """True throughput at world size n (linear interpolation, flat past the last point)."""
-        xs = sorted(self.points)
-        if n <= xs[0]:
-            return self.points[xs[0]] * n / xs[0]
-        if n >= xs[-1]:
-            return self.points[xs[-1]]
-        for a, b in itertools.pairwise(xs):
-            if a <= n <= b:
-                return self.points[a] + (self.points[b] - self.points[a]) * (n - a) / (b - a)
-        raise AssertionError("unreachable")
+        return interpolate_throughput(self.points, n)
 
     @property
     def placeable_max(self) -> int:
@@ -150,20 +156,28 @@ def hpa_policy(curve: Curve) -> PolicyFn:
     return policy
 
 
+CURVE_POLICIES = "allocator (default), per-job (alias lepton), static, hpa, or fixed:N"
+
+
 def simulate(
     curve: Curve,
-    policy: str = "lepton",
+    policy: str = "allocator",
     seed: int = 0,
     settings: Optional[dict] = None,
     max_seconds: float = 30 * 24 * 3600,
 ) -> dict:
-    """Run the job to completion under `policy` ("lepton", "hpa" or "fixed:N"); return the result."""
+    """Run the job to completion under `policy` (see `CURVE_POLICIES`); return the result."""
+    if policy == "allocator":
+        return simulate_allocator(curve, seed, settings, max_seconds)
     spec = curve.spec(settings)
     auto = spec.autoscaling
     rng = random.Random(seed)
-    if policy == "lepton":
+    if policy in ("lepton", "per-job"):
         fn = lepton_policy
         size = spec.initial_workers
+    elif policy == "static":  # what a user has without autoscaling: `initial` to the end
+        size = spec.initial_workers
+        fn = fixed_policy(size)
     elif policy == "hpa":
         fn = hpa_policy(curve)
         size = spec.initial_workers
@@ -171,7 +185,7 @@ def simulate(
         size = int(policy.split(":", 1)[1])
         fn = fixed_policy(size)
     else:
-        raise ValueError(f"unknown policy {policy!r}: use lepton, hpa or fixed:N")
+        raise ValueError(f"unknown policy {policy!r}: use {CURVE_POLICIES}")
     size = min(size, curve.placeable_max)
 
     interval = float(auto.interval_seconds)
@@ -249,21 +263,86 @@ def simulate(
     }
 
 
+def curve_trace(curve: Curve, settings: Optional[dict] = None) -> Trace:
+    """The one-job trace of a curve: one GPU per worker, `capacity` (else `max`) GPUs."""
+    auto = {**curve.autoscaling, **(settings or {})}
+    interval = float(auto.pop("intervalSeconds", DEFAULT_INTERVAL_SECONDS))
+    auto.pop("enabled", None)
+    job = {
+        "name": curve.name or "job",
+        "arrival_seconds": 0,
+        "gpus_per_worker": 1,
+        "min": curve.min,
+        "max": curve.max,
+        "initial": int(curve.initial) if curve.initial is not None else curve.min,
+        "total_samples": curve.total_samples,
+        "restart_seconds": curve.restart_seconds,
+        "noise": curve.noise,
+        "throughput": {str(k): v for k, v in curve.points.items()},
+        "autoscaling": auto,
+    }
+    capacity = int(curve.capacity) if curve.capacity is not None else curve.max
+    return Trace.from_dict({"capacity_gpus": capacity, "interval_seconds": interval, "jobs": [job]}, curve.name)
+
+
+def simulate_allocator(
+    curve: Curve, seed: int = 0, settings: Optional[dict] = None, max_seconds: float = 30 * 24 * 3600
+) -> dict:
+    """The cluster allocator on the curve's one-job trace, reported like `simulate()`."""
+    trace = curve_trace(curve, settings)
+    result = simulate_trace(trace, "allocator", seed, max_seconds=max_seconds)
+    (job,) = result["jobs"].values()
+    best, best_seconds = oracle(curve)
+    sizes = [size for _, size in job["trajectory"]]
+    return {
+        "curve": curve.name,
+        "policy": "allocator",
+        "seed": seed,
+        "completion_seconds": job["completion_seconds"],
+        "oracle_completion_seconds": round(best_seconds, 1),
+        "oracle_size": best,
+        "ratio_to_oracle": round(job["completion_seconds"] / best_seconds, 4),
+        "rescales": job["rescales"],
+        "capacity_failures": 0,  # the allocator never asks for GPUs that are not free
+        "final_size": sizes[-1],
+        "trajectory": job["trajectory"],
+    }
+
+
 def add_parser(subparsers) -> None:
-    """Register `lepton-operator simulate --curve FILE [--policy lepton|hpa|fixed:N] [--seed S]`."""
+    """Register `lepton-operator simulate (--curve FILE | --trace FILE) [--policy P] [--seed S]`."""
     parser = subparsers.add_parser(
         "simulate",
-        help="simulate a job's autoscaling on a throughput curve (JSON result)",
-        description="Run the autoscaling policy on a throughput curve and compare with the best fixed size.",
+        help="simulate autoscaling on a throughput curve, or a cluster's jobs on a trace (JSON result)",
+        description=(
+            "--curve: run one job's autoscaling on a throughput curve and compare with the best fixed size. "
+            "--trace: run a cluster's jobs under the allocator, the per-job policy or static sizes."
+        ),
     )
-    parser.add_argument("--curve", required=True, help="curve JSON file (see lepton_operator.scaling.simulate)")
-    parser.add_argument("--policy", default="lepton", help="lepton (default), hpa, or fixed:N")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--curve", help="curve JSON file (see lepton_operator.scaling.simulate)")
+    source.add_argument("--trace", help="trace JSON file (see lepton_operator.scaling.tracesim)")
+    parser.add_argument(
+        "--policy",
+        default="allocator",
+        help=f"--curve: {CURVE_POLICIES}; --trace: allocator (default), per-job or static",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the measurement noise")
     parser.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    """Handler of `lepton-operator simulate`: print the simulation result as JSON."""
+    """Handler of `lepton-operator simulate`: print the simulation result as JSON (exit 2 on bad input)."""
+    if args.trace is not None:
+        try:
+            if args.policy not in POLICIES:
+                raise TraceError(f"unknown policy {args.policy!r}: use {', '.join(POLICIES)}")
+            trace = Trace.load(args.trace)
+        except TraceError as exc:
+            print(f"simulate: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(simulate_trace(trace, args.policy, args.seed)))
+        return 0
     try:
         result = simulate(Curve.load(args.curve), policy=args.policy, seed=args.seed)
     except (OSError, ValueError, KeyError) as exc:
