@@ -205,10 +205,12 @@ def test_the_allocator_sees_jobs_as_the_operator_does():
     first = states[0.0]["a"]
     assert not first.admitted and first.current == 0 and first.requested == 2 and first.queued_since == 0
     assert first.remaining_samples == 1_000_000 and first.floor == 0.3 and first.gpus_per_worker == 2
-    # Start cost 50 s, warm-up 60 s, then a 60 s window: the first measurement at t=180.
-    assert states[150.0]["a"].busy and not states[150.0]["a"].measurements
+    # Start cost 50 s (busy), warm-up 60 s, then a 60 s window: the first measurement at t=180.
+    assert states[30.0]["a"].busy and not states[30.0]["a"].settled
+    b = states[150.0]["a"]
+    assert not b.busy and not b.settled and not b.measurements
     a = states[180.0]["a"]
-    assert not a.busy and a.current == 2 and a.held_gpus == 4 and a.admitted
+    assert not a.busy and a.settled and a.current == 2 and a.held_gpus == 4 and a.admitted
     (m,) = a.measurements
     assert m.world_size == 2 and m.window_seconds == 60 and m.age_seconds == 0
     assert 190 <= m.throughput <= 210
@@ -219,7 +221,7 @@ def test_the_allocator_sees_jobs_as_the_operator_does():
     assert states[570.0]["a"].restart_seconds == 60  # the operator's default before it measured one
     assert states[630.0]["a"].busy and states[630.0]["a"].restart_seconds == 60  # restarting until 650
     a = states[660.0]["a"]
-    assert a.busy and a.current == 4 and a.restart_seconds == 50
+    assert not a.busy and not a.settled and a.current == 4 and a.restart_seconds == 50
     assert len(a.measurements) == 15  # the old generation's stay
     assert max(len(s["a"].measurements) for _, s in seen if "a" in s) <= 33
 
@@ -310,6 +312,18 @@ def test_unknown_policy_missing_file_and_bad_json_exit_2(tmp_path, capsys):
         assert cli.main(["simulate", *args]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_reports_a_policy_that_breaks_the_capacity_in_one_line(tmp_path, capsys, monkeypatch):
+    def greedy(jobs, capacity, now, settings):
+        return {j.key: Allocation(j.key, True, j.max, "Greedy", "") for j in jobs}
+
+    monkeypatch.setattr("lepton_operator.scaling.tracesim.allocate", greedy)
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"capacity_gpus": 32, "jobs": [ISSUE_JOB, {**ISSUE_JOB, "name": "b"}]}))
+    assert cli.main(["simulate", "--trace", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "64 GPUs allocated at t=0.0 s > capacity 32" in err, err
 
 
 def test_cli_trace_prints_json(tmp_path):

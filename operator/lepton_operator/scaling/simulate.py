@@ -332,7 +332,8 @@ def add_parser(subparsers) -> None:
 
 
 def run_cli(args) -> int:
-    """Handler of `lepton-operator simulate`: print the simulation result as JSON (exit 2 on bad input)."""
+    """Handler of `lepton-operator simulate`: print the simulation result as JSON (exit 2 on bad
+    input, 1 when the policy over-allocated or left the cluster idle with jobs waiting)."""
     if args.trace is not None:
         try:
             if args.policy not in POLICIES:
@@ -341,7 +342,12 @@ def run_cli(args) -> int:
         except TraceError as exc:
             print(f"simulate: {exc}", file=sys.stderr)
             return 2
-        print(json.dumps(simulate_trace(trace, args.policy, args.seed)))
+        try:
+            result = simulate_trace(trace, args.policy, args.seed)
+        except RuntimeError as exc:  # the policy broke the rules (CapacityExceeded) or never started a job
+            print(f"simulate: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(result))
         return 0
     try:
         result = simulate(Curve.load(args.curve), policy=args.policy, seed=args.seed)

@@ -8,7 +8,7 @@ the rescales:
 - `allocator`: the operator's cluster allocator (`scaling.allocator.allocate`), called
   every `interval_seconds` and on every arrival and completion, with every job's state
   built the way the operator builds it (noisy measurements, remaining samples, measured
-  restart cost, busy while restarting or warming up). Its answer is applied at once:
+  restart cost, busy while restarting, settled once measured since its generation began). Its answer is applied at once:
   shrinks first (they free their GPUs immediately here), then grows and admissions.
 - `per-job`: each job under the single-job autoscaling policy (`scaling.policy.decide`,
   as in `simulate --curve`) at every interval, with first-come capacity: queued jobs
@@ -444,7 +444,10 @@ class _Run:
             admitted=self.size > 0,
             current=self.size,
             held_gpus=self.gpus,
-            busy=self.size > 0 and not self.gen_measured,
+            # As the operator: busy while the rescale (or start) is under way, settled once the
+            # generation has been measured at its size (after warm-up and a rate window).
+            busy=self.size > 0 and now < self.gen_start,
+            settled=self.gen_measured,
             measurements=tuple(
                 Measurement(world_size=n, throughput=x, age_seconds=now - at, window_seconds=w)
                 for _, n, x, at, w in self.measurements
