@@ -222,6 +222,7 @@ def test_the_allocator_sees_jobs_as_the_operator_does():
     assert states[630.0]["a"].busy and states[630.0]["a"].restart_seconds == 60  # restarting until 650
     a = states[660.0]["a"]
     assert not a.busy and not a.settled and a.current == 4 and a.restart_seconds == 50
+    assert a.requested == 4  # spec.workers.replicas, where the operator writes the allocator's target
     assert len(a.measurements) == 15  # the old generation's stay
     assert max(len(s["a"].measurements) for _, s in seen if "a" in s) <= 33
 

@@ -8,7 +8,9 @@ the rescales:
 - `allocator`: the operator's cluster allocator (`scaling.allocator.allocate`), called
   every `interval_seconds` and on every arrival and completion, with every job's state
   built the way the operator builds it (noisy measurements, remaining samples, measured
-  restart cost, busy while restarting, settled once measured since its generation began). Its answer is applied at once:
+  restart cost, busy while restarting, settled once measured since its generation began,
+  `requested` = `spec.workers.replicas`, where the operator writes the allocator's
+  target, else `initial`). Its answer is applied at once:
   shrinks first (they free their GPUs immediately here), then grows and admissions.
 - `per-job`: each job under the single-job autoscaling policy (`scaling.policy.decide`,
   as in `simulate --curve`) at every interval, with first-come capacity: queued jobs
@@ -334,6 +336,8 @@ class _Run:
     def __init__(self, job: TraceJob, index: int, seed: int, interval: float):
         self.job = job
         self.index = index
+        # spec.workers.replicas: the operator writes the allocator's target there (0: `initial`).
+        self.replicas = 0
         self.spec = job.spec(interval)
         self.auto = self.spec.autoscaling
         self.floor = self.auto.efficiency_threshold
@@ -440,7 +444,7 @@ class _Run:
             priority=job.priority,
             created=job.arrival_seconds,
             elastic=job.elastic,
-            requested=job.initial,
+            requested=self.replicas or job.initial,
             admitted=self.size > 0,
             current=self.size,
             held_gpus=self.gpus,
@@ -592,6 +596,8 @@ class _Simulation:
             if alloc is None:
                 continue
             target = alloc.target if alloc.admitted else 0
+            if target:
+                run.replicas = target  # what the operator's allocation pass writes
             if target and not run.job.min <= target <= run.job.max:
                 raise RuntimeError(
                     f"allocator: job {run.name!r} target {target} is outside [min, max] = "
