@@ -582,13 +582,14 @@ class AllocationStatus(StatusModel):
 
     target: int = Field(description="Workers allocated (0 while queued).", ge=0)
     reason: str = Field(description="CamelCase reason.", max_length=128)
-    message: str = Field("", description="What was decided and why.", max_length=4096)
+    message: str = Field(description="What was decided and why.", max_length=4096)
     predicted_throughput: Optional[float] = Field(None, description="Samples/s the model predicts at `target`.")
     marginal_gain: Optional[float] = Field(
         None, description="Samples/s the last step of workers adds at `target`, per the model."
     )
-    why_not_more: str = Field("", description="Why the job has no more workers.", max_length=1024)
-    why_not_less: str = Field("", description="Why the job has no fewer workers.", max_length=1024)
+    # Optional, not "": the Kubernetes client sends an empty string as null.
+    why_not_more: Optional[str] = Field(None, description="Why the job has no more workers.", max_length=1024)
+    why_not_less: Optional[str] = Field(None, description="Why the job has no fewer workers.", max_length=1024)
     queue_position: Optional[int] = Field(None, description="Place in the admission queue while Queued.", ge=1)
     time: Timestamp = Field(description="When it was decided.")
 

@@ -315,8 +315,8 @@ def plan_job_writes(
         message=decision.message[:4096],
         predicted_throughput=_round(decision.predicted_throughput),
         marginal_gain=_round(decision.marginal_gain),
-        why_not_more=decision.why_not_more[:1024],
-        why_not_less=decision.why_not_less[:1024] if decision.admitted else "",
+        why_not_more=decision.why_not_more[:1024] or None,
+        why_not_less=(decision.why_not_less[:1024] or None) if decision.admitted else None,
         queue_position=decision.queue_position,
         time=now,
     )
