@@ -357,3 +357,27 @@ def test_an_unsettled_job_is_not_grown_on_an_old_model():
     job = running("a", amdahl(0.0), 2, sizes=(1, 2), settled=False)
     assert allocate([job], Capacity(16), 0.0)["a"].target == 2
     assert allocate([replace(job, settled=True)], Capacity(16), 0.0)["a"].target > 2
+
+
+def test_a_newcomer_of_the_same_priority_gets_back_only_lent_workers_until_it_starves():
+    # a grew from its initial 4 to 14 on idle GPUs; a same-priority newcomer needing 6 GPUs
+    # gets the lent ones (a back to >= 4), and never squeezes a job below its initial...
+    a = running("a", amdahl(0.0), 14, initial=4, min=1)
+    new = queued("n", 10.0, min=6, max=6, requested=6)
+    result = allocate([a, new], Capacity(16), 20.0)
+    assert 4 <= result["a"].target <= 10 and result["a"].reason == REASON_ALLOCATOR_SHRINK
+    # ... so a newcomer that needs more waits, until it has waited starvation_seconds.
+    big = queued("b", 10.0, min=14, max=14, requested=14)
+    at_initial = replace(a, current=4, requested=4, held_gpus=4)
+    early = allocate([at_initial, big], Capacity(16), 20.0, Settings(starvation_seconds=600))
+    assert not early["b"].admitted and early["b"].reason == REASON_QUEUED
+    assert early["a"].target >= 4  # the idle GPUs are lent to it meanwhile
+    late = allocate([at_initial, big], Capacity(16), 700.0, Settings(starvation_seconds=600))
+    assert late["a"].target < 4 and late["b"].reason == REASON_WAITING_FOR_SHRINK
+
+
+def test_an_unmeasured_newcomer_starts_at_its_requested_size_when_it_fits():
+    a = running("a", amdahl(0.3), 4, initial=4)
+    new = queued("n", 10.0, min=1, max=8, requested=4)
+    result = allocate([a, new], Capacity(16), 20.0)
+    assert result["n"].admitted and result["n"].target == 4

@@ -253,6 +253,7 @@ def job_state(
         created=_time(created, now),
         elastic=auto.enabled,
         requested=spec.requested_workers(),
+        initial=spec.initial_workers,
         admitted=admitted(status),
         current=current,
         held_gpus=held_gpus,

@@ -66,8 +66,11 @@ class JobState:
     elastic: bool = True
     """autoscaling.enabled; a fixed job is admitted at `requested` and never resized."""
     requested: int = 1
-    """The size the user asked for (spec.workers.replicas, else initial): a fixed job's
-    size, and an unmeasured elastic job's first size."""
+    """The size asked for now (spec.workers.replicas, which the allocator writes, else
+    initial): a fixed job's size, and an unmeasured elastic job's first size."""
+    initial: int = 1
+    """The size its user chose (spec.workers.initial, else min). Workers beyond it are
+    lent from idle GPUs: a job of the same priority that waits gets them back."""
     admitted: bool = False
     current: int = 0
     """Workers of the running generation (0: queued or not started)."""
@@ -233,9 +236,11 @@ class _Pass:
             return None, f"at max = {job.max}"
         model = self.models[job.key]
         if model is None:
+            # Unmeasured: the size its user asked for is the best guess there is; it goes
+            # first, then the job is measured there.
             first = max(job.min, min(job.requested, job.max))
             if to <= first:
-                return _Step(job, n, to, math.inf, likely=False), ""
+                return _Step(job, n, to, math.inf, likely=True), ""
             return None, "no throughput measured yet: it runs at its requested size first"
         ceiling = self.settings.growth_factor * model.sizes[-1]
         if to > ceiling:
@@ -269,14 +274,26 @@ class _Pass:
         final = self._changes(floors, ideal)
         return self._answers(floors, queued, ideal, final)
 
-    def _floor_size(self, job: JobState, for_priority: Optional[int]) -> int:
-        """Workers an admitted job keeps when a job of `for_priority` needs room (None:
-        nobody): an elastic job of no higher priority can shrink to its min."""
-        if not job.elastic or job.busy or job.current == 0:
-            return max(job.requested, job.min) if not job.elastic else max(job.requested, job.current, job.min)
-        if for_priority is not None and job.priority <= for_priority:
+    def _floor_size(self, job: JobState, waiting: Optional[JobState] = None) -> int:
+        """Workers an admitted job keeps when `waiting` needs room (None: nobody needs it).
+
+        An elastic job gives back, to a job of higher priority, everything above its min;
+        to a job of the same priority, the workers it got beyond its user's `initial`
+        (lent from idle GPUs), and down to its min only once that job has waited
+        `starvation_seconds`."""
+        if not job.elastic:
+            return max(job.requested, job.min)
+        if job.busy or job.current == 0:
+            return max(job.requested, job.current, job.min)
+        if waiting is None or job.priority > waiting.priority:
+            return job.current
+        if job.priority < waiting.priority or self._starving(waiting):
             return job.min
-        return job.current
+        return max(job.min, min(job.current, job.initial))
+
+    def _starving(self, job: JobState) -> bool:
+        waited = self.now - (job.queued_since if job.queued_since is not None else job.created)
+        return waited >= self.settings.starvation_seconds
 
     def _admit(self) -> tuple[dict[str, int], dict[str, tuple[int, str, str]]]:
         """Gang admission. Returns the floor size of every admitted job (old and newly
@@ -299,8 +316,7 @@ class _Pass:
                 )
                 continue
             squeezed = {
-                k: self._floor_size(self.by_key[k], job.priority) if k in floors and self.by_key[k].admitted else n
-                for k, n in floors.items()
+                k: self._floor_size(self.by_key[k], job) if self.by_key[k].admitted else n for k, n in floors.items()
             }
             if self._fits(self._gpus({**squeezed, job.key: need})):
                 floors[job.key] = need
@@ -313,14 +329,14 @@ class _Pass:
                     f"its {need} workers x {job.gpus_per_worker} GPUs exceed the GPUs of the cluster{pool}",
                 )
                 continue
-            waited = self.now - (job.queued_since if job.queued_since is not None else job.created)
             queued[job.key] = (
                 place,
                 REASON_QUEUED,
                 f"its {need} workers x {job.gpus_per_worker} GPUs do not fit, even with the elastic jobs "
-                f"of its priority or lower at their min; place {place} in the queue",
+                "of its priority back at their initial size (lower priority: at their min); "
+                f"place {place} in the queue",
             )
-            if waited >= self.settings.starvation_seconds and blocking is None:
+            if self._starving(job) and blocking is None:
                 blocking = job
         return floors, queued
 

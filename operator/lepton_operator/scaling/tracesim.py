@@ -445,6 +445,7 @@ class _Run:
             created=job.arrival_seconds,
             elastic=job.elastic,
             requested=self.replicas or job.initial,
+            initial=job.initial,
             admitted=self.size > 0,
             current=self.size,
             held_gpus=self.gpus,
