@@ -241,7 +241,7 @@ def test_scale_subresource_get_and_patch(api, custom, namespace, api_cluster):
         result = kubectl(api_cluster, "get", "lj", "-n", namespace, "scaled")
         assert result.returncode == 0, result.stderr
         header, row = result.stdout.splitlines()[:2]
-        assert header.split() == ["NAME", "PHASE", "READY", "WORKERS", "MIN", "MAX", "THROUGHPUT", "AGE"]
+        assert header.split() == ["NAME", "PHASE", "READY", "WORKERS", "MIN", "MAX", "THROUGHPUT", "PROGRESS", "AGE"]
         assert row.split()[:7] == ["scaled", "Running", "1", "1", "1", "4", "41.5"]
 
 
