@@ -240,6 +240,10 @@ CASES = [
     ),
     ("gpus-at-limit", {"maxGpusPerJob": 16}, {"resources": {"gpus": 8}, "workers": {"min": 1, "max": 2}}, None, ""),
     ("gpus-unlimited", {}, {"resources": {"gpus": 16}, "workers": {"min": 1, "max": 1000}}, None, ""),
+    # the allocator's priority: lowering is free, raising needs the admin
+    ("priority-above-max", {}, {"priority": 1}, "maxPriority", "spec.priority 1 is above 0"),
+    ("priority-lowered", {}, {"priority": -5}, None, ""),
+    ("priority-raised-by-admin", {"maxPriority": 100}, {"priority": 100}, None, ""),
     # claims: never another LeptonJob's checkpoint claim
     (
         "mount-other-jobs-checkpoints",

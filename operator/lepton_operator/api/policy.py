@@ -137,6 +137,17 @@ class AdminPolicy(BaseModel):
         ge=0,
         le=1_000_000,
     )
+    max_priority: int = Field(
+        0,
+        description=(
+            "Highest `spec.priority` a job may give itself for the cluster allocator (a higher-priority job "
+            "is admitted first and may shrink others to their min). Default 0: users may lower their jobs' "
+            "priority, and raising it goes through a PriorityClass (`allowedPriorityClasses`), which the "
+            "admin controls."
+        ),
+        ge=-1_000_000_000,
+        le=1_000_000_000,
+    )
 
 
 DEFAULT_POLICY = AdminPolicy()
@@ -209,6 +220,9 @@ def check_policy(job_name: str, spec: LeptonJobSpec, policy: AdminPolicy = DEFAU
             f"spec.priorityClassName {pc} is not allowed (allowed: {_shown(policy.allowed_priority_classes)}; "
             f"a wildcard never matches {SYSTEM_PRIORITY_PREFIX}* classes)",
         )
+
+    if spec.priority is not None and spec.priority > policy.max_priority:
+        refuse("maxPriority", f"spec.priority {spec.priority} is above {policy.max_priority}")
 
     for i, t in enumerate(spec.tolerations):
         if not t.key:
