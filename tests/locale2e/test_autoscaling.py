@@ -201,7 +201,9 @@ def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
     prom.start()
     operator = None
     try:
-        operator = run_operator("--prometheus-url", prom.url, "--metrics-port", "0", "--liveness-port", "0")
+        operator = run_operator(
+            "--prometheus-url", prom.url, "--metrics-port", "0", "--liveness-port", "0", "--no-allocator"
+        )
         k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _job("knee", 1, 6, PACE_CURVE))
 
         def at_knee():
@@ -268,7 +270,9 @@ def test_scale_up_without_capacity_keeps_the_running_generation(
     prom.start()
     operator = None
     try:
-        operator = run_operator("--prometheus-url", prom.url, "--metrics-port", "0", "--liveness-port", "0")
+        operator = run_operator(
+            "--prometheus-url", prom.url, "--metrics-port", "0", "--liveness-port", "0", "--no-allocator"
+        )
         body = _job("capped", 1, 6, linear, gpus=1)
         body["spec"]["workers"]["initial"] = 3
         body["spec"]["nodeSelector"] = {"lepton.ai/test-pool": namespace}

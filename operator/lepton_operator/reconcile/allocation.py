@@ -426,7 +426,9 @@ async def allocator_pass(ctx: OperatorContext, logger: logging.Logger) -> dict[s
         job_state(key, body, spec, status, view.held.get(key, 0), view.pools.get(key), job_priority(spec, classes), now)
         for key, (body, spec, status) in jobs.items()
     ]
-    decisions = allocate(states, view.capacity, 0.0, ctx.config.allocator_settings)
+    # In a thread: at a thousand jobs a pass takes seconds of CPU, which must not stall
+    # kopf's event loop (watches, the per-job loops).
+    decisions = await asyncio.to_thread(allocate, states, view.capacity, 0.0, ctx.config.allocator_settings)
     plans = []
     for key, (body, spec, status) in jobs.items():
         writes = plan_job_writes(body, spec, status, decisions[f"{key[0]}/{key[1]}"], now)
