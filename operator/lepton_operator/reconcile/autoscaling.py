@@ -1,5 +1,6 @@
-"""The autoscaler pass, run by a kopf timer per LeptonJob with `spec.autoscaling.enabled`
-(handlers.py).
+"""The autoscaler pass, run by a kopf timer per LeptonJob (handlers.py): it measures every
+job's throughput and progress; with `--no-allocator` it also decides the size of each job
+with `spec.autoscaling.enabled` (the cluster allocator decides sizes otherwise).
 
 On every tick the pass checks whether `spec.autoscaling.intervalSeconds` have passed for
 the job; if so, and the job is Running with no rescale under way, it
@@ -9,18 +10,22 @@ the job; if so, and the job is Running with no rescale under way, it
    `w` covers the current generation after its warm-up and after all its workers began
    reporting (so the value is the generation's mean, less noisy the longer it runs),
    once at least `windowSeconds` have passed;
-2. records it as the observation for the current world size (`status.autoscaling.
-   observations`, latest per size) and in `status.throughput`; sets the condition
+2. records it, with its rate window, in `status.autoscaling.observations` (the latest per
+   world size and the most recent ones: the allocator fits its model to all of them) and
+   in `status.throughput`; records the trainer's progress (`status.progress`,
+   `remainingSamples`, `estimatedCompletionTime`); sets the condition
    `MetricsUnavailable` (True with the error while data is missing, False once back);
-3. calls the pure policy (`scaling.policy.decide`), records `status.autoscaling.
-   lastDecision`, and when the target differs from the current size writes
-   `spec.workers.replicas` (as an HPA writes /scale) and posts an event with the reason.
+3. with `--no-allocator`, for an elastic job: calls the pure per-job policy
+   (`scaling.policy.decide`), records `status.autoscaling.lastDecision`, and when the
+   target differs from the current size writes `spec.workers.replicas` (as an HPA writes
+   /scale) and posts an event with the reason.
 
 The operator core carries the rescale out (capacity-confirmed scale-up, new generation)
 and sets `status.autoscaling.backoffUntil` after a capacity failure; the policy honours
 it. This module writes only the status fields it owns: `autoscaling.observations`,
-`autoscaling.lastDecision`, `throughput`, and the `MetricsUnavailable` condition (the
-conditions list is rewritten with only that entry changed, and only when it changes).
+`autoscaling.lastDecision`, `throughput`, the progress fields, and the
+`MetricsUnavailable` condition (the conditions list is rewritten with only that entry
+changed, and only when it changes).
 
 `plan_autoscale()` is the whole decision, pure and testable; `autoscale_pass()` reads,
 measures and writes around it.
@@ -93,14 +98,8 @@ def measurement_window(
 
 
 def should_run(spec: LeptonJobSpec, status: LeptonJobStatus) -> bool:
-    """The autoscaler acts only on a Running job with no rescale under way."""
-    return (
-        spec.autoscaling.enabled
-        and not spec.suspend
-        and status.phase == "Running"
-        and status.rescale is None
-        and status.world_size > 0
-    )
+    """The autoscaler measures only a Running job with no rescale under way."""
+    return not spec.suspend and status.phase == "Running" and status.rescale is None and status.world_size > 0
 
 
 def _metrics_condition(
@@ -286,8 +285,8 @@ async def autoscale_pass(
         except InvalidJob:
             return  # the core marks the job Failed/InvalidSpec
         st = parse_status(body.get("status"))
-        if not should_run(job, st):
-            return
+        if not should_run(job, st) or (not job.autoscaling.enabled and not ctx.config.prometheus_url):
+            return  # a fixed job without Prometheus: nothing to measure, nothing to decide
         memory.last_run = mono
         now = datetime.now(timezone.utc)
         client = prometheus_client(ctx.config)
@@ -301,7 +300,7 @@ async def autoscale_pass(
             observed_generation=body["metadata"].get("generation"),
             window_seconds=measured.window_seconds if isinstance(measured, Sample) else None,
             progress=progress,
-            decide_size=not ctx.config.allocator,
+            decide_size=job.autoscaling.enabled and not ctx.config.allocator,
         )
         version = body["metadata"]["resourceVersion"]
         if plan.status_patch:

@@ -5,8 +5,8 @@ the autoscaler timer. Every handler gets the `OperatorContext` as kopf's `memo`.
   managed-by label) in memory, so a pass makes no list call (`loop.py`).
 - `@kopf.on.event` handlers on the job and its children wake the job's loop.
 - One `@kopf.daemon` per LeptonJob runs its reconcile loop (`loop.job_loop`).
-- One `@kopf.timer` per LeptonJob with `spec.autoscaling.enabled` runs the autoscaler
-  (`autoscaling.autoscale_pass`: measurements, and the size when the allocator is off),
+- One `@kopf.timer` per LeptonJob runs the autoscaler (`autoscaling.autoscale_pass`:
+  throughput and progress of every job, and elastic jobs' sizes when the allocator is off),
   another per job with `spec.restart.hangSeconds > 0` the hang watchdog
   (`watchdog.watchdog_pass`), and one per job ticks the cluster allocator
   (`allocation.allocator_tick`, one pass for all jobs).
@@ -152,13 +152,10 @@ async def reconcile_loop(
     await job_loop(memo, JobRef(name=name, namespace=namespace, uid=uid), indexes, lambda: bool(stopped), logger)
 
 
-def _autoscaling_enabled(spec, **_) -> bool:
-    return bool(((spec or {}).get("autoscaling") or {}).get("enabled"))
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALER_TICK_SECONDS, when=_autoscaling_enabled)
+@kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALER_TICK_SECONDS)
 async def autoscale(spec, name, namespace, logger, memo: OperatorContext, **_):
-    """The autoscaler, every `spec.autoscaling.intervalSeconds` (autoscaling.autoscale_pass)."""
+    """The autoscaler, every `spec.autoscaling.intervalSeconds` (autoscaling.autoscale_pass):
+    measurements and progress for every job, the size of elastic ones with --no-allocator."""
     interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", AUTOSCALER_TICK_SECONDS)
     await autoscale_pass(memo, namespace, name, interval, logger)
 
