@@ -143,10 +143,9 @@ LONG_RUNNING_SECONDS = 7 * 24 * 3600.0
 
 @dataclass
 class _Step:
-    """A job's next step in the greedy: from `size` to `to`, worth `value` per GPU."""
+    """A job's next step in the greedy: to `to` workers, worth `value` per GPU."""
 
     job: JobState
-    size: int
     to: int
     value: float
     likely: bool
@@ -240,7 +239,7 @@ class _Pass:
             # first, then the job is measured there.
             first = max(job.min, min(job.requested, job.max))
             if to <= first:
-                return _Step(job, n, to, math.inf, likely=True), ""
+                return _Step(job, to, math.inf, likely=True), ""
             return None, "no throughput measured yet: it runs at its requested size first"
         ceiling = self.settings.growth_factor * model.sizes[-1]
         if to > ceiling:
@@ -264,7 +263,7 @@ class _Pass:
         # Inside the measured sizes the fit is trusted; beyond them the gain must clear the
         # prediction's uncertainty to count as likely (otherwise it is exploration).
         likely = to <= model.sizes[-1] or x_to - model.sigma(to) > x
-        return _Step(job, n, to, value, likely), ""
+        return _Step(job, to, value, likely), ""
 
     # ------------------------------------------------------------------ the pass
 
