@@ -13,6 +13,7 @@ from planworld import base_spec, running_world, scale_to
 
 from lepton_operator.api.conditions import (
     CONDITION_RESCALING,
+    REASON_ALLOCATOR_GROW,
     REASON_AUTOSCALE_UP,
     REASON_INSUFFICIENT_CAPACITY,
     REASON_MANUAL_SCALE,
@@ -22,6 +23,7 @@ from lepton_operator.api.conditions import (
     REASON_WORKER_RESTART,
 )
 from lepton_operator.api.models import (
+    AllocationStatus,
     Decision,
     parse_status,
 )
@@ -123,6 +125,19 @@ def test_autoscaler_decision_names_the_rescale_reason():
     scale_to(w, 3)
     w.step()
     assert w.status.rescale.reason == REASON_AUTOSCALE_UP
+
+
+def test_the_allocators_decision_names_the_rescale_reason():
+    w = running_world()
+    w.status.allocation = AllocationStatus(
+        target=3, reason=REASON_ALLOCATOR_GROW, message="2->3 workers: predicted 80.0 -> 118.0 samples/s", time=w.now
+    )
+    scale_to(w, 3)
+    w.step()
+    assert (w.status.rescale.reason, w.status.rescale.message) == (
+        REASON_ALLOCATOR_GROW,
+        "2->3 workers: predicted 80.0 -> 118.0 samples/s",
+    )
 
 
 def test_stale_autoscaler_decision_is_not_the_reason():

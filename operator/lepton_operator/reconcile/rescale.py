@@ -101,11 +101,19 @@ def restart(p: JobPass, reason: str, detail: str) -> Plan:
 
 
 def rescale_reason(p: JobPass, target: int) -> tuple[str, str]:
-    """ManualScale, unless a fresh autoscaler decision asked for exactly this size, or the
-    job grows back to its requested size after shrinking for capacity."""
+    """ManualScale, unless a fresh allocator or autoscaler decision asked for exactly this
+    size, or the job grows back to its requested size after shrinking for capacity."""
     last = p.s.last_rescale
     if target > p.s.world_size and last is not None and last.reason == REASON_SHRUNK_FOR_CAPACITY:
         return REASON_GROWING_BACK, f"back to the requested {target} worker(s) after {last.reason}"
+    allocation = p.s.allocation  # written before the replicas it decided
+    if (
+        allocation is not None
+        and allocation.target == target
+        and p.now - allocation.time <= AUTOSCALER_DECISION_FRESHNESS
+        and re.fullmatch(r"[A-Z][A-Za-z0-9]{0,127}", allocation.reason)
+    ):
+        return allocation.reason, allocation.message[:4096]
     decision = p.s.autoscaling.last_decision
     if decision is not None and decision.target == target and p.now - decision.time <= AUTOSCALER_DECISION_FRESHNESS:
         if re.fullmatch(r"[A-Z][A-Za-z0-9]{0,127}", decision.reason):
