@@ -76,7 +76,6 @@ class JobTrace:
     applied_at: float | None = None
     progress: Progress = field(default_factory=Progress)
     rescales: list[dict] = field(default_factory=list)  # {"t", "from", "to", "reason"}: completed rescales
-    decisions: list[dict] = field(default_factory=list)  # allocator decisions seen: {"t", "from", "to", "reason"}
     status: dict = field(default_factory=dict)
     last_decision: tuple | None = None  # (admitted, target) last printed
     finished_at: float | None = None
@@ -196,33 +195,14 @@ def decision_lines(trace: JobTrace, elapsed: float) -> list[str]:
                 lines.append(f"** {trace.name} admitted at {alloc.target} worker(s): {text}")
             else:
                 lines.append(f"** {trace.name} {last[1]} -> {alloc.target}: {text}")
-                trace.decisions.append(
-                    {
-                        "t": elapsed,
-                        "from": last[1],
-                        "to": alloc.target,
-                        "reason": alloc.reason,
-                        "message": alloc.message,
-                    }
-                )
             trace.last_decision = key
     for record in st.rescale_history[len(trace.rescales) :]:
         trace.rescales.append({"t": elapsed, "from": record.from_, "to": record.to, "reason": record.reason})
         downtime = f", downtime {record.downtime_seconds:.1f}s" if record.downtime_seconds is not None else ""
-        why = "" if allocator_decision(trace, record) else f": {_reason_text(record.reason, record.message, 160)}"
+        # An allocator decision was printed when it was made (the ** line above).
+        why = "" if record.reason.startswith("Allocator") else f": {_reason_text(record.reason, record.message, 160)}"
         lines.append(f"   {trace.name} now runs {record.to} worker(s) (was {record.from_}{downtime}){why}")
     return lines
-
-
-def allocator_decision(trace: JobTrace, record) -> dict | None:
-    """The allocator decision a completed rescale carried out: the latest one seen to the
-    same size, when the record names no reason of its own (the operator records a change
-    of spec.workers.replicas it was not told the reason of as ManualScale)."""
-    if record.reason != "ManualScale":
-        return None
-    return next(
-        (d for d in reversed(trace.decisions) if d["to"] == record.to and d["t"] <= trace.rescales[-1]["t"]), None
-    )
 
 
 def write_plot(traces: list[JobTrace], gpus_in_use: list[tuple[float, int]], capacity: int, path: Path) -> None:
@@ -574,15 +554,9 @@ def print_summary(trace: JobTrace) -> None:
         f"      final world size {st.world_size}, generations {st.worker_generation}, restarts {st.restarts}; "
         f"sizes {' -> '.join(str(n) for n in sizes)}"
     )
-    decisions = list(trace.decisions)
     for record in st.rescale_history:
         downtime = f"{record.downtime_seconds:.1f}s" if record.downtime_seconds is not None else "?"
         why = _reason_text(record.reason, record.message, 160)
-        if record.reason == "ManualScale":
-            match = next((d for d in decisions if d["to"] == record.to), None)
-            if match is not None:  # the allocator's decision (see allocator_decision)
-                decisions = decisions[decisions.index(match) + 1 :]
-                why = _reason_text(match["reason"], match["message"], 160)
         print(f"      rescale {record.from_} -> {record.to} at {record.time:%H:%M:%S}, downtime {downtime}: {why}")
     progress = trace.progress
     if progress.first_loss is not None:
