@@ -19,7 +19,7 @@ help: ## list the targets
 setup: ## create .venv, install the project and fetch the control plane binaries
 	bash scripts/setup.sh
 
-demo: ## README command 1: local control plane, operator, a job that trains and rescales
+demo: ## README command 1: local control plane, operator, two jobs that train and share the GPUs
 	bash scripts/demo.sh
 
 test: ## README command 2: setup, lint, then every test tier (kind skips with its reason without Docker)
