@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -218,6 +219,58 @@ class K8s:
             if (involved_name is None or e.involved_object.name == involved_name)
             and (reason is None or e.reason == reason)
         ]
+
+
+def require_prometheus() -> None:
+    """Skip the test without Debian's prometheus (fail under CI=true, where setup installs it)."""
+    from .prometheus import prometheus_binary
+
+    if prometheus_binary() is None:
+        reason = "Debian's prometheus is not installed (scripts/setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+class GpuSampler:
+    """Samples a namespace's pods in a thread while in its `with` block: the GPUs requested
+    by live pods (terminating ones included) against `capacity`, and any pod the scheduler
+    found unschedulable. `violations` lists every breach seen; `peak` the most GPUs."""
+
+    def __init__(self, k8s: K8s, namespace: str, capacity: int, interval: float = 0.5) -> None:
+        self.k8s, self.namespace, self.capacity, self.interval = k8s, namespace, capacity, interval
+        self.peak = 0
+        self.samples = 0
+        self.violations: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                pods = self.k8s.core.list_namespaced_pod(self.namespace).items
+            except Exception:  # an apiserver hiccup: sample again
+                continue
+            live = [p for p in pods if p.status.phase not in ("Succeeded", "Failed")]
+            gpus = sum(
+                int((c.resources.limits or {}).get("nvidia.com/gpu", 0)) for p in live for c in p.spec.containers
+            )
+            self.samples += 1
+            self.peak = max(self.peak, gpus)
+            if gpus > self.capacity:
+                self.violations.append(f"{gpus} GPUs requested > {self.capacity}")
+            for p in live:
+                for c in p.status.conditions or []:
+                    if c.type == "PodScheduled" and c.reason == "Unschedulable":
+                        self.violations.append(f"{p.metadata.name} unschedulable: {c.message}")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ tests/locale2e/test_allocator_e2e.py.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from jobs import condition, create_job, events, job_body, pods, running, status,
 
 from lepton_localcluster import LocalCluster, SimulatedNode
 from lepton_localcluster.crds import install_crds
+from lepton_localcluster.pytest_plugin import GpuSampler
 from lepton_operator.reconcile.kube import Kube
 
 pytestmark = pytest.mark.integration
@@ -55,45 +55,6 @@ def kube(gpu_cluster) -> Kube:
     return Kube(gpu_cluster.api_client())
 
 
-class Sampler:
-    """Samples the namespace's worker pods in a thread; records every violation."""
-
-    def __init__(self, kube: Kube, namespace: str):
-        self.kube, self.namespace = kube, namespace
-        self.violations: list[str] = []
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self):
-        while not self._stop.is_set():
-            items = self.kube.request("GET", f"/api/v1/namespaces/{self.namespace}/pods")["items"]
-            live = [p for p in items if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
-            gpus = sum(
-                int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
-                for p in live
-                for c in p["spec"]["containers"]
-            )
-            self.peak = max(self.peak, gpus)
-            self.samples += 1
-            if gpus > CAPACITY:
-                self.violations.append(f"{gpus} GPUs requested > {CAPACITY}")
-            for p in live:
-                for c in p.get("status", {}).get("conditions") or []:
-                    if c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable":
-                        self.violations.append(f"{p['metadata']['name']} unschedulable: {c.get('message')}")
-            time.sleep(0.3)
-
-
 @pytest.fixture
 def priority_classes(kube):
     """PriorityClasses high (100) and higher (200), deleted afterwards."""
@@ -122,7 +83,7 @@ def queued(kube, namespace, name):
 
 def test_gang_admission_queue_backfill_and_completion(kube, k8s, namespace, run_operator, cluster):
     op = run_operator(*ARGS, *ALLOCATOR)
-    with Sampler(kube, namespace) as sampler:
+    with GpuSampler(k8s, namespace, CAPACITY, interval=0.3) as sampler:
         create_job(kube, namespace, fixed("big", 3, 4))  # 12 of 16 GPUs
         wait(k8s, running(kube, namespace, "big", 3), 40, "big Running", op)
         create_job(kube, namespace, fixed("wait", 2, 4))  # 8 GPUs: does not fit next to big
@@ -155,7 +116,7 @@ def test_a_higher_priority_job_shrinks_a_lower_one_to_make_room_never_below_min(
     kube, k8s, namespace, run_operator, cluster, priority_classes
 ):
     op = run_operator(*ARGS, *ALLOCATOR)
-    with Sampler(kube, namespace) as sampler:
+    with GpuSampler(k8s, namespace, CAPACITY, interval=0.3) as sampler:
         create_job(
             kube,
             namespace,

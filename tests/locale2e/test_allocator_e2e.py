@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import threading
 import time
 
 import pytest
@@ -25,7 +23,8 @@ from kubernetes import client
 
 from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port_pair
-from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
+from lepton_localcluster.prometheus import LocalPrometheus
+from lepton_localcluster.pytest_plugin import GpuSampler, require_prometheus
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(1200)]
@@ -40,14 +39,6 @@ CURVES = {
     "peaked": {1: 40, 2: 75, 3: 97, 4: 104, 5: 100, 6: 94},
 }
 HIGH_PRIORITY_CLASS = "lepton-e2e-urgent"
-
-
-def _need_prometheus():
-    if prometheus_binary() is None:
-        reason = "Debian's prometheus is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def _job(name, curve, workers, max_steps=10_000_000, elastic=True, priority_class=None, gpus=GPUS_PER_WORKER):
@@ -90,44 +81,6 @@ def brute_force(remaining: dict[str, float]) -> dict[str, int]:
     return best
 
 
-class Sampler:
-    """Watches the namespace's pods in a thread: GPUs requested by live pods, and any pod
-    the scheduler found unschedulable."""
-
-    def __init__(self, k8s, namespace):
-        self.k8s, self.namespace = k8s, namespace
-        self.peak, self.samples, self.violations = 0, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self):
-        while not self._stop.wait(0.5):
-            try:
-                pods = self.k8s.core.list_namespaced_pod(self.namespace).items
-            except Exception:  # an apiserver hiccup: sample again
-                continue
-            live = [p for p in pods if p.status.phase not in ("Succeeded", "Failed")]
-            gpus = sum(
-                int((c.resources.limits or {}).get("nvidia.com/gpu", 0)) for p in live for c in p.spec.containers
-            )
-            self.samples += 1
-            self.peak = max(self.peak, gpus)
-            if gpus > CAPACITY:
-                self.violations.append(f"{gpus} GPUs requested > {CAPACITY}")
-            for p in live:
-                for c in p.status.conditions or []:
-                    if c.type == "PodScheduled" and c.reason == "Unschedulable":
-                        self.violations.append(f"{p.metadata.name} unschedulable: {c.message}")
-
-
 @pytest.fixture
 def urgent_class(k8s):
     """A PriorityClass of value 1000 (the urgent job's priority), deleted afterwards."""
@@ -140,7 +93,7 @@ def urgent_class(k8s):
 def test_allocator_converges_admits_priority_queues_and_hands_back(
     process_cluster, k8s, namespace, run_operator, tmp_path, urgent_class
 ):
-    _need_prometheus()
+    require_prometheus()
     install_crds(process_cluster.api_client())
     prom = LocalPrometheus(
         process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom"
@@ -185,7 +138,7 @@ def test_allocator_converges_admits_priority_queues_and_hands_back(
             "--allocator-interval-seconds",
             "5",
         )
-        with Sampler(k8s, namespace) as sampler:
+        with GpuSampler(k8s, namespace, CAPACITY) as sampler:
             for name, curve in CURVES.items():
                 body = _job(name, curve, {"min": 1, "max": 6, "initial": 2})
                 k8s.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)

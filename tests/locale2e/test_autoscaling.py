@@ -9,7 +9,6 @@ Prometheus missing: the tests fail in CI (CI=true) and skip locally, with the re
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time
@@ -18,7 +17,8 @@ import pytest
 
 from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port_pair
-from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
+from lepton_localcluster.prometheus import LocalPrometheus
+from lepton_localcluster.pytest_plugin import require_prometheus
 from lepton_operator.api.conditions import CONDITION_METRICS_UNAVAILABLE
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient
@@ -44,14 +44,6 @@ EXPORTER = textwrap.dedent("""
         def log_message(self, *a): pass
     HTTPServer((os.environ["POD_IP"], 9400), H).serve_forever()
 """)
-
-
-def _need_prometheus():
-    if prometheus_binary() is None:
-        reason = "Debian's prometheus is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def _exporter_pod(name, job, generation, rate, world):
@@ -97,7 +89,7 @@ def _poll(fn, timeout, interval=1.0, message="condition"):
 
 
 def test_prometheus_scrapes_workers_with_the_labels_the_autoscaler_queries(process_cluster, k8s, namespace, tmp_path):
-    _need_prometheus()
+    require_prometheus()
     for i in range(2):
         k8s.core.create_namespaced_pod(namespace, _exporter_pod(f"demo-worker-{i}", "demo", 1, 50, 2))
     k8s.core.create_namespaced_pod(namespace, _exporter_pod("other-worker-0", "other", 1, 1000, 1))
@@ -194,7 +186,7 @@ def _condition(status, type_):
 def test_operator_converges_to_the_knee_holds_and_survives_prometheus_outage(
     process_cluster, crds, k8s, namespace, run_operator, tmp_path
 ):
-    _need_prometheus()
+    require_prometheus()
     prom = LocalPrometheus(
         process_cluster.server, process_cluster.token, str(process_cluster.ca_file), tmp_path / "prom"
     )
@@ -257,7 +249,7 @@ def test_scale_up_without_capacity_keeps_the_running_generation(
     process_cluster, crds, k8s, namespace, run_operator, tmp_path
 ):
     """GPUs for 3 workers, a curve that wants 6: the job stays at 3, untouched, and says why."""
-    _need_prometheus()
+    require_prometheus()
     from lepton_localcluster import SimulatedNode
 
     # A node of its own with GPUs for exactly 3 one-GPU workers; the job may run nowhere else.

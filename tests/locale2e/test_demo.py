@@ -11,7 +11,6 @@ over the simulated cluster's DNS, 300 steps each.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import sys
 import pytest
 import yaml
 
-from lepton_localcluster.prometheus import prometheus_binary
+from lepton_localcluster.pytest_plugin import require_prometheus
 from lepton_operator.api.models import API_VERSION, KIND
 
 pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(600)]
@@ -49,11 +48,7 @@ def _manifest(name: str, workers: int) -> dict:
 
 
 def test_demo_runs_two_jobs_sharing_the_gpus_to_success_and_writes_its_plot(tmp_path):
-    if prometheus_binary() is None:
-        reason = "Debian's prometheus is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_prometheus()
     examples = []
     for name, workers in (("small-a", 3), ("small-b", 2)):
         path = tmp_path / f"{name}.yaml"

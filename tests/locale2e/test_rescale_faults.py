@@ -19,7 +19,6 @@ Prometheus missing: the hang test fails in CI (CI=true) and skips locally, with 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -29,7 +28,8 @@ from kubernetes import watch
 
 from lepton_localcluster.crds import install_crds
 from lepton_localcluster.procs import free_port_pair
-from lepton_localcluster.prometheus import LocalPrometheus, prometheus_binary
+from lepton_localcluster.prometheus import LocalPrometheus
+from lepton_localcluster.pytest_plugin import require_prometheus
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 pytestmark = [pytest.mark.locale2e, pytest.mark.timeout(900)]
@@ -43,14 +43,6 @@ TROUBLE_REASONS = {"WorkerRestart", "WorkerLost", "WorkerDisrupted", "NodeLost",
 def crds(process_cluster):
     """The LeptonJob CRD for this server's version (create or replace)."""
     install_crds(process_cluster.api_client())
-
-
-def _need_prometheus():
-    if prometheus_binary() is None:
-        reason = "Debian's prometheus is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def _job(name: str, args: list[str], env: dict[str, str], **spec) -> dict:
@@ -399,7 +391,7 @@ def test_hung_trainer_gets_a_new_generation_that_resumes_past_the_hang(
     (event Hung, restarts 1). SIGTERM made generation 1 checkpoint step 30, so
     generation 2 resumes at step 30, its first step is 31 (the hang step is behind it) and
     it finishes the job: Succeeded, restarts still 1."""
-    _need_prometheus()
+    require_prometheus()
     name = "stuck"
     body = _job(
         name,
