@@ -20,8 +20,11 @@ from lepton_operator.api.models import PHASES
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 
-# No series is labelled by job: series per job would grow with every job ever run. A
-# deleted job leaves only its entry in `_phases`, which forget_job() drops.
+# Series labelled by job exist only for the jobs of the last allocator pass (the active
+# ones): record_allocation() removes those of jobs that finished, were suspended or went,
+# and forget_job() those of a deleted job, so their number is bounded by the active jobs.
+# Everything else is per operator. A deleted job leaves only its entry in `_phases`,
+# which forget_job() drops.
 JOBS = Gauge(
     "lepton_operator_jobs",
     "LeptonJobs this operator reconciles, by phase.",
@@ -52,6 +55,51 @@ CAPACITY_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+# The cluster allocator (reconcile/allocation.allocator_pass sets these after every pass;
+# only the active operator runs passes). The per-job series carry `namespace` and
+# `job_name` like the trainer's series, so rules can join them: scrape the operator with
+# honor_labels (ServiceMonitor `honorLabels: true`), or Prometheus renames `namespace` to
+# `exported_namespace`.
+JOB_GPUS = Gauge(
+    "lepton_operator_job_gpus",
+    "GPUs the job's pods hold (requested by its live pods, Pending ones included), as the allocator saw them.",
+    ["namespace", "job_name"],
+    registry=REGISTRY,
+)
+JOB_ALLOCATED_WORKERS = Gauge(
+    "lepton_operator_job_allocated_workers",
+    "Workers the allocator's last decision gives the job (its target; 0 while queued).",
+    ["namespace", "job_name"],
+    registry=REGISTRY,
+)
+QUEUED_JOBS = Gauge(
+    "lepton_operator_queued_jobs",
+    "Jobs the allocator has not admitted (Queued: their min workers do not fit yet).",
+    registry=REGISTRY,
+)
+JOB_QUEUED_SECONDS = Gauge(
+    "lepton_operator_job_queued_seconds",
+    "Seconds a queued job has waited since it was created (the series goes when it is admitted or gone).",
+    ["namespace", "job_name"],
+    registry=REGISTRY,
+)
+CLUSTER_GPUS = Gauge(
+    "lepton_operator_cluster_gpus",
+    "GPUs the allocator may hand out: allocatable GPUs of usable nodes minus other pods' (or --gpu-budget).",
+    registry=REGISTRY,
+)
+ALLOCATOR_PASSES = Counter(
+    "lepton_operator_allocator_passes",
+    "Completed allocator passes (a pass that failed on the API is not counted).",
+    registry=REGISTRY,
+)
+ALLOCATOR_PASS_SECONDS = Histogram(
+    "lepton_operator_allocator_pass_seconds",
+    "Duration of one allocator pass, from the jobs listed to the writes done.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
 _UNSET = "Unknown"
@@ -65,10 +113,62 @@ def set_job_phase(namespace: str, name: str, phase: Optional[str]) -> None:
 
 
 def forget_job(namespace: str, name: str) -> None:
-    """The job is gone (deleted, or no longer ours)."""
+    """The job is gone (deleted, or no longer ours): its per-job series go with it."""
     with _lock:
         _phases.pop((namespace, name), None)
         _refresh()
+        _remove_job_series((namespace, name))
+        _allocated.discard((namespace, name))
+        _queued.discard((namespace, name))
+
+
+_PER_JOB = (JOB_GPUS, JOB_ALLOCATED_WORKERS)
+_allocated: set[tuple[str, str]] = set()  # jobs with JOB_GPUS / JOB_ALLOCATED_WORKERS series
+_queued: set[tuple[str, str]] = set()  # jobs with a JOB_QUEUED_SECONDS series
+
+
+def _remove(gauge: Gauge, key: tuple[str, str]) -> None:
+    try:
+        gauge.remove(*key)
+    except KeyError:
+        pass  # no such series
+
+
+def _remove_job_series(key: tuple[str, str]) -> None:
+    for gauge in (*_PER_JOB, JOB_QUEUED_SECONDS):
+        _remove(gauge, key)
+
+
+def record_allocation(
+    capacity: int,
+    held_gpus: dict[tuple[str, str], int],
+    targets: dict[tuple[str, str], int],
+    queued_seconds: dict[tuple[str, str], float],
+    seconds: float,
+) -> None:
+    """One completed allocator pass: the capacity it saw, per job (namespace, name) the GPUs
+    held and the target, and how long each job it did not admit has waited. Jobs absent
+    from `targets` (finished, suspended, deleted) lose their series; an admitted job loses
+    its queued-seconds series."""
+    with _lock:
+        CLUSTER_GPUS.set(capacity)
+        for key in _allocated - targets.keys():
+            for gauge in _PER_JOB:
+                _remove(gauge, key)
+        for key, target in targets.items():
+            JOB_GPUS.labels(*key).set(held_gpus.get(key, 0))
+            JOB_ALLOCATED_WORKERS.labels(*key).set(target)
+        _allocated.clear()
+        _allocated.update(targets)
+        for key in _queued - queued_seconds.keys():
+            _remove(JOB_QUEUED_SECONDS, key)
+        for key, waited in queued_seconds.items():
+            JOB_QUEUED_SECONDS.labels(*key).set(max(0.0, waited))
+        _queued.clear()
+        _queued.update(queued_seconds)
+        QUEUED_JOBS.set(len(queued_seconds))
+        ALLOCATOR_PASSES.inc()
+        ALLOCATOR_PASS_SECONDS.observe(max(0.0, seconds))
 
 
 def _refresh() -> None:

@@ -59,3 +59,71 @@ def test_no_series_is_labelled_by_job_so_a_deleted_job_leaves_none():
     assert mentions("metrics-ns-x", "metrics-job-x") == []
     phases = {s.labels["phase"] for s in samples() if s.name == "lepton_operator_jobs"}
     assert phases == {*metrics.PHASES, "Unknown"}  # a bounded set of series
+
+
+# ------------------------------------------------------------------ the allocator's gauges
+
+
+def value(name: str, **labels: str) -> float | None:
+    """The sample's value, or None when the series does not exist."""
+    found = [s.value for s in samples() if s.name == name and s.labels == labels]
+    return found[0] if found else None
+
+
+def series_of(namespace: str, name: str) -> list:
+    """Samples labelled with the job (both its namespace and its name)."""
+    return [s for s in samples() if s.labels.get("namespace") == namespace and s.labels.get("job_name") == name]
+
+
+def test_an_allocator_pass_sets_capacity_gpus_targets_and_the_queue():
+    passes = value("lepton_operator_allocator_passes_total") or 0.0
+    a, b = ("alloc-ns", "a"), ("alloc-ns", "b")
+    metrics.record_allocation(16, {a: 8, b: 0}, {a: 4, b: 0}, {b: 42.5}, 0.2)
+    assert value("lepton_operator_cluster_gpus") == 16
+    assert value("lepton_operator_job_gpus", namespace="alloc-ns", job_name="a") == 8
+    assert value("lepton_operator_job_allocated_workers", namespace="alloc-ns", job_name="a") == 4
+    assert value("lepton_operator_job_allocated_workers", namespace="alloc-ns", job_name="b") == 0
+    assert value("lepton_operator_queued_jobs") == 1
+    assert value("lepton_operator_job_queued_seconds", namespace="alloc-ns", job_name="b") == 42.5
+    assert value("lepton_operator_job_queued_seconds", namespace="alloc-ns", job_name="a") is None  # admitted
+    assert value("lepton_operator_allocator_passes_total") == passes + 1
+    assert (value("lepton_operator_allocator_pass_seconds_count") or 0) >= 1
+    for key in (a, b):
+        metrics.forget_job(*key)
+
+
+def test_admission_removes_the_wait_and_a_job_gone_from_the_pass_loses_its_series():
+    a, b = ("alloc-ns2", "a"), ("alloc-ns2", "b")
+    metrics.record_allocation(8, {a: 8}, {a: 8, b: 0}, {b: 10.0}, 0.1)
+    metrics.record_allocation(8, {a: 4, b: 4}, {a: 4, b: 4}, {}, 0.1)  # b admitted
+    assert value("lepton_operator_job_queued_seconds", namespace="alloc-ns2", job_name="b") is None
+    assert value("lepton_operator_queued_jobs") == 0
+    assert value("lepton_operator_job_gpus", namespace="alloc-ns2", job_name="b") == 4
+    metrics.record_allocation(8, {b: 4}, {b: 4}, {}, 0.1)  # a finished: not in the pass
+    assert series_of(*a) == []
+    assert value("lepton_operator_job_gpus", namespace="alloc-ns2", job_name="b") == 4
+    metrics.record_allocation(8, {}, {}, {}, 0.1)  # no job left
+    assert series_of(*b) == []
+
+
+def test_a_forgotten_job_loses_its_allocator_series_at_once():
+    a = ("alloc-ns3", "queued")
+    metrics.set_job_phase(*a, "Queued")
+    metrics.record_allocation(0, {a: 0}, {a: 0}, {a: 5.0}, 0.1)
+    assert mentions(*a) != []
+    metrics.forget_job(*a)
+    assert mentions(*a) == []
+    metrics.forget_job(*a)  # twice: harmless
+    metrics.record_allocation(0, {}, {}, {}, 0.1)  # a later pass does not trip over it
+    assert mentions(*a) == []
+
+
+def test_the_per_job_series_are_bounded_by_the_jobs_of_the_last_pass():
+    jobs = {("alloc-churn", f"job-{i}"): 1 for i in range(50)}
+    for key in jobs:  # fifty passes, each seeing one job: only the last one's series stay
+        metrics.record_allocation(4, {key: 1}, {key: 1}, {key: 1.0}, 0.01)
+    per_job = [s for s in samples() if s.labels.get("namespace") == "alloc-churn"]
+    assert {s.labels["job_name"] for s in per_job} == {"job-49"}
+    assert len(per_job) == 3  # gpus, allocated workers, queued seconds
+    metrics.record_allocation(4, {}, {}, {}, 0.01)
+    assert [s for s in samples() if s.labels.get("namespace") == "alloc-churn"] == []

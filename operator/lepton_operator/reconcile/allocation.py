@@ -32,6 +32,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
+from lepton_operator import metrics
 from lepton_operator.api.conditions import (
     CONDITION_ADMITTED,
     REASON_ADMITTED,
@@ -437,6 +438,13 @@ async def allocator_pass(ctx: OperatorContext, logger: logging.Logger) -> dict[s
     plans.sort(key=lambda p: not p[2].shrink)
     for key, body, writes in plans:
         await _write(ctx, key, body, writes, logger)
+    metrics.record_allocation(
+        view.capacity.total,
+        view.held,
+        {key: decisions[f"{key[0]}/{key[1]}"].target for key in jobs},
+        {key: -s.queued_since for key, s in zip(jobs, states, strict=True) if not decisions[s.key].admitted},
+        (datetime.now(timezone.utc) - now).total_seconds(),
+    )
     return decisions
 
 
