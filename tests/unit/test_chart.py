@@ -752,3 +752,57 @@ def test_allocator_args(helm, tmp_path):
     off = _args(render(helm, tmp_path, {"allocator": {"enabled": False}}))
     assert "--no-allocator" in off and "--allocator-interval-seconds" not in off
     assert "gpuBudget" in render_error(helm, tmp_path, {"allocator": {"gpuBudget": -1}})
+
+
+# ------------------------------------------------------------------ monitoring rules
+
+
+def _rule_groups(*names: str) -> list[dict]:
+    """The groups of monitoring/rules/<name>, the files the PrometheusRule must carry."""
+    return [
+        group
+        for name in names
+        for group in yaml.safe_load((ROOT / "monitoring" / "rules" / name).read_text())["groups"]
+    ]
+
+
+def test_the_prometheus_rule_is_off_by_default(helm, tmp_path):
+    assert of_kind(render(helm, tmp_path), "PrometheusRule") == []
+    assert of_kind(render(helm, tmp_path, {"monitoring": {"rules": {"enabled": False}}}), "PrometheusRule") == []
+
+
+def test_the_prometheus_rule_carries_the_rule_files_and_the_selector_labels(helm, tmp_path):
+    objects = render(helm, tmp_path, {"monitoring": {"rules": {"enabled": True, "labels": {"release": "kps"}}}})
+    rule = one(objects, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["name"] == f"{FULLNAME}-rules"
+    assert rule["metadata"]["namespace"] == RELEASE_NS
+    assert rule["metadata"]["labels"]["release"] == "kps"  # what a ruleSelector matches
+    assert rule["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    # The same rules as the plain files, Prometheus' own {{ $labels... }} templates untouched.
+    assert rule["spec"]["groups"] == _rule_groups("recording.yaml", "alerts.yaml")
+    descriptions = [r["annotations"]["description"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert descriptions and all("{{ $" in d for d in descriptions)
+
+
+def test_the_recording_and_alert_rules_can_be_left_out(helm, tmp_path):
+    def groups(rules: dict) -> list[dict]:
+        objects = render(helm, tmp_path, {"monitoring": {"rules": {"enabled": True, **rules}}})
+        return one(objects, "PrometheusRule")["spec"]["groups"]
+
+    assert groups({"alerts": False}) == _rule_groups("recording.yaml")
+    assert groups({"recording": False}) == _rule_groups("alerts.yaml")
+
+
+@pytest.mark.parametrize(
+    ("rules", "complaint"),
+    [
+        ({"enabled": "yes"}, "enabled"),
+        ({"enabled": True, "labels": {"release": 1}}, "release"),
+        ({"enabled": True, "ruleSelector": {}}, "ruleSelector"),
+    ],
+    ids=["enabled-not-boolean", "label-not-string", "unknown-key"],
+)
+def test_schema_rejects_bad_monitoring_rule_values(helm, tmp_path, rules, complaint):
+    error = render_error(helm, tmp_path, {"monitoring": {"rules": rules}})
+    assert "schema" in error and complaint in error, error
