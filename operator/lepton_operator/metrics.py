@@ -57,9 +57,9 @@ CAPACITY_FAILURES = Counter(
 
 # The cluster allocator (reconcile/allocation.allocator_pass sets these after every pass;
 # only the active operator runs passes). The per-job series carry `namespace` and
-# `job_name` like the trainer's series, so rules can join them: scrape the operator with
-# honor_labels (ServiceMonitor `honorLabels: true`), or Prometheus renames `namespace` to
-# `exported_namespace`.
+# `job_name` like the trainer's series, so rules can join them. A scrape without
+# honor_labels renames this `namespace` to `exported_namespace`; monitoring/rules reads it
+# from there when it is set.
 JOB_GPUS = Gauge(
     "lepton_operator_job_gpus",
     "GPUs the job's pods hold (requested by its live pods, Pending ones included), as the allocator saw them.",
