@@ -170,3 +170,12 @@ def test_the_chart_ships_the_same_rule_files(name):
         f"charts/lepton-operator/files/rules/{name} differs from monitoring/rules/{name}: "
         "edit monitoring/rules and run `cp monitoring/rules/*.yaml charts/lepton-operator/files/rules/`"
     )
+
+
+def test_the_readme_monitoring_section_describes_every_rule_and_alert():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    for alert in _alerts():
+        assert f"[`{alert['alert']}`](docs/runbooks.md#{alert['alert'].lower()})" in section, alert["alert"]
+    for rule in _rules("record"):
+        assert f"`{rule['record']}`" in section, f"README's Monitoring section does not describe {rule['record']}"
