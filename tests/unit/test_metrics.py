@@ -127,3 +127,77 @@ def test_the_per_job_series_are_bounded_by_the_jobs_of_the_last_pass():
     assert len(per_job) == 3  # gpus, allocated workers, queued seconds
     metrics.record_allocation(4, {}, {}, {}, 0.01)
     assert [s for s in samples() if s.labels.get("namespace") == "alloc-churn"] == []
+
+
+class _FakeKube:
+    """The reads an allocator pass makes, and writes that succeed."""
+
+    def __init__(self, jobs: list[dict], nodes: list[dict], pods: list[dict]) -> None:
+        self.jobs, self.nodes, self.pods = jobs, nodes, pods
+
+    def list_jobs(self, namespace: str | None = None) -> list[dict]:
+        return self.jobs
+
+    def list_priority_classes(self) -> list[dict]:
+        return []
+
+    def list_active_pods(self) -> list[dict]:
+        return self.pods
+
+    def list_nodes(self) -> list[dict]:
+        return self.nodes
+
+    def patch_job_status(self, namespace, name, version, patch) -> dict:
+        return {"metadata": {"resourceVersion": str(int(version) + 1)}}
+
+    def patch_job_replicas(self, namespace, name, version, replicas) -> dict:
+        return {"metadata": {"resourceVersion": str(int(version) + 1)}}
+
+    def post_event(self, body, type_, reason, message) -> None:
+        pass
+
+
+def _job(name: str, gpus: int, minimum: int, created: str) -> dict:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "alloc-pass",
+            "uid": f"uid-{name}",
+            "resourceVersion": "1",
+            "generation": 1,
+            "creationTimestamp": created,
+        },
+        "spec": {"image": "trainer:1", "workers": {"min": minimum, "max": minimum}, "resources": {"gpus": gpus}},
+    }
+
+
+def test_an_allocator_pass_records_what_it_saw_and_decided():
+    import asyncio
+    import logging
+
+    from lepton_operator.reconcile.allocation import allocator_pass
+    from lepton_operator.reconcile.context import OperatorContext
+
+    node = {
+        "metadata": {"name": "gpu-node"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"nvidia.com/gpu": "8"}},
+    }
+    # "first" fits (2 workers x 4 GPUs); "second", created later, does not: it is queued.
+    jobs = [_job("first", 4, 2, "2026-01-01T00:00:00Z"), _job("second", 8, 1, "2026-01-01T00:01:00Z")]
+    ctx = OperatorContext(kube=_FakeKube(jobs, [node], []))
+    passes = value("lepton_operator_allocator_passes_total") or 0.0
+    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test")))
+    assert decisions["alloc-pass/first"].admitted and not decisions["alloc-pass/second"].admitted
+    assert value("lepton_operator_cluster_gpus") == 8
+    assert value("lepton_operator_job_allocated_workers", namespace="alloc-pass", job_name="first") == 2
+    assert value("lepton_operator_job_gpus", namespace="alloc-pass", job_name="first") == 0  # no pods yet
+    assert value("lepton_operator_queued_jobs") == 1
+    waited = value("lepton_operator_job_queued_seconds", namespace="alloc-pass", job_name="second")
+    assert waited is not None and waited > 3600  # created long ago
+    assert value("lepton_operator_job_queued_seconds", namespace="alloc-pass", job_name="first") is None
+    assert value("lepton_operator_allocator_passes_total") == passes + 1
+    ctx.kube.jobs = []  # both gone: the next pass leaves no per-job series
+    asyncio.run(allocator_pass(ctx, logging.getLogger("test")))
+    assert [s for s in samples() if s.labels.get("namespace") == "alloc-pass"] == []
+    assert value("lepton_operator_queued_jobs") == 0
