@@ -23,6 +23,8 @@ ProcessCollector(registry=REGISTRY)
 # Series labelled by job exist only for the jobs of the last allocator pass (the active
 # ones): record_allocation() removes those of jobs that finished, were suspended or went,
 # and forget_job() those of a deleted job, so their number is bounded by the active jobs.
+# The same holds for restarts remaining (unfinished jobs) and metrics unavailable (jobs the
+# autoscaler measures): their setters drop the series otherwise, and forget_job() too.
 # Everything else is per operator. A deleted job leaves only its entry in `_phases`,
 # which forget_job() drops.
 JOBS = Gauge(
@@ -88,6 +90,22 @@ CLUSTER_GPUS = Gauge(
     "GPUs the allocator may hand out: allocatable GPUs of usable nodes minus other pods' (or --gpu-budget).",
     registry=REGISTRY,
 )
+# Set by the job's reconcile loop (reconcile/loop.py) after each applied pass, for
+# unfinished jobs with a valid spec; the series goes when the job finishes or is forgotten.
+JOB_RESTARTS_REMAINING = Gauge(
+    "lepton_operator_job_restarts_remaining",
+    "Restarts the job may still spend: spec.restart.maxRestarts - status.restarts (0: its next failure fails it).",
+    ["namespace", "job_name"],
+    registry=REGISTRY,
+)
+# Set by the autoscaler (reconcile/autoscaling.autoscale_pass) after its status write, for
+# jobs it measures (Running, no rescale under way); the series goes while it does not.
+JOB_METRICS_UNAVAILABLE = Gauge(
+    "lepton_operator_job_metrics_unavailable",
+    "1 while the job's condition MetricsUnavailable is True (the autoscaler cannot read its throughput), else 0.",
+    ["namespace", "job_name"],
+    registry=REGISTRY,
+)
 ALLOCATOR_PASSES = Counter(
     "lepton_operator_allocator_passes",
     "Completed allocator passes (a pass that failed on the API is not counted).",
@@ -135,8 +153,27 @@ def _remove(gauge: Gauge, key: tuple[str, str]) -> None:
 
 
 def _remove_job_series(key: tuple[str, str]) -> None:
-    for gauge in (*_PER_JOB, JOB_QUEUED_SECONDS):
+    for gauge in (*_PER_JOB, JOB_QUEUED_SECONDS, JOB_RESTARTS_REMAINING, JOB_METRICS_UNAVAILABLE):
         _remove(gauge, key)
+
+
+def set_job_restarts_remaining(namespace: str, name: str, remaining: Optional[int]) -> None:
+    """Restarts the job may still spend; None (finished, invalid spec) removes the series."""
+    with _lock:
+        if remaining is None:
+            _remove(JOB_RESTARTS_REMAINING, (namespace, name))
+        else:
+            JOB_RESTARTS_REMAINING.labels(namespace, name).set(max(0, remaining))
+
+
+def set_job_metrics_unavailable(namespace: str, name: str, unavailable: Optional[bool]) -> None:
+    """Whether the job's MetricsUnavailable condition is True; None (the autoscaler does not
+    measure the job now) removes the series."""
+    with _lock:
+        if unavailable is None:
+            _remove(JOB_METRICS_UNAVAILABLE, (namespace, name))
+        else:
+            JOB_METRICS_UNAVAILABLE.labels(namespace, name).set(1 if unavailable else 0)
 
 
 def record_allocation(

@@ -201,3 +201,131 @@ def test_an_allocator_pass_records_what_it_saw_and_decided():
     asyncio.run(allocator_pass(ctx, logging.getLogger("test")))
     assert [s for s in samples() if s.labels.get("namespace") == "alloc-pass"] == []
     assert value("lepton_operator_queued_jobs") == 0
+
+
+# ------------------------------------------------------------------ restarts left, metrics unavailable
+
+
+def test_restarts_remaining_and_metrics_unavailable_are_set_cleared_and_forgotten():
+    key = ("gauges-ns", "job")
+    metrics.set_job_restarts_remaining(*key, 1)
+    metrics.set_job_metrics_unavailable(*key, True)
+    assert value("lepton_operator_job_restarts_remaining", namespace="gauges-ns", job_name="job") == 1
+    assert value("lepton_operator_job_metrics_unavailable", namespace="gauges-ns", job_name="job") == 1
+    metrics.set_job_restarts_remaining(*key, -2)  # more restarts than allowed (maxRestarts lowered): 0
+    metrics.set_job_metrics_unavailable(*key, False)
+    assert value("lepton_operator_job_restarts_remaining", namespace="gauges-ns", job_name="job") == 0
+    assert value("lepton_operator_job_metrics_unavailable", namespace="gauges-ns", job_name="job") == 0
+    metrics.set_job_restarts_remaining(*key, None)  # finished
+    metrics.set_job_metrics_unavailable(*key, None)  # not measured
+    assert series_of(*key) == []
+    metrics.set_job_restarts_remaining(*key, None)  # twice: harmless
+    metrics.set_job_restarts_remaining(*key, 3)
+    metrics.set_job_metrics_unavailable(*key, True)
+    metrics.forget_job(*key)
+    assert series_of(*key) == []
+
+
+class _PassKube:
+    """What one reconcile pass of a job reads and writes: the job (`status` as stored), no
+    pods, no nodes; writes succeed."""
+
+    def __init__(self, status: dict | None):
+        self.status = status
+
+    def get_job(self, namespace, name):
+        spec = {"image": "trainer:1", "workers": {"min": 1, "max": 2}, "restart": {"maxRestarts": 3}}
+        meta = {"name": name, "namespace": namespace, "uid": "uid-r", "resourceVersion": "1", "generation": 1}
+        return {"metadata": meta, "spec": spec, "status": self.status}
+
+    def list_pods(self, namespace, selector):
+        return []
+
+    def list_nodes(self):
+        return []
+
+    def patch_job_status(self, namespace, name, version, patch):
+        return None
+
+    def create(self, obj):
+        return "created"
+
+    def delete(self, namespace, kind, name, grace, uid=None):
+        return True
+
+    def patch(self, namespace, kind, name, change):
+        pass
+
+    def post_event(self, body, type_, reason, message):
+        pass
+
+    def delete_job(self, namespace, name, uid):
+        pass
+
+
+def _reconcile(status: dict | None) -> float | None:
+    import asyncio
+
+    from lepton_operator.desired import JobRef
+    from lepton_operator.reconcile.context import OperatorContext
+    from lepton_operator.reconcile.loop import run_pass
+
+    ctx = OperatorContext(kube=_PassKube(status))
+    indexes = {"pods_by_job": {}, "services_by_job": {}, "claims_by_job": {}, "budgets_by_job": {}}
+    asyncio.run(run_pass(ctx, JobRef("restarts", "restarts-ns", "uid-r"), indexes))
+    return value("lepton_operator_job_restarts_remaining", namespace="restarts-ns", job_name="restarts")
+
+
+def test_a_reconcile_pass_sets_the_restarts_left_and_a_finished_job_has_none():
+    assert _reconcile(None) == 3  # a new job: maxRestarts 3, none spent
+    # Two restarts spent; the workers are gone (a disruption: it does not spend one).
+    assert _reconcile({"phase": "Running", "restarts": 2, "workerGeneration": 3, "worldSize": 2}) == 1
+    assert _reconcile({"phase": "Failed", "restarts": 3, "workerGeneration": 4}) is None  # finished: no series
+    metrics.forget_job("restarts-ns", "restarts")
+
+
+def test_the_autoscaler_sets_metrics_unavailable_from_its_plan_after_the_status_write(monkeypatch):
+    import asyncio
+    import logging
+
+    from lepton_operator.reconcile import autoscaling
+    from lepton_operator.reconcile.config import OperatorConfig
+    from lepton_operator.reconcile.context import OperatorContext
+    from lepton_operator.scaling.prometheus import MetricsError, Sample
+
+    running = {"phase": "Running", "worldSize": 2, "workerGeneration": 1}
+
+    class Kube(_PassKube):
+        written: list = []
+
+        def get_job(self, namespace, name):
+            body = super().get_job(namespace, name)
+            body["spec"]["autoscaling"] = {"enabled": True}
+            return body
+
+        def patch_job_status(self, namespace, name, version, patch):
+            self.written.append(patch)
+            return {"metadata": {"resourceVersion": "2"}}
+
+        def patch_job_replicas(self, namespace, name, version, replicas):
+            return {"metadata": {"resourceVersion": "3"}}
+
+    measured: list = [MetricsError("connection", "refused")]
+    monkeypatch.setattr(autoscaling, "measure", lambda *args: measured[0])
+    monkeypatch.setattr(autoscaling, "read_progress", lambda *args: None)
+    kube = Kube(running)
+    ctx = OperatorContext(kube=kube, config=OperatorConfig(prometheus_url="http://prometheus:9090"))
+
+    def tick() -> float | None:
+        ctx.autoscaler_memory(("unavail-ns", "job")).last_run = None
+        asyncio.run(autoscaling.autoscale_pass(ctx, "unavail-ns", "job", 60, logging.getLogger("test")))
+        return value("lepton_operator_job_metrics_unavailable", namespace="unavail-ns", job_name="job")
+
+    assert tick() == 1 and kube.written  # the condition was written True
+    kube.status = {**running, "conditions": kube.written[-1]["conditions"]}
+    assert tick() == 1  # still unavailable: the stored condition says so
+    measured[0] = Sample(100.0, 0.0, {}, 60)
+    assert tick() == 0  # back: written False
+    kube.status = {**running, "phase": "Rescaling"}
+    assert tick() is None  # not measured while not Running: no series
+    metrics.forget_job("unavail-ns", "job")

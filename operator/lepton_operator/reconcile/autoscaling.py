@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Optional, Union
 
+from lepton_operator import metrics
 from lepton_operator.api.conditions import (
     CONDITION_METRICS_UNAVAILABLE,
     REASON_METRICS_AVAILABLE,
@@ -55,7 +56,7 @@ from lepton_operator.api.models import (
     parse_job,
     parse_status,
 )
-from lepton_operator.reconcile.conditions import conditions_patch, get_condition
+from lepton_operator.reconcile.conditions import condition_is_true, conditions_patch, get_condition
 from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.executor import post_events
@@ -112,6 +113,14 @@ def _metrics_condition(
     return conditions_patch(
         status, CONDITION_METRICS_UNAVAILABLE, unavailable, reason, message, now, observed_generation
     )
+
+
+def metrics_unavailable(status: LeptonJobStatus, status_patch: dict) -> bool:
+    """Whether MetricsUnavailable is True once `status_patch` (the plan's) is written."""
+    conditions = status_patch.get("conditions")
+    if conditions is None:
+        return condition_is_true(status, CONDITION_METRICS_UNAVAILABLE)
+    return any(c.get("type") == CONDITION_METRICS_UNAVAILABLE and c.get("status") == "True" for c in conditions)
 
 
 def record_observation(observations: list[Observation], new: Observation) -> list[Observation]:
@@ -286,6 +295,7 @@ async def autoscale_pass(
             return  # the core marks the job Failed/InvalidSpec
         st = parse_status(body.get("status"))
         if not should_run(job, st) or (not job.autoscaling.enabled and not ctx.config.prometheus_url):
+            metrics.set_job_metrics_unavailable(namespace, name, None)  # not measured now, no series
             return  # a fixed job without Prometheus: nothing to measure, nothing to decide
         memory.last_run = mono
         now = datetime.now(timezone.utc)
@@ -306,6 +316,7 @@ async def autoscale_pass(
         if plan.status_patch:
             written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, plan.status_patch)
             version = written["metadata"]["resourceVersion"]
+        metrics.set_job_metrics_unavailable(namespace, name, metrics_unavailable(st, plan.status_patch))
         if plan.replicas is not None:
             await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, plan.replicas)
     except Conflict:

@@ -90,9 +90,17 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     )
     result = plan(job, meta.get("generation"), spec, status, observed, now, ctx.config.policy)
     applied = await apply_plan(ctx, body, status, result, logger)
+    metrics.set_job_restarts_remaining(namespace, name, remaining_restarts(spec, result.status))
     if result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES:
         ctx.allocator.wanted = True  # its GPUs are free: the allocator hands them out now
     return GONE if applied.job_deleted else applied.requeue_after
+
+
+def remaining_restarts(spec, status) -> Optional[int]:
+    """maxRestarts - restarts for an unfinished job with a valid spec, else None."""
+    if isinstance(spec, InvalidJob) or status.phase in FINISHED_PHASES:
+        return None
+    return spec.restart.max_restarts - status.restarts
 
 
 def owned(entries, uid: str) -> list:
