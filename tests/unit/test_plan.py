@@ -14,6 +14,7 @@ from lepton_operator.api.conditions import (
     REASON_NAME_TAKEN,
     REASON_WORKER_FAILED,
 )
+from lepton_operator.api.models import parse_status
 from lepton_operator.desired import LABEL_GENERATION, LABEL_JOB_NAME, LABEL_MANAGED_BY, LABEL_WORKER_INDEX
 from lepton_operator.reconcile.conditions import get_condition
 
@@ -106,3 +107,12 @@ def test_foreign_pods_are_never_adopted_deleted_or_counted():
         assert "job-worker-0" not in w.deleted()
     assert w.status.phase == "Pending"  # its exit code 1 did not fail our job
     assert w.status.workers.active == 1
+
+
+def test_a_generation_of_no_workers_never_counts_as_succeeded():
+    # A status with a generation but no world size (written by hand, or damaged): "all 0
+    # workers exited 0" must not finish the job.
+    w = World(base_spec())
+    w.status = parse_status({"phase": "Pending", "workerGeneration": 3})
+    w.step()
+    assert w.status.phase != "Succeeded"

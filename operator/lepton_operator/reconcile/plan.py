@@ -154,7 +154,7 @@ def steady(p: JobPass) -> Plan:
     if permanent:
         i, o = permanent[0]
         return lifecycle.finish(p, "Failed", REASON_WORKER_FAILED, o.describe(name(i)))
-    if len(outcomes) == n and all(o.outcome == "succeeded" for o in outcomes.values()):
+    if n > 0 and len(outcomes) == n and all(o.outcome == "succeeded" for o in outcomes.values()):
         return lifecycle.finish(p, "Succeeded", REASON_ALL_SUCCEEDED, f"all {n} worker(s) of generation {g} exited 0")
 
     on_lost_nodes = [p.node_lost(pod) for i, pod in sorted(current.items()) if p.node_lost(pod)]
