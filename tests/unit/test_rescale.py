@@ -288,3 +288,13 @@ def test_old_generation_pods_are_deleted():
     w.step()
     assert w.deleted() == ["job-worker-3"]
     assert w.status.restarts == 0
+
+
+def test_a_user_scaling_a_fixed_job_is_a_manual_scale_whatever_the_allocator_recorded():
+    w = running_world()
+    w.status.allocation = AllocationStatus(
+        target=3, reason="FixedSize", message="3 workers: autoscaling is disabled", time=w.now
+    )
+    scale_to(w, 3)
+    w.step()
+    assert w.status.rescale.reason == REASON_MANUAL_SCALE

@@ -37,6 +37,9 @@ from lepton_operator.api.conditions import (
     CONDITION_READY,
     CONDITION_RESCALING,
     DISRUPTION_REASONS,
+    REASON_ALLOCATOR_FLOOR,
+    REASON_ALLOCATOR_GROW,
+    REASON_ALLOCATOR_SHRINK,
     REASON_AUTOSCALE_DOWN,
     REASON_AUTOSCALE_UP,
     REASON_GROWING_BACK,
@@ -66,6 +69,8 @@ from lepton_operator.reconcile.lifecycle import finish
 
 # How long an autoscaler decision stays "the reason" for a matching size change.
 AUTOSCALER_DECISION_FRESHNESS = timedelta(minutes=10)
+# The allocator's decisions that change a running job's size (status.allocation.reason).
+ALLOCATOR_RESIZES = frozenset({REASON_ALLOCATOR_GROW, REASON_ALLOCATOR_SHRINK, REASON_ALLOCATOR_FLOOR})
 
 
 # --- starting a rescale ------------------------------------------------------------------
@@ -110,8 +115,8 @@ def rescale_reason(p: JobPass, target: int) -> tuple[str, str]:
     if (
         allocation is not None
         and allocation.target == target
+        and allocation.reason in ALLOCATOR_RESIZES  # not a fixed job a user scaled
         and p.now - allocation.time <= AUTOSCALER_DECISION_FRESHNESS
-        and re.fullmatch(r"[A-Z][A-Za-z0-9]{0,127}", allocation.reason)
     ):
         return allocation.reason, allocation.message[:4096]
     decision = p.s.autoscaling.last_decision
