@@ -232,6 +232,22 @@ def require_prometheus() -> None:
         pytest.skip(reason)
 
 
+def wait_for_idle_gpus(k8s: K8s, timeout: float = 120) -> None:
+    """Wait until no live pod of the cluster requests GPUs (an earlier test's namespace is
+    deleted without waiting: its pods may still hold GPUs for a while)."""
+
+    def idle():
+        pods = k8s.core.list_pod_for_all_namespaces().items
+        return not [
+            p
+            for p in pods
+            if p.status.phase not in ("Succeeded", "Failed")
+            and any((c.resources.limits or {}).get("nvidia.com/gpu") for c in p.spec.containers)
+        ]
+
+    k8s.wait_for(idle, timeout, 1.0, "pods of earlier tests to release their GPUs")
+
+
 class GpuSampler:
     """Samples a namespace's pods in a thread while in its `with` block: the GPUs requested
     by live pods (terminating ones included) against `capacity`, and any pod the scheduler

@@ -19,7 +19,7 @@ from jobs import condition, create_job, events, job_body, pods, running, status,
 
 from lepton_localcluster import LocalCluster, SimulatedNode
 from lepton_localcluster.crds import install_crds
-from lepton_localcluster.pytest_plugin import GpuSampler
+from lepton_localcluster.pytest_plugin import GpuSampler, wait_for_idle_gpus
 from lepton_operator.reconcile.kube import Kube
 
 pytestmark = pytest.mark.integration
@@ -82,6 +82,7 @@ def queued(kube, namespace, name):
 
 
 def test_gang_admission_queue_backfill_and_completion(kube, k8s, namespace, run_operator, cluster):
+    wait_for_idle_gpus(k8s)
     op = run_operator(*ARGS, *ALLOCATOR)
     with GpuSampler(k8s, namespace, CAPACITY, interval=0.3) as sampler:
         create_job(kube, namespace, fixed("big", 3, 4))  # 12 of 16 GPUs
@@ -115,6 +116,7 @@ def test_gang_admission_queue_backfill_and_completion(kube, k8s, namespace, run_
 def test_a_higher_priority_job_shrinks_a_lower_one_to_make_room_never_below_min(
     kube, k8s, namespace, run_operator, cluster, priority_classes
 ):
+    wait_for_idle_gpus(k8s)  # the operator sees only its namespace: the last test's pods must be gone
     op = run_operator(*ARGS, *ALLOCATOR)
     with GpuSampler(k8s, namespace, CAPACITY, interval=0.3) as sampler:
         create_job(
