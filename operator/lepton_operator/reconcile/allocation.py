@@ -54,6 +54,7 @@ from lepton_operator.reconcile.conditions import condition_is_true, conditions_p
 from lepton_operator.reconcile.context import AllocatorMemory, OperatorContext
 from lepton_operator.reconcile.executor import post_events
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
+from lepton_operator.reconcile.nodes import parse_time
 from lepton_operator.scaling.allocator import Allocation, Capacity, JobState, allocate
 from lepton_operator.scaling.policy import ScalingState, restart_seconds_estimate
 from lepton_operator.scaling.throughput import Measurement
@@ -227,7 +228,7 @@ def job_state(
 ) -> JobState:
     """The allocator's view of one job (`now` is the clock; times become seconds from it)."""
     auto = spec.autoscaling
-    created = _parse_time(body["metadata"].get("creationTimestamp")) or now
+    created = parse_time(body["metadata"].get("creationTimestamp")) or now
     running = status.worker_generation > 0 and status.phase in ("Running", "Pending", "Rescaling")
     current = status.world_size if running else 0
     measurements = tuple(
@@ -267,13 +268,6 @@ def job_state(
         queued_since=_time(created, now),
         pool=pool,
     )
-
-
-def _parse_time(text: Optional[str]) -> Optional[datetime]:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
-    except ValueError:
-        return None
 
 
 @dataclasses.dataclass

@@ -35,14 +35,15 @@ def node_info(node: dict) -> NodeInfo:
     unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
     if ready_cond is not None and ready_cond.get("status") == "True":
         return NodeInfo(ready=True, unschedulable=unschedulable)
-    since = _parse_time(ready_cond.get("lastTransitionTime")) if ready_cond else None
+    since = parse_time(ready_cond.get("lastTransitionTime")) if ready_cond else None
     return NodeInfo(ready=False, not_ready_since=since or NEVER_READY, unschedulable=unschedulable)
 
 
 NEVER_READY = datetime.min.replace(tzinfo=timezone.utc)
 
 
-def _parse_time(text: Optional[str]) -> Optional[datetime]:
+def parse_time(text: Optional[str]) -> Optional[datetime]:
+    """An API timestamp (RFC 3339, `Z` or offset), or None when absent or unreadable."""
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
     except ValueError:
