@@ -117,6 +117,11 @@ ALLOCATOR_PASS_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+REACTOR_RESTARTS = Counter(
+    "lepton_operator_reactor_restarts_total",
+    "Times the operator started its watches again after losing the API (reconcile/supervise.py).",
+    registry=REGISTRY,
+)
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -235,6 +240,10 @@ def count_rescale(reason: str) -> None:
 def count_restarts(n: int = 1) -> None:
     if n > 0:
         RESTARTS.inc(n)
+
+
+def count_reactor_restart() -> None:
+    REACTOR_RESTARTS.inc()
 
 
 def count_capacity_failure() -> None:

@@ -250,7 +250,10 @@ def run(args) -> int:
     import kopf
 
     from lepton_operator import metrics
-    from lepton_operator.reconcile import handlers  # noqa: F401  (registers the kopf handlers)
+    from lepton_operator.reconcile import (
+        handlers,  # noqa: F401  (registers the kopf handlers)
+        supervise,
+    )
     from lepton_operator.reconcile.config import OperatorConfig
     from lepton_operator.reconcile.context import OperatorContext
     from lepton_operator.reconcile.kube import Kube, api_client_from_environment
@@ -281,7 +284,6 @@ def run(args) -> int:
         handlers.watch_network_policies()
     clusterwide = bool(args.all_namespaces or not args.namespace)
     api_client = api_client_from_environment(args.api_threads)
-    ctx = OperatorContext(kube=Kube(api_client), config=config)
 
     @kopf.on.startup()
     async def api_threads(**_) -> None:
@@ -308,14 +310,20 @@ def run(args) -> int:
         if args.allocator
         else "cluster allocator off: each job is scaled on its own"
     )
-    kopf.run(
-        settings=make_settings(args),
-        standalone=standalone,
-        peering_name=None if standalone else args.peering,
-        priority=args.priority,
-        liveness_endpoint=liveness,
-        clusterwide=clusterwide,
-        namespaces=args.namespace,
-        memo=ctx,
+
+    def start_reactor() -> None:
+        kopf.run(
+            settings=make_settings(args),
+            standalone=standalone,
+            peering_name=None if standalone else args.peering,
+            priority=args.priority,
+            liveness_endpoint=liveness,
+            clusterwide=clusterwide,
+            namespaces=args.namespace,
+            memo=OperatorContext(kube=Kube(api_client), config=config),
+        )
+
+    supervise.run_until_stopped(
+        start_reactor, supervise.api_errors(), on_restart=lambda _: metrics.count_reactor_restart()
     )
     return 0
