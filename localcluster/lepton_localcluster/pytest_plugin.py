@@ -58,7 +58,9 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from kubernetes import client
@@ -67,6 +69,7 @@ from kubernetes.client.rest import ApiException
 from . import procs
 from .binaries import BinariesUnavailable, SchedulerUnavailable, ensure_binaries
 from .controlplane import LocalCluster
+from .crds import install_crds
 from .operator_process import OperatorProcess
 
 _started_clusters: list[str] = []
@@ -132,6 +135,21 @@ def _start_cluster(request, api_only: bool = False, **kwargs) -> LocalCluster:
         cluster.stop()
         _unavailable(f"the cluster did not start: {e}")
     return cluster
+
+
+@contextmanager
+def own_cluster(request, crds: bool = True, **kwargs) -> Iterator[LocalCluster]:
+    """A LocalCluster of the calling module's own (for a module-scoped fixture: nodes or
+    apiserver flags of its own, or faults the shared cluster must not see), with the CRDs
+    installed unless `crds=False`; stopped afterwards, failing if it left a process behind."""
+    cluster = _start_cluster(request, **kwargs)
+    try:
+        if crds:
+            install_crds(cluster.api_client())
+        yield cluster
+    finally:
+        cluster.stop()
+        assert cluster.leftover_processes() == [], f"cluster {cluster.cluster_id} left processes behind"
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,9 @@ import yaml
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
 
-from lepton_localcluster import LocalCluster, OperatorProcess
+from lepton_localcluster import OperatorProcess
 from lepton_localcluster.crds import install_crds
+from lepton_localcluster.pytest_plugin import own_cluster
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
@@ -77,16 +78,10 @@ PEERING = ["get", "list", "watch", "patch"]  # the chart creates the peering obj
 
 
 @pytest.fixture(scope="module")
-def enforcing_cluster(k8s_binaries):
+def enforcing_cluster(request):
     """A cluster of this module's own whose apiserver enforces ownerReference permissions."""
-    cluster = LocalCluster(binaries=k8s_binaries, extra_args={"kube-apiserver": [OWNER_REFERENCES_ENFORCED]})
-    try:
-        cluster.start()
+    with own_cluster(request, crds=False, extra_args={"kube-apiserver": [OWNER_REFERENCES_ENFORCED]}) as cluster:
         yield cluster
-    finally:
-        cluster_id = cluster.cluster_id
-        cluster.stop()
-        assert cluster.leftover_processes() == [], f"cluster {cluster_id} left processes behind"
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ import time
 import pytest
 from jobs import condition, create_job, events, job_body, pods, running, status, wait
 
-from lepton_localcluster import LocalCluster, SimulatedNode
-from lepton_localcluster.crds import install_crds
-from lepton_localcluster.pytest_plugin import GpuSampler, wait_for_idle_gpus
+from lepton_localcluster import SimulatedNode
+from lepton_localcluster.pytest_plugin import GpuSampler, own_cluster, wait_for_idle_gpus
 from lepton_operator.reconcile.kube import Kube
 
 pytestmark = pytest.mark.integration
@@ -30,18 +29,9 @@ ALLOCATOR = ("--allocator-interval-seconds", "3")
 
 
 @pytest.fixture(scope="module")
-def gpu_cluster(k8s_binaries):
-    cluster = LocalCluster(
-        binaries=k8s_binaries, nodes=[SimulatedNode("gpu-a", gpus=8), SimulatedNode("gpu-b", gpus=8)]
-    )
-    try:
-        cluster.start()
-        install_crds(cluster.api_client())
+def gpu_cluster(request):
+    with own_cluster(request, nodes=[SimulatedNode("gpu-a", gpus=8), SimulatedNode("gpu-b", gpus=8)]) as cluster:
         yield cluster
-    finally:
-        cluster_id = cluster.cluster_id
-        cluster.stop()
-        assert cluster.leftover_processes() == [], f"cluster {cluster_id} left processes behind"
 
 
 @pytest.fixture
