@@ -58,11 +58,9 @@ def _job(name, curve, workers, max_steps=10_000_000, elastic=True, priority_clas
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
 
 
-def brute_force(remaining: dict[str, float], objective: str = "rate") -> dict[str, int]:
+def brute_force(remaining: dict[str, float]) -> dict[str, int]:
     """Sizes (1..6 each, 8 workers in all), every added step gaining at least the floor,
-    that maximise the total completion rate (sum of X/R: how the allocator ranks spare
-    workers, objective "rate") or minimise the total completion time (sum of R/X: what its
-    change decisions weigh, objective "time")."""
+    that maximise the total completion rate (sum of X/R), the allocator's objective."""
 
     def allowed(curve):
         sizes = [1]
@@ -79,10 +77,7 @@ def brute_force(remaining: dict[str, float], objective: str = "rate") -> dict[st
         if sum(combo) * GPUS_PER_WORKER > CAPACITY:
             continue
         pairs = list(zip(names, combo, strict=True))
-        if objective == "rate":
-            value = sum(CURVES[n][k] / remaining[n] for n, k in pairs)
-        else:
-            value = -sum(remaining[n] / CURVES[n][k] for n, k in pairs)
+        value = sum(CURVES[n][k] / remaining[n] for n, k in pairs)
         if best_value is None or value > best_value:
             best, best_value = dict(pairs), value
     return best
@@ -160,14 +155,8 @@ def test_allocator_converges_admits_priority_queues_and_hands_back(
                 if not all(remaining.values()):
                     return None
                 now = {name: st["worldSize"] for name, st in sts.items()}
-                # The allocator ranks spare workers by completion rate and changes a running
-                # job only when the total completion time gains: near either optimum is a
-                # converged allocation (for equally long jobs the two differ).
-                for objective in ("rate", "time"):
-                    best = brute_force(remaining, objective)
-                    if all(abs(now[n] - best[n]) <= 1 for n in CURVES):
-                        return now, objective
-                return None
+                best = brute_force(remaining)
+                return now if all(abs(now[n] - best[n]) <= 1 for n in CURVES) else None
 
             # Converged and held: within one step of the optimum with no size or generation
             # change for HOLD_SECONDS (the allocator may still try a neighbour it has not

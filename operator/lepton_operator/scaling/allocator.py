@@ -16,9 +16,11 @@ samples) the most per GPU, subject to, in this order of precedence:
 3. `min`, `max`, `step` and the capacity (of the whole cluster, and of the node pool a
    job's nodeSelector/tolerations restrict it to);
 4. `efficiencyThreshold`, the user's floor on an added worker's marginal efficiency;
-5. change costs: a running job is resized only when the predicted gain over its remaining
-   time pays its measured restart (and the restarts of the jobs shrunk for it), with a
-   hysteresis margin so that noise never makes it flap.
+5. change costs: a running job is resized only when the completion rate it gains, over its
+   remaining time, beats what it and the jobs shrunk for it lose (their completion rates
+   while they restart, and while they are smaller), with a hysteresis margin so that noise
+   never makes it flap. Ranking and change test weigh the same objective; for a job
+   growing alone the test is "it finishes sooner by more than its restart takes".
 
 Shrinks come before the grows they make room for: a grow (or an admission) is released
 only when its GPUs are free now, counting the GPUs that shrinking jobs still hold.
@@ -206,27 +208,27 @@ class _Pass:
         model = self.models[job.key]
         return model.predict(n) if model is not None else None
 
-    def _remaining_seconds(self, job: JobState, n: int) -> float:
-        """Predicted time to finish at n workers (LONG_RUNNING_SECONDS when unknown)."""
+    def _work_left(self, job: JobState) -> Optional[float]:
+        """Samples left to train; for a job that does not report it, what it would train
+        in LONG_RUNNING_SECONDS at its size now (None: nothing measured)."""
+        if job.remaining_samples is not None:
+            return max(0.0, job.remaining_samples)
+        x = self._throughput(job, max(job.current, job.min))
+        return x * LONG_RUNNING_SECONDS if x else None
+
+    def _rate(self, job: JobState, n: int) -> float:
+        """Completion rate at n workers: the share of the job's remaining work done per
+        second (1 / its predicted remaining time). The allocator maximises their sum."""
+        x, left = self._throughput(job, n), self._work_left(job)
+        return x / left if x and left else 0.0
+
+    def _lasts(self, job: JobState, n: int) -> float:
+        """How long a change to n workers counts: until the job ends (its GPUs then go
+        elsewhere), or the settings' horizon when its remaining work is unknown."""
         x = self._throughput(job, n)
         if job.remaining_samples is None or not x:
-            return LONG_RUNNING_SECONDS
+            return self.settings.horizon_seconds
         return max(0.0, job.remaining_samples) / x
-
-    def _delay(self, job: JobState, n: int, to: int, over: Optional[float] = None) -> float:
-        """Seconds by which moving from n to `to` workers delays the job's completion
-        (negative: it finishes sooner), its restart included. With `over`, the change
-        lasts only that long (a donor gets its GPUs back when the job it gave them to
-        ends); a job whose remaining work is unknown counts the settings' horizon."""
-        x, x_to = self._throughput(job, n), self._throughput(job, to)
-        if not x or not x_to:
-            return job.restart_seconds
-        if over is None and job.remaining_samples is not None:
-            r = max(0.0, job.remaining_samples)
-            return job.restart_seconds + r / x_to - r / x
-        if over is None:
-            over = self.settings.horizon_seconds
-        return job.restart_seconds + min(over, self._remaining_seconds(job, n)) * (1 - x_to / x)
 
     def _next_step(self, job: JobState, n: int) -> tuple[Optional[_Step], str]:
         """The job's next step up from n workers, or None and why not."""
@@ -258,8 +260,7 @@ class _Pass:
             )
         if job.remaining_samples is not None and job.remaining_samples <= 0:
             return None, "no work left"
-        remaining = job.remaining_samples if job.remaining_samples is not None else x * LONG_RUNNING_SECONDS
-        value = gain / remaining / (job.step * max(1, job.gpus_per_worker))  # a CPU job: per worker
+        value = (self._rate(job, to) - self._rate(job, n)) / (job.step * max(1, job.gpus_per_worker))  # CPU: per worker
         # Inside the measured sizes the fit is trusted; beyond them the gain must clear the
         # prediction's uncertainty to count as likely (otherwise it is exploration).
         likely = to <= model.sizes[-1] or x_to - model.sigma(to) > x
@@ -409,7 +410,7 @@ class _Pass:
             self._shrink_below_floor(job, ideal, final)
         self._make_room(movable, ideal, final)
         growers = [j for j in settled if ideal[j.key] > final[j.key]]
-        growers.sort(key=lambda j: (-j.priority, self._delay(j, final[j.key], ideal[j.key])))
+        growers.sort(key=lambda j: (-j.priority, self._rate(j, final[j.key]) - self._rate(j, ideal[j.key])))
         for job in growers:
             self._grow(job, settled, ideal, final)
         return final
@@ -434,7 +435,7 @@ class _Pass:
     def _donors(self, movable: list[JobState], ideal: dict[str, int], final: dict[str, int], priority: int):
         """Jobs holding more than their ideal, cheapest to shrink first."""
         donors = [d for d in movable if final[d.key] > ideal[d.key] and d.priority <= priority]
-        donors.sort(key=lambda d: (d.priority, self._delay(d, final[d.key], ideal[d.key])))
+        donors.sort(key=lambda d: (d.priority, self._rate(d, final[d.key]) - self._rate(d, ideal[d.key])))
         return donors
 
     def _make_room(self, movable: list[JobState], ideal: dict[str, int], final: dict[str, int]) -> None:
@@ -478,18 +479,32 @@ class _Pass:
             return
         model = self.models[job.key]
         x, x_to = model.predict(n), model.predict(to)
-        # A donor loses throughput until this job ends (then it can grow back: a second restart).
-        until = self._remaining_seconds(job, to)
-        delay = self._delay(job, n, to) + sum(
-            self._delay(d, final[d.key], ideal[d.key], over=until) + d.restart_seconds for d in used
+        # Completion rate (the allocator's objective) gained, over the time the job would
+        # still run at its size now: for a job alone that is exactly the seconds it finishes
+        # sooner. A donor loses until this job ends (then it can grow back) or it ends itself.
+        # Priority comes first: what a donor of lower priority loses does not weigh.
+        peers = [d for d in used if d.priority == job.priority]
+        lasts = self._lasts(job, n)
+        gained = lasts * (self._rate(job, to) - self._rate(job, n)) - sum(
+            min(lasts, self._lasts(d, final[d.key])) * (self._rate(d, final[d.key]) - self._rate(d, ideal[d.key]))
+            for d in peers
         )
-        restarts = job.restart_seconds + sum(2 * d.restart_seconds for d in used)
+        # A restart stops a job's progress: the grower's once, a donor's twice (shrink, grow back).
+        cost = self._rate(job, to) * job.restart_seconds + sum(
+            (self._rate(d, ideal[d.key]) + self._rate(d, final[d.key])) * d.restart_seconds for d in peers
+        )
+        rate_to = self._rate(job, to)
+        if rate_to <= 0:
+            self.why_not_more[job.key] = "no work left"
+            return
+        # Told in the grower's seconds (its completion time, when it grows alone).
+        saved, paid = gained / rate_to, cost / rate_to
         relative = x_to / x - 1 if x > 0 else math.inf
         likely = x_to - model.sigma(to) > x
-        if -delay <= self.settings.hysteresis * restarts or relative <= self.settings.hysteresis:
+        if gained - cost <= self.settings.hysteresis * cost or relative <= self.settings.hysteresis:
             self.why_not_more[job.key] = (
                 f"{n}->{to} workers: predicted {x:.1f} -> {x_to:.1f} samples/s (+{relative:.0%}) saves "
-                f"{-delay:.0f} s of completion time, not enough to pay {restarts:.0f} s of restarts "
+                f"{saved:.0f} s of completion time, not enough to pay {paid:.0f} s of restarts "
                 f"with a {self.settings.hysteresis:.0%} margin"
             )
             return
@@ -514,7 +529,7 @@ class _Pass:
         self.reasons[job.key] = (
             REASON_ALLOCATOR_GROW,
             f"{n}->{to} workers: predicted {x:.1f} -> {x_to:.1f} samples/s (+{relative:.0%}), "
-            f"completes {-delay:.0f} s sooner net of {restarts:.0f} s of restarts",
+            f"completes {saved - paid:.0f} s sooner net of {paid:.0f} s of restarts",
         )
 
     # ------------------------------------------------------------------ answers
