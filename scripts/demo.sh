@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/lepton-local demo "$@"
+.venv/bin/lepton-local demo "$@"
+echo "==> monitoring (README.md, \"Monitoring\"), for your own Prometheus and Grafana:"
+echo "    rules: $PWD/monitoring/rules/{recording,alerts}.yaml (list under rule_files:; Helm: --set monitoring.rules.enabled=true)"
+echo "    dashboard: $PWD/monitoring/dashboards/lepton-jobs.json (Grafana: Dashboards > New > Import; Helm: --set monitoring.dashboard.enabled=true)"

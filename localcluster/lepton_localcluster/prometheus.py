@@ -16,6 +16,11 @@ PR_SET_PDEATHSIG, and is stopped on exit.
 
     with LocalPrometheus(cluster.server, cluster.token, ca_file, workdir) as prom:
         PrometheusClient(prom.url).throughput(...)
+
+Optionally it loads rule files (`rule_files=[...]`, evaluated every `evaluation_interval`,
+by default the scrape interval) and scrapes more targets (`extra_scrape_configs=[...]`,
+e.g. `static_scrape_config("lepton-operator-metrics", ["127.0.0.1:8081"])` for the
+operator's own /metrics, under the job name monitoring/rules/alerts.yaml matches).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import yaml
 
@@ -75,6 +80,21 @@ def pod_target_groups(pods: list[dict]) -> list[dict]:
         port = (meta.get("annotations") or {}).get("prometheus.io/port", "80")
         groups.append({"targets": [f"{ip}:{port}"], "labels": labels})
     return groups
+
+
+def static_scrape_config(
+    job_name: str, targets: list[str], scrape_interval: str = "1s", honor_labels: bool = True
+) -> dict:
+    """A scrape job of fixed `host:port` targets (for `LocalPrometheus(extra_scrape_configs=...)`).
+    `honor_labels` keeps the target's own `namespace` and `job_name` labels, as the README's
+    example for the operator's metrics does."""
+    return {
+        "job_name": job_name,
+        "honor_labels": honor_labels,
+        "scrape_interval": scrape_interval,
+        "scrape_timeout": scrape_timeout(scrape_interval),
+        "static_configs": [{"targets": list(targets)}],
+    }
 
 
 class _PodDiscovery:
@@ -126,14 +146,29 @@ class LocalPrometheus:
     """Debian's Prometheus, scraping pods found through a (local) kube-apiserver."""
 
     def __init__(
-        self, api_server_url: str, token: str, ca_or_insecure: Optional[str], workdir, scrape_interval: str = "1s"
+        self,
+        api_server_url: str,
+        token: str,
+        ca_or_insecure: Optional[str],
+        workdir,
+        scrape_interval: str = "1s",
+        *,
+        evaluation_interval: Optional[str] = None,
+        rule_files: Sequence[Union[str, Path]] = (),
+        extra_scrape_configs: Sequence[dict] = (),
     ):
-        """`ca_or_insecure`: the apiserver's CA file, or None to skip TLS verification."""
+        """`ca_or_insecure`: the apiserver's CA file, or None to skip TLS verification.
+        `rule_files`: Prometheus rule files to load (read where they are), evaluated every
+        `evaluation_interval` (default: the scrape interval); `extra_scrape_configs`: scrape
+        jobs besides the pods' (see `static_scrape_config`)."""
         self.api_server_url = api_server_url
         self.token = token
         self.ca_file = ca_or_insecure
         self.workdir = Path(workdir)
         self.scrape_interval = scrape_interval
+        self.evaluation_interval = evaluation_interval or scrape_interval
+        self.rule_files = [Path(path).resolve() for path in rule_files]
+        self.extra_scrape_configs = [dict(config) for config in extra_scrape_configs]
         self.port: Optional[int] = None
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
@@ -162,9 +197,11 @@ class LocalPrometheus:
             "relabel_configs": relabel_configs(),
         }
         config = {
-            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
-            "scrape_configs": [job],
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.evaluation_interval},
         }
+        if self.rule_files:
+            config["rule_files"] = [str(path) for path in self.rule_files]
+        config["scrape_configs"] = [job, *self.extra_scrape_configs]
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
