@@ -5,7 +5,7 @@
                         [--prometheus-url URL] [--standalone] [--peering NAME] [--verbose]
                         [--no-network-policies] [--prometheus-namespaces NS,KEY=VALUE,...]
                         [--policy-file PATH] [--no-allocator] [--allocator-interval-seconds S]
-                        [--gpu-budget N]
+                        [--gpu-budget N] [--api-threads N] [--api-qps QPS] [--api-burst N]
 
 Credentials: in a pod, the ServiceAccount; elsewhere `KUBECONFIG` (or ~/.kube/config),
 through the Kubernetes client, for kopf and for the operator's own calls alike.
@@ -13,6 +13,11 @@ through the Kubernetes client, for kopf and for the operator's own calls alike.
 Admin policy: `--policy-file` names a YAML or JSON file of `api.policy.AdminPolicy`
 settings (the chart renders its `policy:` values into one); without it the defaults
 apply. An unreadable or invalid file stops the command with exit status 2.
+
+API load: the operator's own requests (`reconcile/kube.py`) share one client-side rate limit,
+`--api-qps` per second with bursts of `--api-burst` (like kube-controller-manager's
+`--kube-api-qps`/`--kube-api-burst`; 0 QPS: unlimited), and a 429 is retried after its
+Retry-After. kopf's watches and bookkeeping patches are outside it (docs/architecture.md).
 
 Peering (docs/reliability.md, row 6): unless `--standalone`, replicas elect one active operator
 through kopf's peering objects (`crds/kopf-peering.yaml`): a `KopfPeering` named
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +40,7 @@ from typing import Optional
 
 from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, InvalidPolicy, parse_policy
 from lepton_operator.reconcile.isolation import namespace_list
-from lepton_operator.reconcile.kube import DEFAULT_API_THREADS
+from lepton_operator.reconcile.kube import DEFAULT_API_BURST, DEFAULT_API_QPS, DEFAULT_API_THREADS
 
 DEFAULT_PEERING = "lepton-operator"
 
@@ -52,6 +58,14 @@ def _at_least(minimum: float, kind=float):
         return value
 
     return parse
+
+
+def _qps(text: str) -> float:
+    """An argparse type: requests per second, a finite number >= 0 (0: unlimited)."""
+    value = _at_least(0.0)(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def add_parser(subparsers) -> None:
@@ -155,6 +169,23 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_API_THREADS,
         help="threads (and pooled connections) for API and Prometheus calls",
     )
+    p.add_argument(
+        "--api-qps",
+        type=_qps,
+        default=DEFAULT_API_QPS,
+        metavar="QPS",
+        help="the operator's own API requests per second, averaged (0: unlimited; default "
+        f"{DEFAULT_API_QPS:g}: keeps ~1,000 idle jobs resynced (~3 requests per job per minute) and starts "
+        "100 jobs of 8 workers, ~2,000 requests, in ~40 s; like kube-controller-manager's --kube-api-qps)",
+    )
+    p.add_argument(
+        "--api-burst",
+        type=_at_least(1, int),
+        default=DEFAULT_API_BURST,
+        metavar="N",
+        help="the most API requests sent at once after a quiet spell, the bucket's size (at least 1; default "
+        f"{DEFAULT_API_BURST}: about 5 jobs' start, ~20 requests each; like --kube-api-burst)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=run)
 
@@ -257,6 +288,7 @@ def run(args) -> int:
     from lepton_operator.reconcile.config import OperatorConfig
     from lepton_operator.reconcile.context import OperatorContext
     from lepton_operator.reconcile.kube import Kube, api_client_from_environment
+    from lepton_operator.reconcile.ratelimit import TokenBucket
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -284,6 +316,8 @@ def run(args) -> int:
         handlers.watch_network_policies()
     clusterwide = bool(args.all_namespaces or not args.namespace)
     api_client = api_client_from_environment(args.api_threads)
+    # One rate limit for the process, shared by every reactor start (supervise restarts).
+    limiter = TokenBucket(args.api_qps, args.api_burst)
 
     @kopf.on.startup()
     async def api_threads(**_) -> None:
@@ -301,7 +335,8 @@ def run(args) -> int:
     logging.getLogger("lepton_operator").info(
         f"starting: {'all namespaces' if clusterwide else 'namespaces ' + ', '.join(args.namespace)}, "
         f"{'standalone' if standalone else 'peering ' + args.peering}, liveness {liveness}, "
-        f"metrics port {args.metrics_port}"
+        f"metrics port {args.metrics_port}, API requests "
+        f"{'unlimited' if limiter.unlimited else f'{args.api_qps:g}/s, burst {args.api_burst}'}"
     )
     logging.getLogger("lepton_operator").info(f"admin policy: {policy.model_dump_json(by_alias=True)}")
     logging.getLogger("lepton_operator").info(
@@ -320,7 +355,7 @@ def run(args) -> int:
             liveness_endpoint=liveness,
             clusterwide=clusterwide,
             namespaces=args.namespace,
-            memo=OperatorContext(kube=Kube(api_client), config=config),
+            memo=OperatorContext(kube=Kube(api_client, limiter), config=config),
         )
 
     supervise.run_until_stopped(

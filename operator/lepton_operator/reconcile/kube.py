@@ -12,28 +12,63 @@ Error mapping (docs/style.md, house rule 4):
   success too (the name now belongs to another object, ours is gone).
 - 409 Conflict on the status write (resourceVersion precondition): `Conflict`, redo the pass.
 - 400/403/422: `PermanentApiError` with the server's message (RBAC, admission, schema).
-- anything else (5xx, 429, connection trouble, timeouts): `TransientApiError`.
+- 429 Too Many Requests (API Priority and Fairness, max-in-flight): retried here, after the
+  server's `Retry-After` (the header, else the Status body's `details.retryAfterSeconds`,
+  else 1 s; at most 30 s), at most 3 times; then `TransientApiError` like any other.
+- anything else (5xx, connection trouble, timeouts): `TransientApiError`.
+
+Client-side rate limit: every request `Kube` sends, each 429 retry included, first takes a
+token from its limiter (`ratelimit.TokenBucket`, `--api-qps`/`--api-burst`), one limiter for
+the whole process. urllib3's own handling of `Retry-After` is turned off
+(`api_client_for`), so a 429 always comes back here and no retry goes out without a token;
+urllib3 still retries a broken connection of an idempotent request (as before), without one.
+kopf's own requests (watches, its annotation and finalizer patches, `kopf.event` posts) go
+through kopf's aiohttp session and are not limited (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import time
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote
 
 import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from urllib3.util.retry import Retry
 
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from lepton_operator.reconcile.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds: a stuck call must not stall a job's loop
 # Concurrent API calls: the sync client runs in threads (asyncio.to_thread), and asyncio's
 # default executor has only min(32, cores + 4) of them, which serialised many jobs'
 # passes behind each other (benchmarks/RESULTS.md).
 DEFAULT_API_THREADS = 32
+# The client-side rate limit (`--api-qps`, `--api-burst`; README "Install on a real cluster").
+# While 100 jobs of 8 workers start, the operator sends ~20 requests per job (~2,000 in all,
+# benchmarks/RESULTS.md); idle, about 3 per job per minute (a GET at each 30 s resync, a pod
+# re-list every 60 s; the benchmark's 35 s idle window saw 1.7). 50/s sustains the idle load of
+# ~1,000 jobs and sends that 100-job wave in ~40 s, still sooner than
+# kube-controller-manager's Job controller at its default 20/s (55 s in the same benchmark);
+# a burst of 100 lets about 5 jobs start without any wait. kube-scheduler's defaults are the same.
+DEFAULT_API_QPS = 50.0
+DEFAULT_API_BURST = 100
+# 429 Too Many Requests: retries after the server's Retry-After, then TransientApiError.
+RETRIES_ON_429 = 3
+DEFAULT_RETRY_AFTER = 1.0  # seconds, when the server names none
+MAX_RETRY_AFTER = 30.0  # seconds: a longer wait is the pass's backoff's business
+# urllib3's default (3 retries of a broken connection, idempotent methods only) without its
+# own status retries and Retry-After sleeps: a 429 must come back to `Kube.request`, which
+# takes a token for every attempt.
+URLLIB3_RETRIES = Retry(3, status_forcelist=None, respect_retry_after_header=False)
 
 _PATHS = {
     "Pod": "/api/v1/namespaces/{ns}/pods",
@@ -66,9 +101,17 @@ class Conflict(TransientApiError):
     """The object changed since it was read: read again and redo the pass."""
 
 
+def api_client_for(configuration: client.Configuration, pool_size: int = DEFAULT_API_THREADS) -> client.ApiClient:
+    """An ApiClient for `Kube`: a connection pool as large as the number of threads using it,
+    and urllib3 leaving 429s to `Kube.request` (URLLIB3_RETRIES)."""
+    configuration.connection_pool_maxsize = pool_size
+    configuration.retries = URLLIB3_RETRIES
+    return client.ApiClient(configuration)
+
+
 def api_client_from_environment(pool_size: int = DEFAULT_API_THREADS) -> client.ApiClient:
     """A Kubernetes ApiClient from the in-cluster ServiceAccount or KUBECONFIG (or
-    ~/.kube/config), with a connection pool as large as the number of threads using it."""
+    ~/.kube/config), made by `api_client_for`."""
     from kubernetes import config
 
     configuration = client.Configuration()
@@ -76,8 +119,7 @@ def api_client_from_environment(pool_size: int = DEFAULT_API_THREADS) -> client.
         config.load_incluster_config(client_configuration=configuration)
     else:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-    configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
+    return api_client_for(configuration, pool_size)
 
 
 def _server_message(e: ApiException) -> str:
@@ -93,6 +135,25 @@ def _not_found_name(e: ApiException) -> Optional[str]:
         return (json.loads(e.body).get("details") or {}).get("name")
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def retry_after(e: ApiException) -> float:
+    """Seconds a 429 asks the client to wait: the `Retry-After` header (seconds), else the
+    Status body's `details.retryAfterSeconds`, else DEFAULT_RETRY_AFTER; at most MAX_RETRY_AFTER."""
+    seconds = None
+    header = (e.headers or {}).get("Retry-After")
+    try:
+        seconds = float(header) if header is not None else None
+    except (TypeError, ValueError):
+        pass  # an HTTP-date: the apiserver sends seconds, so the body or the default will do
+    if seconds is None:
+        try:
+            seconds = float((json.loads(e.body).get("details") or {})["retryAfterSeconds"])
+        except (TypeError, ValueError, AttributeError, KeyError):
+            pass
+    if seconds is None or not math.isfinite(seconds):
+        seconds = DEFAULT_RETRY_AFTER
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _error(e: Exception, what: str) -> ApiError:
@@ -113,8 +174,17 @@ def _now() -> str:
 class Kube:
     """JSON-in, JSON-out access to what the operator reads and writes."""
 
-    def __init__(self, api_client: client.ApiClient):
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        limiter: Optional[TokenBucket] = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        """`limiter`: the process's one client-side rate limit (None: unlimited); build the
+        ApiClient with `api_client_for`. `sleep` waits out a 429's Retry-After (tests)."""
         self.api = api_client
+        self.limiter = limiter
+        self._sleep = sleep
         self._policy_version: Optional[str] = None
 
     def policy_version(self) -> str:
@@ -132,22 +202,34 @@ class Kube:
         return template.format(ns=quote(namespace))
 
     def request(self, method: str, path: str, body=None, query=None, content_type: Optional[str] = None) -> dict:
+        """One API call: a token from the limiter before each attempt, a 429 retried after its
+        Retry-After (at most RETRIES_ON_429 times); raises ApiException on any other failure
+        status, or on a 429 once the retries are spent."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
-        params = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api.call_api(*params, _request_timeout=REQUEST_TIMEOUT)
-        response.read()
-        if not 200 <= response.status < 300:
-            raise ApiException(http_resp=response)
-        return json.loads(response.data) if response.data else {}
+        for attempt in range(RETRIES_ON_429 + 1):
+            params = self.api.param_serialize(
+                method=method,
+                resource_path=path,
+                query_params=list((query or {}).items()),
+                header_params=dict(headers),
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            if self.limiter is not None:
+                self.limiter.acquire()
+            response = self.api.call_api(*params, _request_timeout=REQUEST_TIMEOUT)
+            response.read()
+            if 200 <= response.status < 300:
+                return json.loads(response.data) if response.data else {}
+            error = ApiException(http_resp=response)
+            if response.status != 429 or attempt == RETRIES_ON_429:
+                raise error
+            wait = retry_after(error)
+            log.debug(f"{method} {path}: 429 Too Many Requests, retry {attempt + 1} in {wait:g} s")
+            self._sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _call(self, what: str, method: str, path: str, **kwargs) -> dict:
         try:
