@@ -135,7 +135,11 @@ def running_status(world_size=2, measured=True) -> LeptonJobStatus:
     if measured:
         observations.append(
             Observation(
-                world_size=world_size, throughput=190.0, measured_at=NOW - timedelta(seconds=30), window_seconds=300
+                world_size=world_size,
+                throughput=190.0,
+                measured_at=NOW - timedelta(seconds=30),
+                window_seconds=300,
+                comm_fraction=0.2,
             )
         )
     return parse_status(
@@ -156,7 +160,10 @@ def test_job_state_carries_measurements_progress_and_whether_it_can_be_resized_n
     assert (state.key, state.min, state.max, state.step, state.floor, state.priority) == ("ns/job", 1, 4, 2, 0.3, 7)
     assert state.admitted and state.current == 2 and state.held_gpus == 2 and not state.busy
     assert state.remaining_samples == 5e6
-    assert [(m.world_size, m.window_seconds) for m in state.measurements] == [(1, 60.0), (2, 300.0)]
+    assert [(m.world_size, m.window_seconds, m.comm_fraction) for m in state.measurements] == [
+        (1, 60.0, None),
+        (2, 300.0, 0.2),  # the step time's communication share: the model's split
+    ]
     assert state.measurements[0].age_seconds == pytest.approx(3600)
     assert state.created == pytest.approx(-300) and state.queued_since == pytest.approx(-300)
     # Not measured since this generation started: unsettled (not resized by choice).

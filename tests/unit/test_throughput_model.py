@@ -98,3 +98,91 @@ def test_unusable_measurements_are_ignored():
     assert fit_throughput([Measurement(2, float("nan")), Measurement(2, 0.0), Measurement(2, -5.0)]) is None
     model = fit_throughput([Measurement(2, float("inf")), Measurement(2, 100.0)])
     assert model.predict(2) == pytest.approx(100.0)
+
+
+# ----- communication measured (issue 14) -------------------------------------------------
+
+# Seconds per sample at n workers: compute A/n, communication B + C*n (a ring all-reduce:
+# bandwidth part about constant, latency part linear), so a peak near sqrt(A/C) = 5.
+A, B, C = 1.0, 0.05, 0.04
+
+
+def comm_curve(n: int) -> float:
+    return 100.0 / (A / n + B + C * n)
+
+
+def comm_fraction(n: int) -> float:
+    return (B + C * n) / (A / n + B + C * n)
+
+
+def _measured(sizes, split=True, noise=0.0, seed=0, repeats=1):
+    rng = random.Random(seed)
+    return [
+        Measurement(
+            n,
+            comm_curve(n) * (1 + rng.uniform(-noise, noise)),
+            age_seconds=60.0 * i,
+            window_seconds=120,
+            comm_fraction=comm_fraction(n) * (1 + rng.uniform(-noise, noise)) if split else None,
+        )
+        for n in sizes
+        for i in range(repeats)
+    ]
+
+
+def test_with_communication_measured_two_sizes_predict_unmeasured_ones():
+    model = fit_throughput(_measured((1, 2)))
+    for n in (4, 8):
+        assert model.predict(n) == pytest.approx(comm_curve(n), rel=0.10), n
+    assert model.c > 0 and model.comm_sizes == (1, 2)
+    assert "communication measured at 1,2" in model.describe()
+    # The peak is where the truth has it, though no measured size is past it.
+    assert max(range(1, 17), key=model.predict) == 5
+
+
+def test_without_the_split_the_same_two_sizes_do_not_and_need_a_third():
+    two = fit_throughput(_measured((1, 2), split=False))
+    assert two.c == 0  # Amdahl's law: two sizes, two terms
+    for n in (4, 8):
+        assert abs(two.predict(n) / comm_curve(n) - 1) > 0.10, n
+    # Throughput alone needs one more measured size for the same prediction.
+    three = fit_throughput(_measured((1, 2, 4), split=False))
+    assert three.predict(8) == pytest.approx(comm_curve(8), rel=0.10)
+
+
+def test_the_split_fit_holds_with_noise():
+    model = fit_throughput(_measured((1, 2), noise=0.05, seed=3, repeats=6))
+    for n in (4, 8):
+        assert model.predict(n) == pytest.approx(comm_curve(n), rel=0.10), n
+
+
+def test_one_size_with_the_split_takes_communication_as_constant():
+    model = fit_throughput(_measured((2,)))
+    assert model.c == 0
+    assert model.predict(2) == pytest.approx(comm_curve(2))
+    # Compute shared by more workers, communication as at 2: below linear scaling.
+    assert comm_curve(2) < model.predict(4) < 2 * comm_curve(2)
+
+
+def test_a_size_without_communication_constrains_compute_only():
+    """One pod of one rank runs no collective (fraction 0); from 2 on a bandwidth-bound ring."""
+
+    def truth(n):
+        return 100.0 / (A / n + (0.1 if n > 1 else 0.0))
+
+    data = [Measurement(1, truth(1), comm_fraction=0.0), Measurement(2, truth(2), comm_fraction=0.1 / (A / 2 + 0.1))]
+    model = fit_throughput(data)
+    assert model.comm_from == 2
+    for n in (1, 2, 4, 8):
+        assert model.predict(n) == pytest.approx(truth(n), rel=1e-6), n
+
+
+def test_mixed_and_unusable_fractions():
+    # Measurements from before the trainer exported the split still count, as totals.
+    data = _measured((1, 2)) + [Measurement(4, comm_curve(4))]
+    model = fit_throughput(data)
+    assert model.predict(8) == pytest.approx(comm_curve(8), rel=0.05)
+    # A fraction outside [0, 1) or not finite is no split: the plain fit.
+    for bad in (float("nan"), -0.1, 1.0, 2.0):
+        plain = fit_throughput([Measurement(n, comm_curve(n), comm_fraction=bad) for n in (1, 2)])
+        assert plain.comm_sizes == () and plain.c == 0

@@ -15,7 +15,7 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class TrainerMetrics:
     """The trainer's collectors, in their own registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, comm: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.samples = Counter(
             "lepton_trainer_samples", "Samples processed by this pod (all its ranks)", registry=self.registry
@@ -47,6 +47,32 @@ class TrainerMetrics:
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
+        self.compute_seconds: Histogram | None = None
+        self.comm_seconds: Histogram | None = None
+        self.allreduce_seconds: Histogram | None = None
+        if comm:
+            # Registered only when measured (real training, no --pace-curve): a series that
+            # is absent tells the operator "no split", where zeros would claim "no comm".
+            self.compute_seconds = Histogram(
+                "lepton_trainer_compute_seconds",
+                "Per global step: forward, backward compute and optimizer time, exposed communication excluded",
+                buckets=STEP_BUCKETS,
+                registry=self.registry,
+            )
+            self.comm_seconds = Histogram(
+                "lepton_trainer_comm_seconds",
+                "Per global step: exposed communication, i.e. the wait for the gradient all-reduce after "
+                "backward's compute was done plus the step's stats all-reduce",
+                buckets=STEP_BUCKETS,
+                registry=self.registry,
+            )
+            self.allreduce_seconds = Histogram(
+                "lepton_trainer_allreduce_seconds",
+                "Per global step: launch-to-completion time of every gradient bucket's all-reduce, summed "
+                "(the part overlapped with backward included)",
+                buckets=STEP_BUCKETS,
+                registry=self.registry,
+            )
         self._server = None
 
     def serve(self, addr: str, port: int) -> None:
@@ -77,3 +103,11 @@ class TrainerMetrics:
         self.steps.inc()
         self.loss.set(loss)
         self.step_seconds.observe(seconds)
+
+    def observe_split(self, compute: float, comm: float, allreduce: float) -> None:
+        """Record one step's split (seconds); nothing unless built with ``comm=True``."""
+        if self.comm_seconds is None:
+            return
+        self.compute_seconds.observe(compute)
+        self.comm_seconds.observe(comm)
+        self.allreduce_seconds.observe(allreduce)

@@ -45,6 +45,7 @@ from .checkpoint import (
     StaleGeneration,
     UnreadableCheckpoints,
 )
+from .comm import CommTimer, StepComm
 from .config import TrainConfig, parse_args
 from .data import ByteBlocks, GlobalSampler, load_corpus, rank_slice
 from .metrics import TrainerMetrics
@@ -139,6 +140,11 @@ class Trainer:
         self.positions_file = None
         self.cuda = torch.cuda.is_available() and not cfg.synthetic
         self.device = torch.device(f"cuda:{env.local_rank}" if self.cuda else "cpu")
+        # The compute/communication split is exported for real training only: a synthetic
+        # step or a --pace-curve sleep is neither, and would pass for compute.
+        self.measure_comm = not cfg.synthetic and not cfg.pace_curve
+        self.comm: CommTimer | None = None
+        self._stats_seconds = 0.0
 
     # ----- setup -------------------------------------------------------------------
 
@@ -172,6 +178,9 @@ class Trainer:
         self.ddp = None
         if dist.is_initialized():
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.env.local_rank] if self.cuda else None)
+            if self.measure_comm:
+                self.comm = CommTimer(cuda=self.cuda)
+                self.comm.register(self.ddp)
 
     def _broadcast(self, values: list[int]) -> list[int]:
         """Rank 0's values on every rank (a tensor: broadcast_object_list needs numpy)."""
@@ -237,7 +246,7 @@ class Trainer:
     def _start_metrics(self) -> None:
         if not self.use_metrics:
             return
-        self.metrics = TrainerMetrics()
+        self.metrics = TrainerMetrics(comm=self.measure_comm)
         self.metrics.set_membership(self.env.nodes, self.env.generation)
         self.metrics.set_run(self.cfg.max_steps * self.cfg.global_batch_size, self.data_position)
         try:
@@ -274,10 +283,15 @@ class Trainer:
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
             # An empty share still runs a zero-weight pass so DDP's all-reduce fires.
             x, y = self.blocks.batch(chunk or [0])
+            timed = sync and self.comm is not None
             with ctx, autocast:
                 loss = (self.ddp or self.model)(x.to(self.device), y.to(self.device))
                 weight = scale if chunk else 0.0
+                if timed:
+                    self.comm.backward_started()
                 (loss * weight).backward()
+                if timed:
+                    self.comm.backward_finished()
             if chunk:
                 total += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -294,8 +308,11 @@ class Trainer:
 
     def _all_reduce_stats(self, loss_sum: float) -> tuple[float, bool]:
         stats = torch.tensor([loss_sum, 1.0 if _STOP["requested"] else 0.0], dtype=torch.float64, device=self.device)
+        self._stats_seconds = 0.0
         if dist.is_initialized():
+            t0 = time.perf_counter()
             dist.all_reduce(stats)
+            self._stats_seconds = time.perf_counter() - t0
         return float(stats[0]) / self.cfg.global_batch_size, bool(stats[1] > 0)
 
     # ----- checkpoint --------------------------------------------------------------
@@ -426,7 +443,10 @@ class Trainer:
                 )
                 self.positions_file.flush()
 
+            t_fn = time.perf_counter()
             loss_sum = step_fn(indices)
+            fn_seconds = time.perf_counter() - t_fn
+            grad_comm = self.comm.take() if self.comm is not None else StepComm()
             # Step and position move together, right after the optimizer step: the state
             # stays consistent.
             self.step += 1
@@ -437,6 +457,13 @@ class Trainer:
             seconds = time.perf_counter() - t0
             if self.metrics is not None:
                 self.metrics.observe_step(node_samples, seconds, loss, self.data_position)
+                # Exposed communication: the gradient all-reduce the step waited for, and
+                # the stats all-reduce; compute: the rest of the step function.
+                self.metrics.observe_split(
+                    compute=max(0.0, fn_seconds - grad_comm.exposed),
+                    comm=grad_comm.exposed + self._stats_seconds,
+                    allreduce=grad_comm.allreduce,
+                )
             if first and env.rank == 0:
                 log(event="first_step", step=self.step, t=f"{time.time():.3f}")
                 first = False

@@ -422,6 +422,13 @@ PRINTER_COLUMNS = [
         "description": "Generations started because workers failed.",
         "priority": 1,
     },
+    {
+        "name": "Comm",
+        "type": "number",
+        "jsonPath": ".status.autoscaling.commFraction",
+        "description": "Fraction of the step time spent waiting on communication (latest measurement).",
+        "priority": 1,
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

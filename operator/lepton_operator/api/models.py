@@ -575,6 +575,15 @@ class Observation(StatusModel):
     throughput: float = Field(description="Samples per second, whole job.", ge=0)
     measured_at: Timestamp = Field(description="When it was measured.")
     window_seconds: Optional[int] = Field(None, description="Seconds of training the rate covers.", ge=1)
+    comm_fraction: Optional[float] = Field(
+        None,
+        description=(
+            "Fraction of the step time spent waiting on communication over the same window "
+            "(absent when the trainer exports no split)."
+        ),
+        ge=0,
+        le=1,
+    )
 
 
 class AllocationStatus(StatusModel):
@@ -620,6 +629,17 @@ class AutoscalingStatus(StatusModel):
     last_decision: Optional[Decision] = Field(None, description="The latest decision.")
     backoff_until: Optional[Timestamp] = Field(
         None, description="No scale-up before this time (after a capacity failure)."
+    )
+    comm_fraction: Optional[float] = Field(
+        None,
+        description=(
+            "Latest measured fraction of the step time the workers spend waiting on communication "
+            "(gradient all-reduce not hidden behind backward, and the per-step stats all-reduce), "
+            "from lepton_trainer_comm_seconds / lepton_trainer_step_seconds; absent when the "
+            "trainer exports no split. The throughput model uses it to separate compute from communication."
+        ),
+        ge=0,
+        le=1,
     )
 
 

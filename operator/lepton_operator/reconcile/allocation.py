@@ -237,6 +237,7 @@ def job_state(
             o.throughput,
             age_seconds=max(0.0, (now - o.measured_at).total_seconds()),
             window_seconds=float(o.window_seconds or auto.window_seconds),
+            comm_fraction=o.comm_fraction,
         )
         for o in status.autoscaling.observations
     )

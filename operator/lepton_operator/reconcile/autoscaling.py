@@ -12,7 +12,11 @@ the job; if so, and the job is Running with no rescale under way, it
    once at least `windowSeconds` have passed;
 2. records it, with its rate window, in `status.autoscaling.observations` (the latest per
    world size and the most recent ones: the allocator fits its model to all of them) and
-   in `status.throughput`; records the trainer's progress (`status.progress`,
+   in `status.throughput`; with it, when the trainer exports the split, the fraction of
+   the step time spent on communication over the same window
+   (`sum(rate(lepton_trainer_comm_seconds_sum)) / sum(rate(lepton_trainer_step_seconds_sum))`)
+   in the observation and in `status.autoscaling.commFraction` (`kubectl get lj -o wide`,
+   COMM); records the trainer's progress (`status.progress`,
    `remainingSamples`, `estimatedCompletionTime`); sets the condition
    `MetricsUnavailable` (True with the error while data is missing, False once back);
 3. with `--no-allocator`, for an elastic job: calls the pure per-job policy
@@ -23,7 +27,7 @@ the job; if so, and the job is Running with no rescale under way, it
 The operator core carries the rescale out (capacity-confirmed scale-up, new generation)
 and sets `status.autoscaling.backoffUntil` after a capacity failure; the policy honours
 it. This module writes only the status fields it owns: `autoscaling.observations`,
-`autoscaling.lastDecision`, `throughput`, the progress fields, and the
+`autoscaling.lastDecision`, `autoscaling.commFraction`, `throughput`, the progress fields, and the
 `MetricsUnavailable` condition (the conditions list is rewritten with only that entry
 changed, and only when it changes).
 
@@ -154,24 +158,34 @@ def plan_autoscale(
     window_seconds: Optional[int] = None,
     progress: Optional[Progress] = None,
     decide_size: bool = True,
+    comm_fraction: Optional[float] = None,
 ) -> AutoscalePlan:
     """One autoscaler pass, pure: record the measurement, decide, say what to write.
 
     `measured` is the throughput of the current generation (a Sample) over
     `window_seconds`, the error that prevented measuring it, or None when the generation
-    is too young to be measured. `progress` is the trainer's position in its run. With
-    `decide_size` False (the cluster allocator decides sizes) it only records.
+    is too young to be measured. `progress` is the trainer's position in its run.
+    `comm_fraction` is the communication fraction of the step time over the same window
+    (None: not exported); it goes with the measurement. With `decide_size` False (the
+    cluster allocator decides sizes) it only records.
     """
     plan = AutoscalePlan()
     auto_patch: dict = {}
     n = status.world_size
     observations = list(status.autoscaling.observations)
     if isinstance(measured, Sample):
+        fraction = None if comm_fraction is None else round(min(1.0, max(0.0, comm_fraction)), 4)
         observation = Observation(
-            world_size=n, throughput=max(0.0, measured.value), measured_at=now, window_seconds=window_seconds
+            world_size=n,
+            throughput=max(0.0, measured.value),
+            measured_at=now,
+            window_seconds=window_seconds,
+            comm_fraction=fraction,
         )
         observations = record_observation(observations, observation)
         auto_patch["observations"] = [o.to_k8s() for o in observations]
+        if fraction is not None or status.autoscaling.comm_fraction is not None:
+            auto_patch["commFraction"] = fraction  # None removes a fraction no longer exported
         plan.status_patch["throughput"] = round(measured.value, 3)
         conditions = _metrics_condition(
             status, False, f"throughput {measured.value:.1f} samples/s at {n} workers", now, observed_generation
@@ -249,6 +263,28 @@ def measure(
         return exc
 
 
+def measure_comm_fraction(
+    client: Optional[PrometheusClient],
+    namespace: str,
+    name: str,
+    measured: Union[Sample, MetricsError, None],
+    generation: int,
+    now: datetime,
+) -> Optional[float]:
+    """The communication fraction over the throughput's window (blocking), or None: no
+    throughput measured, no split exported, or any error (a missing split never holds
+    the autoscaler: the model then fits throughput alone)."""
+    if client is None or not isinstance(measured, Sample) or not measured.window_seconds:
+        return None
+    try:
+        sample = client.comm_fraction(
+            namespace, name, measured.window_seconds, now=now.timestamp(), generation=generation
+        )
+    except MetricsError:
+        return None
+    return None if sample is None else sample.value
+
+
 def read_progress(client: Optional[PrometheusClient], namespace: str, name: str, now: datetime) -> Optional[Progress]:
     """The trainer's position in its run (None when unknown: no metrics, or an outage,
     which the throughput query reports already)."""
@@ -301,6 +337,9 @@ async def autoscale_pass(
         now = datetime.now(timezone.utc)
         client = prometheus_client(ctx.config)
         measured = await asyncio.to_thread(measure, client, namespace, name, job, st, now, memory.reporting_since)
+        comm = await asyncio.to_thread(
+            measure_comm_fraction, client, namespace, name, measured, st.worker_generation, now
+        )
         progress = await asyncio.to_thread(read_progress, client, namespace, name, now)
         plan = plan_autoscale(
             job,
@@ -311,6 +350,7 @@ async def autoscale_pass(
             window_seconds=measured.window_seconds if isinstance(measured, Sample) else None,
             progress=progress,
             decide_size=job.autoscaling.enabled and not ctx.config.allocator,
+            comm_fraction=comm,
         )
         version = body["metadata"]["resourceVersion"]
         if plan.status_patch:

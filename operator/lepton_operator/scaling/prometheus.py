@@ -41,6 +41,9 @@ SAMPLES_METRIC = "lepton_trainer_samples_total"
 WORLD_SIZE_METRIC = "lepton_trainer_world_size"
 TRAINED_SAMPLES_METRIC = "lepton_trainer_trained_samples"
 TARGET_SAMPLES_METRIC = "lepton_trainer_target_samples"
+# Histograms: the queries read their `_sum` series (seconds).
+STEP_SECONDS_METRIC = "lepton_trainer_step_seconds"
+COMM_SECONDS_METRIC = "lepton_trainer_comm_seconds"
 MAX_RESPONSE_BYTES = 1024 * 1024
 
 
@@ -106,6 +109,19 @@ def throughput_query(namespace: str, job_name: str, window_seconds: int, generat
     if window <= 0:
         raise ValueError("window_seconds must be positive")
     return f"sum(rate({selector(SAMPLES_METRIC, namespace, job_name, generation)}[{window}s]))"
+
+
+def comm_fraction_query(namespace: str, job_name: str, window_seconds: int, generation: Optional[int] = None) -> str:
+    """The fraction of the job's step time spent on exposed communication over the window:
+    `sum(rate(lepton_trainer_comm_seconds_sum{...}[<w>s])) / sum(rate(lepton_trainer_step_seconds_sum{...}[<w>s]))`.
+
+    Empty when the trainer exports no split (another image, a synthetic or paced run)."""
+    window = int(window_seconds)
+    if window <= 0:
+        raise ValueError("window_seconds must be positive")
+    comm = selector(COMM_SECONDS_METRIC + "_sum", namespace, job_name, generation)
+    step = selector(STEP_SECONDS_METRIC + "_sum", namespace, job_name, generation)
+    return f"sum(rate({comm}[{window}s])) / sum(rate({step}[{window}s]))"
 
 
 def progress_query(namespace: str, job_name: str, window_seconds: int, generation: int) -> str:
@@ -294,6 +310,20 @@ class PrometheusClient:
         sample = self.query_scalar(throughput_query(namespace, job_name, window_seconds, generation), now)
         if sample.value < 0:
             raise MetricsError("malformed", f"negative throughput {sample.value}")
+        return sample
+
+    def comm_fraction(
+        self, namespace: str, job_name: str, window_seconds: int, now: float, generation: Optional[int] = None
+    ) -> Optional[Sample]:
+        """The job's communication fraction of step time over the window, in [0, 1];
+        None when the trainer exports no communication split. A value outside [0, 1] is
+        malformed (communication is a part of the step); no step time in the window is
+        `nan`."""
+        sample = self._scalar_or_none(comm_fraction_query(namespace, job_name, window_seconds, generation), now)
+        if sample is None:
+            return None
+        if not 0.0 <= sample.value <= 1.0:
+            raise MetricsError("malformed", f"communication fraction {sample.value} outside [0, 1]")
         return sample
 
     def reporting_workers(self, namespace: str, job_name: str, now: float, generation: Optional[int] = None) -> int:

@@ -18,6 +18,25 @@ old measurements fade, the model follows a job whose speed changed), divided by 
 noise is relative). A model has no more free parameters than the job has measured sizes:
 one size measured gives linear scaling (the optimistic guess), two give Amdahl's law.
 
+**Communication measured.** When the trainer exports the split of its step time
+(`Measurement.comm_fraction`: the fraction of the step spent waiting on communication,
+see trainer_image/README.md), each measurement gives two equations instead of one:
+
+    compute(n) = (1 - f) s(n) = a / n + b_p           (the work the workers share)
+    comm(n)    =      f  s(n) = b_c + c * n           (the all-reduce)
+
+and `b = b_p + b_c`. The communication term follows a ring all-reduce of M bytes over n
+workers, `2 (n-1)/n * M / bandwidth + 2 (n-1) * latency`: the bandwidth part is almost
+constant in n (between 1x and 2x M/bandwidth from n = 2 on: `b_c`), the latency part
+grows linearly (`c * n`). So two measured sizes with the split determine all four terms
+(compute from two points, communication from two points), where throughput alone needs a
+third size to tell the `c * n` that makes a peak from the constant; with one size, the
+compute scales linearly and the communication is taken as constant (bandwidth-bound).
+A measurement with `f == 0` is a size without communication (one pod of one rank: no
+collective at all): it constrains the compute only, and sizes below the smallest one that
+communicates are predicted without the communication terms (`comm_from`). A fit with no
+split at all is the plain one above, unchanged.
+
 Predictions carry an uncertainty: the weighted relative residual of the fit (at least
 `MIN_RELATIVE_SIGMA`), growing with each doubling beyond the measured sizes, much faster
 when only one size has been measured (then the model is an assumption, not a fit).
@@ -48,6 +67,15 @@ class Measurement:
     throughput: float
     age_seconds: float = 0.0
     window_seconds: float = 60.0
+    comm_fraction: Optional[float] = None
+    """Fraction of the step time spent on (exposed) communication, in [0, 1); None: not measured."""
+
+    def split(self) -> Optional[float]:
+        """The communication fraction when usable (finite, in [0, 1)), else None."""
+        f = self.comm_fraction
+        if f is None or not math.isfinite(f) or f < 0 or f >= 1:
+            return None
+        return f
 
 
 @dataclass(frozen=True)
@@ -60,12 +88,21 @@ class ThroughputModel:
     sizes: tuple[int, ...]
     """Distinct world sizes measured, ascending."""
     relative_sigma: float
+    comm_b: float = 0.0
+    """The part of `b` that is communication (`b_c`; 0 unless fitted with the split)."""
+    comm_from: int = 1
+    """Smallest size that communicates: below it `b_c` and `c * n` are left out."""
+    comm_sizes: tuple[int, ...] = ()
+    """Distinct sizes whose communication was measured (with a fraction above 0)."""
 
     def predict(self, n: int) -> float:
         """Expected throughput (samples/s) at n workers."""
         if n <= 0:
             return 0.0
-        seconds = self.a / n + self.b + self.c * n
+        if n < self.comm_from:
+            seconds = self.a / n + self.b - self.comm_b
+        else:
+            seconds = self.a / n + self.b + self.c * n
         return 1.0 / seconds if seconds > 0 else math.inf
 
     def sigma(self, n: int) -> float:
@@ -83,8 +120,9 @@ class ThroughputModel:
             return f"one size measured ({self.sizes[0]}), linear scaling assumed"
         serial = self.b / (self.a + self.b + self.c) if self.a + self.b + self.c > 0 else 0.0
         peak = f", peak near {math.sqrt(self.a / self.c):.1f} workers" if self.c > 0 and self.a > 0 else ""
+        comm = f", communication measured at {','.join(map(str, self.comm_sizes))}" if self.comm_sizes else ""
         return (
-            f"fitted on sizes {','.join(map(str, self.sizes))}: "
+            f"fitted on sizes {','.join(map(str, self.sizes))}{comm}: "
             f"serial fraction {serial:.2f}{peak}, noise {self.relative_sigma:.0%}"
         )
 
@@ -106,16 +144,29 @@ def _solve(matrix: list[list[float]], vector: list[float]) -> Optional[list[floa
     return [m[i][n] / m[i][i] for i in range(n)]
 
 
-def _features(n: int) -> tuple[float, float, float]:
-    return (1.0 / n, 1.0, float(n))
+# The terms of the fit: a/n, b_p, b_c, c*n (b = b_p + b_c; see the module docstring).
+_A, _BP, _BC, _C = range(4)
+
+
+def _total(n: int) -> tuple[float, ...]:
+    return (1.0 / n, 1.0, 1.0, float(n))
+
+
+def _compute(n: int) -> tuple[float, ...]:
+    return (1.0 / n, 1.0, 0.0, 0.0)
+
+
+def _comm(n: int) -> tuple[float, ...]:
+    return (0.0, 0.0, 1.0, float(n))
 
 
 def fit_throughput(measurements: Iterable[Measurement]) -> Optional[ThroughputModel]:
     """The model fitted to every usable measurement; None when there is none.
 
     Non-negative least squares by trying every subset of the allowed terms (at most
-    three terms, so seven subsets) and keeping the best fit whose coefficients are all
-    non-negative: exact, and simple enough to read.
+    four terms with the communication split, three without, so at most fifteen subsets)
+    and keeping the best fit whose coefficients are all non-negative: exact, and simple
+    enough to read.
     """
     points = [
         m
@@ -125,40 +176,64 @@ def fit_throughput(measurements: Iterable[Measurement]) -> Optional[ThroughputMo
     if not points:
         return None
     sizes = tuple(sorted({m.world_size for m in points}))
-    # (features, seconds per sample, fit weight, plain weight) per measurement.
+    comm_sizes = tuple(sorted({m.world_size for m in points if (m.split() or 0.0) > 0}))
+    silent = {m.world_size for m in points if m.split() == 0.0} - set(comm_sizes)
+    # Equations (features, seconds per sample, fit weight): one per measurement, or two
+    # with the split (compute and communication); `plain` (window and recency) per measurement.
     rows = []
+    plains = []
     for m in points:
         y = 1.0 / m.throughput
         plain = m.window_seconds * 0.5 ** (max(0.0, m.age_seconds) / HALF_LIFE_SECONDS)
-        rows.append((_features(m.world_size), y, plain / (y * y), plain))
-    # As many terms as measured sizes: a/n first (linear scaling), then b, then c*n.
-    allowed = (0, 1, 2)[: min(3, len(sizes))]
+        plains.append(plain)
+        weight = plain / (y * y)  # errors relative to the whole step, for every equation
+        f = m.split()
+        if f is None:
+            rows.append((_total(m.world_size), y, weight))
+        elif f == 0.0:
+            rows.append((_compute(m.world_size), y, weight))
+        else:
+            rows.append((_compute(m.world_size), (1.0 - f) * y, weight))
+            rows.append((_comm(m.world_size), f * y, weight))
+    if len(comm_sizes) == 0 and not silent:
+        # No split: as many terms as measured sizes, a/n first (linear scaling), then b, then c*n.
+        allowed = (_A, _BP, _C)[: min(3, len(sizes))]
+    else:
+        allowed = [_A]
+        if len(sizes) >= 2:
+            allowed.append(_BP)
+        if comm_sizes:
+            allowed.append(_BC)
+        if len(comm_sizes) >= 2 or len(sizes) >= 3:
+            allowed.append(_C)
     best: Optional[tuple[float, list[float]]] = None
     for k in range(1, len(allowed) + 1):
         for subset in combinations(allowed, k):
-            normal = [[sum(w * f[i] * f[j] for f, _, w, _ in rows) for j in subset] for i in subset]
-            rhs = [sum(w * f[i] * y for f, y, w, _ in rows) for i in subset]
+            normal = [[sum(w * f[i] * f[j] for f, _, w in rows) for j in subset] for i in subset]
+            rhs = [sum(w * f[i] * y for f, y, w in rows) for i in subset]
             coef = _solve(normal, rhs)
             if coef is None or any(c < 0 for c in coef):
                 continue
-            full = [0.0, 0.0, 0.0]
+            full = [0.0, 0.0, 0.0, 0.0]
             for i, c in dict(zip(subset, coef, strict=True)).items():
                 full[i] = c
-            sse = sum(w * (y - f[0] * full[0] - f[1] * full[1] - f[2] * full[2]) ** 2 for f, y, w, _ in rows)
+            sse = sum(w * (y - sum(fi * ci for fi, ci in zip(f, full, strict=True))) ** 2 for f, y, w in rows)
             if best is None or sse < best[0] - 1e-18:
                 best = (sse, full)
     if best is None or sum(best[1]) <= 0:
         # Nothing non-negative fits (cannot happen with a/n alone unless all weights vanish).
         mean = sum(m.throughput / m.world_size for m in points) / len(points)
-        best = (0.0, [1.0 / mean, 0.0, 0.0])
-    a, b, c = best[1]
-    model = ThroughputModel(a, b, c, sizes, MIN_RELATIVE_SIGMA)
-    # Relative residuals, weighted by window and recency only.
-    total = sum(r[3] for r in rows)
+        best = (0.0, [1.0 / mean, 0.0, 0.0, 0.0])
+    a, bp, bc, c = best[1]
+    b = bp + bc
+    comm_from = min(comm_sizes) if comm_sizes and silent and max(silent) < min(comm_sizes) else 1
+    extra = {"comm_b": bc, "comm_from": comm_from, "comm_sizes": comm_sizes}
+    model = ThroughputModel(a, b, c, sizes, MIN_RELATIVE_SIGMA, **extra)
+    # Relative residuals of the whole step, weighted by window and recency only.
+    total = sum(plains)
     residual = sum(
-        plain * (model.predict(m.world_size) / m.throughput - 1.0) ** 2
-        for m, (_, _, _, plain) in zip(points, rows, strict=True)
+        plain * (model.predict(m.world_size) / m.throughput - 1.0) ** 2 for m, plain in zip(points, plains, strict=True)
     )
     dof = max(1, len(points) - len([x for x in best[1] if x > 0]))
     sigma = math.sqrt(residual / total * len(points) / dof) if total > 0 else 0.0
-    return ThroughputModel(a, b, c, sizes, max(MIN_RELATIVE_SIGMA, sigma))
+    return ThroughputModel(a, b, c, sizes, max(MIN_RELATIVE_SIGMA, sigma), **extra)
