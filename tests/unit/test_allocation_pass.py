@@ -251,3 +251,56 @@ def test_progress_patch_gives_fraction_remaining_and_eta():
     assert patch == {"progress": 0.25, "remainingSamples": 7500, "estimatedCompletionTime": "2026-03-01T12:01:15Z"}
     assert progress_patch(None, 100.0, NOW) == {}
     assert "estimatedCompletionTime" not in progress_patch(Progress(done=1, target=2), None, NOW)
+
+
+# ------------------------------------------------------- placement Pack (issue 14)
+
+RACK = "example.com/rack"
+
+
+def racks():
+    """Two racks of two 8-GPU nodes, and a node in no rack."""
+    return [node(f"{r}-{i}", labels={RACK: r}) for r in "ab" for i in range(2)] + [node("loose")]
+
+
+def pack(elastic=True, **overrides):
+    body = {"placement": {"topologyKey": RACK, "mode": "Pack"}, "resources": {"gpus": 4}}
+    body["autoscaling"] = {"enabled": elastic}
+    body.update(overrides)
+    return spec(**body)
+
+
+def test_a_pack_job_is_limited_to_the_gpus_its_largest_rack_has_free_in_whole_workers():
+    pods = [
+        pod("other", 8, node_name="a-0"),  # rack a: only a-1 is free (2 workers)
+        pod("ns", 4, node_name="b-0", job="neighbour"),  # another job's worker holds half of b-0
+        pod("ns", 4, node_name="b-1", job="job"),  # the job's own worker counts as room for it
+    ]
+    specs = {("ns", "job"): pack(), ("ns", "neighbour"): spec()}
+    view = capacity_view(racks(), pods, specs)
+    # rack b: 1 worker on b-0 + 2 on b-1 = 12 GPUs; the 8 free GPUs of "loose" are in no rack.
+    assert view.gpu_limits == {("ns", "job"): 12}
+    assert view.capacity.total == 40 - 8  # the cluster's capacity is unchanged by the limit
+
+
+def test_a_pack_job_whose_gang_fits_no_single_rack_gets_no_limit():
+    empty = capacity_view(racks(), [], {("ns", "wide"): pack(workers={"min": 5, "max": 8})})
+    assert empty.gpu_limits == {}  # 5 x 4 GPUs > 16: it takes the fewest racks instead
+    # A fixed job's gang is its size.
+    fixed = {("ns", "f5"): pack(False, workers={"min": 1, "max": 8, "initial": 5})}
+    assert capacity_view(racks(), [], fixed).gpu_limits == {}
+    fixed = {("ns", "f3"): pack(False, workers={"min": 1, "max": 8, "initial": 3})}
+    assert capacity_view(racks(), [], fixed).gpu_limits == {("ns", "f3"): 16}
+
+
+def test_only_pack_jobs_with_gpus_get_a_limit_and_the_job_state_carries_it():
+    specs = {
+        ("ns", "spread"): spec(placement={"topologyKey": RACK, "mode": "Spread"}),
+        ("ns", "cpu"): pack(resources={"gpus": 0}),
+        ("ns", "plain"): spec(),
+        ("ns", "pinned"): pack(nodeSelector={"rack": "none"}),  # no node fits: no rack, no limit
+    }
+    assert capacity_view(racks(), [], specs).gpu_limits == {}
+    state = job_state(("ns", "job"), body(), pack(), running_status(), 8, None, 0, NOW, gpu_limit=12)
+    assert state.gpu_limit == 12
+    assert job_state(("ns", "job"), body(), pack(), running_status(), 8, None, 0, NOW).gpu_limit is None

@@ -424,3 +424,26 @@ def test_an_unmeasured_newcomer_starts_at_its_requested_size_when_it_fits():
     new = queued("n", 10.0, min=1, max=8, requested=4)
     result = allocate([a, new], Capacity(16), 20.0)
     assert result["n"].admitted and result["n"].target == 4
+
+
+# ------------------------------------------------------- placement Pack (issue 14)
+
+
+def test_a_pack_job_grows_no_further_than_its_largest_topology_domain():
+    job = running("a", amdahl(0.0), 2, gpu_limit=8)
+    result = allocate([job], Capacity(32), 0.0)["a"]
+    assert result.target == 8
+    assert "placement Pack" in result.why_not_more and "8 GPUs" in result.why_not_more
+    assert allocate([replace(job, gpu_limit=None)], Capacity(32), 0.0)["a"].target == 16
+
+
+def test_the_pack_limit_never_shrinks_a_running_job():
+    # It runs 12 workers (spread over domains when it started): the limit stops growth only.
+    job = running("a", amdahl(0.0), 12, gpu_limit=8)
+    assert allocate([job], Capacity(32), 0.0)["a"].target == 12
+
+
+def test_an_unmeasured_pack_job_starts_at_what_its_largest_domain_holds():
+    new = queued("n", 10.0, min=1, max=8, requested=4, gpus_per_worker=4, gpu_limit=8)
+    result = allocate([new], Capacity(32), 20.0)["n"]
+    assert result.admitted and result.target == 2

@@ -612,6 +612,23 @@ def test_the_policy_is_rendered_into_a_configmap_the_operator_reads(helm, tmp_pa
     assert template["metadata"]["annotations"]["checksum/policy"] != default["checksum/policy"]
 
 
+def test_a_fabric_profile_is_rendered_into_the_policy_file(helm, tmp_path):
+    """The values.yaml example (commented there), rendered: the operator reads it back as given."""
+    from lepton_operator.api.policy import parse_policy
+
+    rdma = {
+        "namespaces": ["ml-*"],
+        "resources": {"rdma/hca_shared_devices_a": 1},
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "ib-sriov-net"},
+        "capabilities": ["IPC_LOCK"],
+        "env": {"NCCL_IB_HCA": "mlx5", "NCCL_SOCKET_IFNAME": "eth0"},
+        "shmSize": "64Gi",
+    }
+    config_map = one(render(helm, tmp_path, {"policy": {"profiles": {"rdma": rdma}}}), "ConfigMap")
+    profile = parse_policy(config_map["data"]["policy.yaml"]).profiles["rdma"]
+    assert profile.model_dump(mode="json", by_alias=True) == rdma
+
+
 @pytest.mark.parametrize(
     "policy, complaint",
     [
@@ -622,6 +639,9 @@ def test_the_policy_is_rendered_into_a_configmap_the_operator_reads(helm, tmp_pa
         ({"allowedMountPathPrefixes": []}, "allowedMountPathPrefixes"),
         ({"allowReadWriteDataVolumes": "yes"}, "allowReadWriteDataVolumes"),
         ({"allowedSecretNames": [""]}, "allowedSecretNames"),
+        ({"profiles": {"rdma": {"namespaces": ["ml"], "capabilities": ["SYS_ADMIN"]}}}, "capabilities"),
+        ({"profiles": {"rdma": {"capabilities": ["IPC_LOCK"]}}}, "namespaces"),
+        ({"profiles": {"rdma": {"namespaces": ["ml"], "env": {"LD_PRELOAD": "x"}}}}, "LD_PRELOAD"),
     ],
 )
 def test_schema_rejects_bad_policy_values_as_the_operator_would(helm, tmp_path, policy, complaint):

@@ -43,6 +43,7 @@ pytestmark = pytest.mark.unit
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+PROFILES = {"profiles": {"rdma": {"namespaces": ["ml-*"]}, "tcp": {"namespaces": ["team-?"]}}}
 
 
 def volume(claim: str = "datasets", path: str = "/data", read_only: bool = True) -> dict:
@@ -244,6 +245,10 @@ CASES = [
     ("priority-above-max", {}, {"priority": 1}, "maxPriority", "spec.priority 1 is above 0"),
     ("priority-lowered", {}, {"priority": -5}, None, ""),
     ("priority-raised-by-admin", {"maxPriority": 100}, {"priority": 100}, None, ""),
+    # fabric profiles (tests/unit/test_fabric_profiles.py has the rest); the job's namespace is team-a
+    ("profile-undefined", {}, {"profile": "rdma"}, "profiles", "spec.profile rdma is not a profile"),
+    ("profile-other-namespace", PROFILES, {"profile": "rdma"}, "profiles", "namespace team-a may not use"),
+    ("profile-allowed", PROFILES, {"profile": "tcp"}, None, ""),
     # claims: never another LeptonJob's checkpoint claim
     (
         "mount-other-jobs-checkpoints",
@@ -276,12 +281,13 @@ CASES = [
 ]
 
 RULES = {field.alias for field in AdminPolicy.model_fields.values()} | {"checkpointClaims"}
+NAMESPACE = "team-a"
 
 
 @pytest.mark.parametrize("settings, spec, rule, quoted", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_each_rule_refuses_its_hostile_spec_and_allows_its_neighbour(settings, spec, rule, quoted):
     parsed = parse_job("job", base_spec(**spec))  # the schema and the operator's rules accept it
-    violations = check_policy("job", parsed, AdminPolicy.model_validate(settings))
+    violations = check_policy("job", parsed, AdminPolicy.model_validate(settings), NAMESPACE)
     if rule is None:
         assert violations == []
     else:

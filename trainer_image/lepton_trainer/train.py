@@ -108,6 +108,12 @@ class DistEnv:
         )
 
 
+def worker_device(local_rank: int, cuda: bool) -> torch.device:
+    """The device of one rank: GPU `LOCAL_RANK` of the pod under CUDA (torchrun starts
+    `nproc_per_node` ranks per pod, one per GPU, numbered 0..n-1 on each pod), else the CPU."""
+    return torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
 def _is_peer_failure(exc: BaseException) -> bool:
     """Does this exception mean a collective broke because another process went away?"""
     if isinstance(exc, dist.DistError):
@@ -139,7 +145,7 @@ class Trainer:
         self.metrics: TrainerMetrics | None = None
         self.positions_file = None
         self.cuda = torch.cuda.is_available() and not cfg.synthetic
-        self.device = torch.device(f"cuda:{env.local_rank}" if self.cuda else "cpu")
+        self.device = worker_device(env.local_rank, self.cuda)
         # The compute/communication split is exported for real training only: a synthetic
         # step or a --pace-curve sleep is neither, and would pass for compute.
         self.measure_comm = not cfg.synthetic and not cfg.pace_curve
@@ -154,6 +160,8 @@ class Trainer:
             if self.cuda:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.cuda else "gloo")
+            # One line per rank: which device each local rank drives (kubectl logs shows a bad mapping).
+            log(event="rank_device", rank=self.env.rank, local_rank=self.env.local_rank, device=self.device)
             if self.env.rank == 0:
                 log(
                     event="process_group_ready",

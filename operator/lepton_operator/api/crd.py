@@ -307,6 +307,17 @@ def _add_cel_rules(spec: dict) -> None:
     spec["x-kubernetes-validations"] = [port_rule, mounts_rule] + spec_rules
 
 
+def _add_placement_rule(spec: dict) -> None:
+    """CEL for `models._placement_errors`: Pack, Spread and exclusive need a topologyKey."""
+    spec["properties"]["placement"]["x-kubernetes-validations"] = [
+        _rule(
+            "has(self.topologyKey) || ((!has(self.mode) || self.mode == 'None') && "
+            "(!has(self.exclusive) || !self.exclusive))",
+            "placement.topologyKey is required with mode Pack or Spread and with exclusive: true",
+        )
+    ]
+
+
 def _reorder(node: Any) -> Any:
     """Apply the schema key order everywhere (after defaults and rules were added)."""
     if isinstance(node, list):
@@ -337,6 +348,7 @@ def _root_schema() -> dict:
     # An omitted spec is a valid job (every field has a default): store the defaults.
     spec["default"] = {}
     _add_cel_rules(spec)
+    _add_placement_rule(spec)
     spec = _reorder(spec)
     status = model_openapi_schema(LeptonJobStatus, factory_defaults=False)
     # Conditions are keyed by type (metav1.Condition's listType=map): server-side apply

@@ -370,6 +370,54 @@ class AutoscalingSpec(ApiModel):
     )
 
 
+# A Kubernetes label key (apimachinery IsQualifiedName): an optional DNS-subdomain prefix
+# and '/', then a name of at most 63 characters (alphanumerics, '-', '_', '.' inside).
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_KEY_MAX_LENGTH = 253 + 1 + 63
+
+
+class Placement(ApiModel):
+    """Where a generation's workers go, in topology domains (racks, NVLink domains, zones).
+
+    Expressed with the scheduler's own primitives against the generation's labels, so the
+    real scheduler does the placing (desired/workers.py `placement_scheduling`).
+    """
+
+    topology_key: Optional[str] = Field(
+        None,
+        description=(
+            "Node label whose values are the topology domains, e.g. `topology.kubernetes.io/zone` or "
+            "an admin's rack or NVLink-domain label. Required when mode is Pack or Spread or exclusive "
+            "is true. Nodes without the label belong to no domain."
+        ),
+        max_length=LABEL_KEY_MAX_LENGTH,
+        pattern=LABEL_KEY_PATTERN,
+    )
+    mode: Literal["None", "Pack", "Spread"] = Field(
+        "None",
+        description=(
+            "Pack: all workers of a generation in one domain if they fit, else in the fewest domains "
+            "(preferred pod affinity to the generation's workers; the cluster allocator gives a Pack job no "
+            "more GPUs than its largest domain has free, unless its min fits no single domain). Spread: "
+            "the generation's workers spread evenly over the domains (a topology spread constraint, maxSkew "
+            "1, ScheduleAnyway: a preference, never a reason to stay Pending). None (the default): no "
+            "preference."
+        ),
+    )
+    exclusive: bool = Field(
+        False,
+        description=(
+            "Keep other LeptonJobs' workers out of the domains this job's workers use, and this job's "
+            "workers out of domains where other LeptonJobs' workers run (required pod anti-affinity, "
+            "which the scheduler honours both ways). Across namespaces on Kubernetes 1.22 and later "
+            "(namespaceSelector); older servers drop that field and keep to the job's namespace."
+        ),
+    )
+
+
 # Fields that shape the worker pods. They cannot change while a job exists (CEL rules on
 # modern clusters; the operator compares `template_hash()` with the one in status).
 IMMUTABLE_FIELDS = (
@@ -383,7 +431,12 @@ IMMUTABLE_FIELDS = (
     "metrics_port",
     "checkpoint",
     "data_volumes",
+    "profile",
 )
+# Immutable fields added after the first release: hashed only when set, so that an upgrade
+# leaves the template hash of every job that does not use them unchanged (a changed hash
+# would flag their running workers as an immutable-field change).
+HASHED_WHEN_SET = frozenset({"profile"})
 
 
 class LeptonJobSpec(ApiModel):
@@ -448,6 +501,13 @@ class LeptonJobSpec(ApiModel):
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints the workers tolerate.", max_length=32
     )
+    placement: Optional[Placement] = Field(
+        None,
+        description=(
+            "Topology placement of each generation's workers (Pack, Spread, exclusive domains). "
+            "A change applies from the next generation on."
+        ),
+    )
     priority_class_name: Optional[str] = Field(
         None,
         description=(
@@ -468,10 +528,22 @@ class LeptonJobSpec(ApiModel):
         le=1_000_000_000,
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Throughput autoscaling.")
+    profile: Optional[str] = Field(
+        None,
+        description=(
+            "Fabric profile of the workers, defined by the cluster admin in the operator's policy "
+            "(`policy.profiles`): the extra resources (e.g. RDMA devices), pod annotations (a secondary "
+            "network), the IPC_LOCK capability, NCCL_* defaults and /dev/shm size it lists. The job's "
+            "namespace must be one the profile allows, else the job fails as InvalidSpec."
+        ),
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+    )
 
     def template_hash(self) -> str:
         """A short digest of the immutable fields, recorded in status when workers first start."""
-        subset = self.model_dump(mode="json", by_alias=True, include=set(IMMUTABLE_FIELDS))
+        unset = {name for name in HASHED_WHEN_SET if getattr(self, name) is None}
+        subset = self.model_dump(mode="json", by_alias=True, include=set(IMMUTABLE_FIELDS) - unset)
         return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -603,6 +675,17 @@ class AllocationStatus(StatusModel):
     time: Timestamp = Field(description="When it was decided.")
 
 
+class PlacementStatus(StatusModel):
+    """The topology domains the current generation's workers occupy (spec.placement)."""
+
+    topology_key: str = Field(description="The node label the domains are values of.", max_length=LABEL_KEY_MAX_LENGTH)
+    domains: list[Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=list,
+        description="Values of the topology label on the nodes of the current generation's Running workers, sorted.",
+        max_length=MAX_WORKERS,
+    )
+
+
 class Decision(StatusModel):
     """An autoscaler decision."""
 
@@ -687,6 +770,9 @@ class LeptonJobStatus(StatusModel):
         None, description="When the job will have trained its samples at the current throughput."
     )
     allocation: Optional[AllocationStatus] = Field(None, description="The cluster allocator's last decision.")
+    placement: Optional[PlacementStatus] = Field(
+        None, description="Topology domains of the current generation (set when spec.placement names a topologyKey)."
+    )
     autoscaling: AutoscalingStatus = Field(default_factory=AutoscalingStatus, description="Autoscaler state.")
 
 
@@ -746,6 +832,20 @@ def _mount_path_errors(spec: LeptonJobSpec) -> list[str]:
     return errors
 
 
+def _placement_errors(spec: LeptonJobSpec) -> list[str]:
+    """A placement that needs topology domains must say which node label defines them."""
+    placement = spec.placement
+    if placement is None or placement.topology_key is not None:
+        return []
+    if placement.mode != "None" or placement.exclusive:
+        wants = f"mode {placement.mode}" if placement.mode != "None" else "exclusive: true"
+        return [
+            f"spec.placement.topologyKey is required with {wants}: name the node label whose values are "
+            "the domains (e.g. topology.kubernetes.io/zone)"
+        ]
+    return []
+
+
 def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
     """Cross-field rules the OpenAPI schema cannot state (also CEL rules in the CRD)."""
     errors = []
@@ -770,6 +870,7 @@ def validate_spec_rules(spec: LeptonJobSpec) -> list[str]:
             if len(sources) != 1:
                 errors.append(f"spec.env[{var.name}].valueFrom needs exactly one source")
     errors.extend(_mount_path_errors(spec))
+    errors.extend(_placement_errors(spec))
     size = spec.checkpoint.size if spec.checkpoint is not None else None
     if size is not None and not re.match(POSITIVE_QUANTITY_PREFIX, size):
         errors.append(f"spec.checkpoint.size ({size}) must be greater than zero: the server refuses an empty claim")

@@ -21,10 +21,19 @@ from fnmatch import fnmatchcase
 from typing import Annotated, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from lepton_operator.api.models import JOB_NAME_PATTERN, MAX_JOB_NAME_LENGTH, MOUNT_PATH_PATTERN, LeptonJobSpec
+from lepton_operator.api.models import (
+    DNS_LABEL_PATTERN,
+    JOB_NAME_PATTERN,
+    MAX_JOB_NAME_LENGTH,
+    MOUNT_PATH_PATTERN,
+    NON_NEGATIVE_QUANTITY_PATTERN,
+    RESERVED_ENV_NAMES,
+    RESERVED_ENV_PREFIXES,
+    LeptonJobSpec,
+)
 
 # The claim the operator creates for a job is `<job>-checkpoints` (desired.checkpoint_pvc_name).
 CHECKPOINT_CLAIM_SUFFIX = "-checkpoints"
@@ -36,6 +45,110 @@ SHOWN_VALUES = 8
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 MountPath = Annotated[str, Field(pattern=MOUNT_PATH_PATTERN, max_length=1024)]
 MountPrefix = Annotated[str, Field(pattern=rf"^/$|{MOUNT_PATH_PATTERN}", max_length=1024)]
+
+
+# ------------------------------------------------------------------ fabric profiles
+
+# The only capability a profile may add. RDMA (InfiniBand, RoCE) registers memory with the
+# NIC, which pins (mlocks) the training buffers beyond RLIMIT_MEMLOCK: IPC_LOCK is what NCCL's
+# and UCX's verbs transports ask for. Anything broader (SYS_RESOURCE overrides every rlimit
+# and quota, NET_ADMIN/NET_RAW/SYS_ADMIN reach the node's network or kernel) is never needed
+# by a training process and is refused; widening this set is a code change, not a values edit.
+PROFILE_CAPABILITIES = frozenset({"IPC_LOCK"})
+# A profile's environment: fabric tuning only (NCCL, UCX, gloo's interface). It can never set
+# what the operator or torchrun own (PET_*, LEPTON_*, RANK, ...) nor LD_PRELOAD-like variables.
+PROFILE_ENV_PREFIXES = ("NCCL_", "UCX_", "GLOO_")
+# Resources a profile may not add: the job's own (its spec sets them, and the GPU count is what
+# the allocator, maxGpusPerJob and quotas read).
+PROFILE_FORBIDDEN_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage", "nvidia.com/gpu"})
+# Extended resources are `<domain>/<name>` (rdma/hca_shared_devices_a, nvidia.com/hostdev).
+EXTENDED_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# Annotation keys: an optional DNS prefix and a name (the operator's own prefixes are refused).
+ANNOTATION_KEY_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+PROFILE_FORBIDDEN_ANNOTATION_PREFIXES = ("lepton.ai/", "prometheus.io/", "kubernetes.io/", "k8s.io/")
+# The label on every worker of a profile (its name): what an admin's Pod Security exemption keys on.
+LABEL_FABRIC_PROFILE = "lepton.ai/fabric-profile"
+
+EnvName = Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$", max_length=128)]
+_CAPABILITIES_SHOWN = ", ".join(sorted(PROFILE_CAPABILITIES))
+_ENV_PREFIXES_SHOWN = ", ".join(p + "*" for p in PROFILE_ENV_PREFIXES)
+
+
+class FabricProfile(BaseModel):
+    """A named worker profile the admin defines and a LeptonJob picks with `spec.profile`.
+
+    It holds what a user may never set directly: extra device resources, pod annotations
+    (a secondary network), the IPC_LOCK capability, the fabric's NCCL/UCX environment and a
+    /dev/shm size. Only the namespaces listed may use it.
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, strict=True)
+
+    namespaces: list[Name] = Field(
+        description=(
+            "Namespaces whose jobs may use the profile (`*` and `?` wildcards, as `allowedSecretNames`). "
+            "No default: a profile is usable nowhere until the admin says where."
+        ),
+        min_length=1,
+        max_length=256,
+    )
+    resources: dict[
+        Annotated[str, Field(pattern=EXTENDED_RESOURCE_PATTERN, max_length=253)], Annotated[int, Field(ge=1, le=1024)]
+    ] = Field(
+        {},
+        description=(
+            "Extended resources added to each worker's requests and limits, e.g. `rdma/hca_shared_devices_a: 1`. "
+            "Never cpu, memory or GPUs: those are the job's own."
+        ),
+        max_length=16,
+    )
+    annotations: dict[
+        Annotated[str, Field(pattern=ANNOTATION_KEY_PATTERN, max_length=253)], Annotated[str, Field(max_length=4096)]
+    ] = Field(
+        {},
+        description="Pod annotations, e.g. `k8s.v1.cni.cncf.io/networks: ib-net` (Multus) for a secondary network.",
+        max_length=16,
+    )
+    capabilities: list[str] = Field(
+        [],
+        description=f"Linux capabilities added to the trainer container; only {_CAPABILITIES_SHOWN}.",
+        max_length=8,
+    )
+    env: dict[EnvName, Annotated[str, Field(max_length=4096)]] = Field(
+        {},
+        description=(
+            f"Environment defaults of the workers ({_ENV_PREFIXES_SHOWN} names only), "
+            "e.g. `NCCL_IB_HCA: mlx5`; a job's own `env` entry of the same name overrides one."
+        ),
+        max_length=64,
+    )
+    shm_size: Optional[Annotated[str, Field(pattern=NON_NEGATIVE_QUANTITY_PATTERN, max_length=64)]] = Field(
+        None, description="Size limit of /dev/shm when the job sets no `resources.sharedMemory`."
+    )
+
+    def problems(self, name: str) -> list[str]:
+        """What the allow-lists refuse in this profile (the schema checked the shapes)."""
+        where = f"profiles.{name}"
+        out = []
+        if not re.fullmatch(DNS_LABEL_PATTERN, name) or len(name) > 63:
+            out.append(f"{where}: the name must be a DNS label (a job names it in spec.profile)")
+        for cap in self.capabilities:
+            if cap not in PROFILE_CAPABILITIES:
+                out.append(f"{where}.capabilities: {cap} is not allowed (allowed: {_CAPABILITIES_SHOWN})")
+        for key in self.resources:
+            if key in PROFILE_FORBIDDEN_RESOURCES or "kubernetes.io/" in key:
+                out.append(f"{where}.resources: {key} is not a device resource a profile may add")
+        for key in self.annotations:
+            if key.startswith(PROFILE_FORBIDDEN_ANNOTATION_PREFIXES) or ".kubernetes.io/" in key:
+                out.append(f"{where}.annotations: {key} belongs to the operator or Kubernetes")
+        for var in self.env:
+            reserved = var in RESERVED_ENV_NAMES or var.startswith(RESERVED_ENV_PREFIXES)
+            if reserved or not var.startswith(PROFILE_ENV_PREFIXES):
+                out.append(f"{where}.env: {var} is not allowed (only {_ENV_PREFIXES_SHOWN})")
+        return out
+
+    def allows_namespace(self, namespace: str) -> bool:
+        return any(fnmatchcase(namespace, p) for p in self.namespaces)
 
 
 class AdminPolicy(BaseModel):
@@ -148,6 +261,22 @@ class AdminPolicy(BaseModel):
         ge=-1_000_000_000,
         le=1_000_000_000,
     )
+    profiles: dict[Annotated[str, Field(max_length=63)], FabricProfile] = Field(
+        {},
+        description=(
+            "Fabric profiles by name (`spec.profile`): extra device resources, pod annotations, the IPC_LOCK "
+            "capability, NCCL/UCX environment and /dev/shm size, each with the namespaces allowed to use it. "
+            "Default none: a job gets nothing beyond the restricted pod the operator always builds."
+        ),
+        max_length=64,
+    )
+
+    @model_validator(mode="after")
+    def _profiles_within_the_allow_lists(self) -> "AdminPolicy":
+        problems = [p for name, profile in self.profiles.items() for p in profile.problems(name)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 DEFAULT_POLICY = AdminPolicy()
@@ -168,10 +297,11 @@ def parse_policy(text: str) -> AdminPolicy:
     if not isinstance(data, dict):
         raise InvalidPolicy(f"the policy must be a mapping of settings, not a {type(data).__name__}")
     try:
-        return AdminPolicy.model_validate(data)
+        policy = AdminPolicy.model_validate(data)
     except ValidationError as e:
         problems = [f"{'.'.join(str(p) for p in err['loc']) or 'policy'}: {err['msg']}" for err in e.errors()]
         raise InvalidPolicy("; ".join(problems)) from None
+    return policy
 
 
 def command_args_env_bytes(spec: LeptonJobSpec) -> int:
@@ -206,9 +336,37 @@ def checkpoint_claim_owner(claim: str) -> Optional[str]:
     return job if len(job) <= MAX_JOB_NAME_LENGTH and re.fullmatch(JOB_NAME_PATTERN, job) else None
 
 
-def check_policy(job_name: str, spec: LeptonJobSpec, policy: AdminPolicy = DEFAULT_POLICY) -> list[str]:
-    """Every way the spec breaks the policy, each message starting `policy <rule>:`; [] when allowed."""
-    errors = []
+def job_profile(spec: LeptonJobSpec, policy: AdminPolicy = DEFAULT_POLICY) -> Optional[FabricProfile]:
+    """The fabric profile the spec names, or None (no profile, or one the policy does not define)."""
+    return policy.profiles.get(spec.profile) if spec.profile is not None else None
+
+
+def _profile_errors(spec: LeptonJobSpec, policy: AdminPolicy, namespace: Optional[str]) -> list[str]:
+    """`spec.profile` must name a profile of the policy that allows the job's namespace."""
+    if spec.profile is None:
+        return []
+    profile = policy.profiles.get(spec.profile)
+    if profile is None:
+        return [
+            f"policy profiles: spec.profile {spec.profile} is not a profile the admin defined "
+            f"(defined: {_shown(sorted(policy.profiles))})"
+        ]
+    if namespace is None or not profile.allows_namespace(namespace):
+        return [
+            f"policy profiles: namespace {namespace} may not use profile {spec.profile} "
+            f"(allowed: {_shown(profile.namespaces)})"
+        ]
+    return []
+
+
+def check_policy(
+    job_name: str, spec: LeptonJobSpec, policy: AdminPolicy = DEFAULT_POLICY, namespace: Optional[str] = None
+) -> list[str]:
+    """Every way the spec breaks the policy, each message starting `policy <rule>:`; [] when allowed.
+
+    `namespace`: the job's, which a profile must allow (None: no profile is allowed).
+    """
+    errors = _profile_errors(spec, policy, namespace)
 
     def refuse(rule: str, message: str) -> None:
         errors.append(f"policy {rule}: {message}")

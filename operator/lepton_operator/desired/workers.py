@@ -4,7 +4,9 @@ Each function returns a plain dict in the Kubernetes wire form (camelCase keys, 
 quantities as strings), ready for `kopf.adopt()`-free creation: ownerReferences are set
 here. Nothing in a LeptonJob's spec is copied into a pod field that could make it
 privileged: the spec is an allowlist (image, command, args, env, resources, node
-selector, tolerations, priority class, claims), and the security context is fixed.
+selector, tolerations, priority class, claims), and the security context is fixed. The
+only additions are the cluster admin's: a fabric profile (`apply_fabric_profile`), which a
+job names but cannot change.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..api.models import API_VERSION, KIND, LeptonJobSpec
+from ..api.policy import LABEL_FABRIC_PROFILE, FabricProfile
 from .names import (
     ANNOTATION_TEMPLATE_HASH,
     JobRef,
@@ -24,6 +27,7 @@ from .names import (
     worker_prefix,
     worker_selector,
 )
+from .placement import apply_placement, placement_scheduling
 
 CONTAINER_NAME = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -208,12 +212,20 @@ def _volumes(job: JobRef, spec: LeptonJobSpec) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def build_worker_pod(job: JobRef, spec: LeptonJobSpec, index: int, generation: int, world_size: int) -> dict:
+def build_worker_pod(
+    job: JobRef,
+    spec: LeptonJobSpec,
+    index: int,
+    generation: int,
+    world_size: int,
+    profile: Optional[FabricProfile] = None,
+) -> dict:
     """Worker `index` of generation `generation`, which has `world_size` workers.
 
     The pod never restarts in place (restartPolicy Never): a failed worker ends its
     generation and the operator starts the next one. Worker 0 also serves the c10d
-    rendezvous store, so only it exposes the rendezvous port.
+    rendezvous store, so only it exposes the rendezvous port. `profile`: the admin's
+    fabric profile that `spec.profile` names (`apply_fabric_profile`).
     """
     job.check()
     if generation < 1:
@@ -274,12 +286,51 @@ def build_worker_pod(job: JobRef, spec: LeptonJobSpec, index: int, generation: i
         "prometheus.io/port": str(spec.metrics_port),
         "prometheus.io/path": METRICS_PATH,
     }
-    return {
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _metadata(job, name, worker_labels(job.name, index, generation, world_size), annotations),
         "spec": pod_spec,
     }
+    if spec.profile is not None:
+        if profile is None:
+            raise ValueError(f"spec.profile {spec.profile} needs the admin's profile to build a worker")
+        apply_fabric_profile(pod, spec, profile)
+    apply_placement(pod_spec, placement_scheduling(job.name, spec, generation))
+    return pod
+
+
+def apply_fabric_profile(pod: dict, spec: LeptonJobSpec, profile: FabricProfile) -> None:
+    """Add exactly the admin's profile to a built worker pod (in place).
+
+    Its extended resources join requests and limits; its annotations and the label
+    `lepton.ai/fabric-profile: <name>` join the pod's; its capabilities (IPC_LOCK at most,
+    api.policy.PROFILE_CAPABILITIES) are the only ones added to the otherwise restricted
+    container (everything else stays dropped, no escalation, non-root); its environment
+    comes before the user's, so a job's own `env` entry of the same name wins; its /dev/shm
+    size applies unless the job sets `resources.sharedMemory`.
+    """
+    meta, pod_spec = pod["metadata"], pod["spec"]
+    (container,) = pod_spec["containers"]
+    meta["labels"][LABEL_FABRIC_PROFILE] = spec.profile
+    if profile.annotations:
+        meta.setdefault("annotations", {}).update(profile.annotations)
+    if profile.resources:
+        amounts = {key: str(value) for key, value in sorted(profile.resources.items())}
+        resources = container["resources"]
+        resources["requests"] = {**resources.get("requests", {}), **amounts}
+        resources["limits"] = {**resources.get("limits", {}), **amounts}
+    if profile.capabilities:
+        container["securityContext"]["capabilities"]["add"] = sorted(profile.capabilities)
+    own = {var.name for var in spec.env}
+    defaults = [_env(name, value) for name, value in sorted(profile.env.items()) if name not in own]
+    if defaults:
+        env = container["env"]
+        user_start = len(env) - len(spec.env)
+        container["env"] = env[:user_start] + defaults + env[user_start:]
+    if profile.shm_size is not None and spec.resources.shared_memory is None:
+        shm = next(v for v in pod_spec["volumes"] if v["name"] == VOLUME_SHM)
+        shm["emptyDir"]["sizeLimit"] = profile.shm_size
 
 
 # ---------------------------------------------------------------------- service

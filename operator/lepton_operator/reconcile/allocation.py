@@ -8,7 +8,8 @@ and at the next tick after a job arrives or finishes (`AllocatorMemory.wanted`).
    schedulable nodes minus the GPUs requested by pods that are not LeptonJob workers
    (`capacity_view`), or, in namespaced mode, `--gpu-budget` minus nothing; the GPUs each
    job's pods hold now; each job's node pool when its nodeSelector/tolerations restrict it;
-   and the PriorityClasses (`job_priority`);
+   for a `placement.mode: Pack` job the GPUs its largest topology domain has free
+   (`pack_gpu_limits`); and the PriorityClasses (`job_priority`);
 2. turns each job into a `scaling.allocator.JobState` (`job_state`: measurements from
    `status.autoscaling.observations`, remaining work from `status.remainingSamples`, the
    measured restart downtime) and calls the pure `allocate()`;
@@ -143,6 +144,8 @@ class CapacityView:
     capacity: Capacity
     held: dict[JobKey, int]
     pools: dict[JobKey, Optional[str]]
+    gpu_limits: dict[JobKey, int] = dataclasses.field(default_factory=dict)
+    """Pack jobs: the most GPUs that fit one topology domain (`pack_gpu_limits`)."""
 
 
 def capacity_view(nodes: list[dict], pods: list[dict], specs: dict[JobKey, LeptonJobSpec]) -> CapacityView:
@@ -180,7 +183,53 @@ def capacity_view(nodes: list[dict], pods: list[dict], specs: dict[JobKey, Lepto
         )
         pools[key] = pool
         pool_gpus[pool] = sum(free[name] for name in eligible)
-    return CapacityView(Capacity(total, pool_gpus), held, pools)
+    return CapacityView(Capacity(total, pool_gpus), held, pools, pack_gpu_limits(usable, pods, specs))
+
+
+def pack_gpu_limits(usable: dict[str, dict], pods: list[dict], specs: dict[JobKey, LeptonJobSpec]) -> dict[JobKey, int]:
+    """For each job with `placement.mode: Pack` and GPUs: the GPUs of the most whole workers
+    that fit one topology domain now, counting what the job holds there as its own (its
+    largest domain's free GPUs, plus its own). The allocator grows the job no further, so a
+    Pack job is not promised GPUs spread over domains. A job whose smallest gang (min, or a
+    fixed job's size) fits no single domain gets no limit: it takes the fewest domains.
+    Nodes without the topology label, or that the job's nodeSelector/tolerations exclude,
+    are in no domain."""
+    packers = {
+        key: spec
+        for key, spec in specs.items()
+        if spec.placement is not None
+        and spec.placement.mode == "Pack"
+        and spec.placement.topology_key
+        and spec.resources.gpus > 0
+    }
+    if not packers:
+        return {}
+    used: dict[str, int] = {}  # node -> GPUs of every live pod on it
+    own: dict[tuple[JobKey, str], int] = {}  # (job, node) -> GPUs of the job's pods on it
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        gpus = pod_gpus(pod)
+        if not node or gpus == 0 or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        used[node] = used.get(node, 0) + gpus
+        key = job_of_pod(pod)
+        if key in packers:
+            own[(key, node)] = own.get((key, node), 0) + gpus
+    limits: dict[JobKey, int] = {}
+    for key, spec in packers.items():
+        per_worker, topology = spec.resources.gpus, spec.placement.topology_key
+        domains: dict[str, int] = {}  # domain -> workers that fit there
+        for name, node in usable.items():
+            domain = ((node.get("metadata") or {}).get("labels") or {}).get(topology)
+            if not domain or not node_fits_job(node, spec):
+                continue
+            free = node["gpus"] - used.get(name, 0) + own.get((key, name), 0)
+            domains[domain] = domains.get(domain, 0) + max(0, free) // per_worker
+        gang = spec.workers.min if spec.autoscaling.enabled else spec.requested_workers()
+        largest = max(domains.values(), default=0)
+        if largest >= gang:
+            limits[key] = largest * per_worker
+    return limits
 
 
 def job_priority(spec: LeptonJobSpec, classes: dict[str, int]) -> int:
@@ -225,8 +274,10 @@ def job_state(
     pool: Optional[str],
     priority: int,
     now: datetime,
+    gpu_limit: Optional[int] = None,
 ) -> JobState:
-    """The allocator's view of one job (`now` is the clock; times become seconds from it)."""
+    """The allocator's view of one job (`now` is the clock; times become seconds from it;
+    `gpu_limit`: a Pack job's largest topology domain, `pack_gpu_limits`)."""
     auto = spec.autoscaling
     created = parse_time(body["metadata"].get("creationTimestamp")) or now
     running = status.worker_generation > 0 and status.phase in ("Running", "Pending", "Rescaling")
@@ -268,6 +319,7 @@ def job_state(
         floor=auto.efficiency_threshold,
         queued_since=_time(created, now),
         pool=pool,
+        gpu_limit=gpu_limit,
     )
 
 
@@ -419,7 +471,17 @@ async def allocator_pass(ctx: OperatorContext, logger: logging.Logger) -> dict[s
     specs = {key: spec for key, (_, spec, _) in jobs.items()}
     view, classes = await asyncio.to_thread(_read_world, ctx, ctx.allocator, specs)
     states = [
-        job_state(key, body, spec, status, view.held.get(key, 0), view.pools.get(key), job_priority(spec, classes), now)
+        job_state(
+            key,
+            body,
+            spec,
+            status,
+            view.held.get(key, 0),
+            view.pools.get(key),
+            job_priority(spec, classes),
+            now,
+            gpu_limit=view.gpu_limits.get(key),
+        )
         for key, (body, spec, status) in jobs.items()
     ]
     # In a thread: at a thousand jobs a pass takes seconds of CPU, which must not stall

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 from lepton_operator.api.conditions import REASON_NAME_TAKEN
 from lepton_operator.api.models import LeptonJobSpec, LeptonJobStatus, RescaleInProgress
+from lepton_operator.api.policy import FabricProfile
 from lepton_operator.desired import (
     JobRef,
     build_worker_pod,
@@ -112,9 +113,11 @@ class JobPass:
         observed: Observed,
         now: datetime,
         policy_violations: Sequence[str] = (),
+        profile: Optional[FabricProfile] = None,
     ):
         self.job = job
         self.policy_violations = list(policy_violations)  # api.policy.check_policy(): no new worker while any
+        self.profile = profile  # spec.profile resolved in the admin policy (api.policy.job_profile)
         self.observed = observed
         self.nodes = observed.nodes
         self.budget = observed.budget
@@ -215,7 +218,9 @@ class JobPass:
                 f"pod {name} exists and is not owned by this job; worker {index} cannot start until it is removed",
             )
             return
-        self.plan.creates.append(build_worker_pod(self.job, self.spec, index, generation, world_size))
+        self.plan.creates.append(
+            build_worker_pod(self.job, self.spec, index, generation, world_size, profile=self.profile)
+        )
 
     def create_missing(self, generation: int, world_size: int, indices) -> None:
         existing = self.of_generation(generation)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 log = logging.getLogger("lepton_operator.nodes")
 
@@ -27,16 +27,19 @@ class NodeInfo:
     """When the Ready condition last left True (None while Ready)."""
     unschedulable: bool = False
     """Cordoned (`spec.unschedulable`): a drain is coming; the job moves off it."""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+    """The node's labels (topology domains of spec.placement: reconcile/placement.py)."""
 
 
 def node_info(node: dict) -> NodeInfo:
     """Read a Node (wire form). No Ready condition at all counts as not ready since always."""
     ready_cond = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
     unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
+    labels = dict((node.get("metadata") or {}).get("labels") or {})
     if ready_cond is not None and ready_cond.get("status") == "True":
-        return NodeInfo(ready=True, unschedulable=unschedulable)
+        return NodeInfo(ready=True, unschedulable=unschedulable, labels=labels)
     since = parse_time(ready_cond.get("lastTransitionTime")) if ready_cond else None
-    return NodeInfo(ready=False, not_ready_since=since or NEVER_READY, unschedulable=unschedulable)
+    return NodeInfo(ready=False, not_ready_since=since or NEVER_READY, unschedulable=unschedulable, labels=labels)
 
 
 NEVER_READY = datetime.min.replace(tzinfo=timezone.utc)

@@ -41,9 +41,9 @@ from lepton_operator.api.conditions import (
     REASON_WORKERS_STARTING,
 )
 from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, LeptonJobSpec, LeptonJobStatus
-from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, check_policy
+from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, check_policy, job_profile
 from lepton_operator.desired import JobRef, pod_generation, pod_index, selector_string, worker_pod_name
-from lepton_operator.reconcile import isolation, lifecycle, rescale
+from lepton_operator.reconcile import isolation, lifecycle, placement, rescale
 from lepton_operator.reconcile.conditions import condition_is_true, get_condition
 from lepton_operator.reconcile.failures import classify_pod, is_terminating
 from lepton_operator.reconcile.jobpass import NORMAL, WARNING, JobPass, Observed, Plan
@@ -67,15 +67,16 @@ def plan(
     """
     if isinstance(spec, InvalidJob):
         return lifecycle.invalid_spec(job, meta_generation, spec, status, now)
-    violations = check_policy(job.name, spec, policy)
+    violations = check_policy(job.name, spec, policy, job.namespace)
     if violations and status.worker_generation == 0:
         return lifecycle.invalid_spec(job, meta_generation, InvalidJob(violations), status, now)
-    p = JobPass(job, meta_generation, spec, status, observed, now, violations)
+    p = JobPass(job, meta_generation, spec, status, observed, now, violations, job_profile(spec, policy))
     report_names_taken(p, observed.taken)
     result = run(p)
     if not result.delete_job:
         lifecycle.ensure_disruption_budget(p)  # after the pass: it follows the world size it decided
         isolation.ensure_network_policy(p, observed.network)
+        placement.record_domains(p)  # where the generation the pass leaves runs
     return result
 
 

@@ -93,6 +93,9 @@ class JobState:
     queued_since: Optional[float] = None
     pool: Optional[str] = None
     """The node pool its nodeSelector/tolerations restrict it to (None: any node)."""
+    gpu_limit: Optional[int] = None
+    """Most GPUs it may grow to (a Pack job: what its largest topology domain has free;
+    None: no limit). Never shrinks it below its size now."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,13 @@ class _Step:
     value: float
     likely: bool
     """The gain is likely: the prediction's lower bound still beats the current size."""
+
+
+def _gpu_limit(job: JobState) -> Optional[int]:
+    """The GPUs a job may grow to: its limit, but never below what its size now takes."""
+    if job.gpu_limit is None:
+        return None
+    return max(job.gpu_limit, job.current * job.gpus_per_worker)
 
 
 def queue_order(job: JobState) -> tuple:
@@ -235,6 +245,12 @@ class _Pass:
         to = n + job.step
         if to > job.max:
             return None, f"at max = {job.max}"
+        limit = _gpu_limit(job)
+        if limit is not None and to * job.gpus_per_worker > limit:
+            return None, (
+                f"placement Pack: {to} workers x {job.gpus_per_worker} GPUs would not fit one topology domain "
+                f"(the largest has room for {limit} GPUs of it)"
+            )
         model = self.models[job.key]
         if model is None:
             # Unmeasured: the size its user asked for is the best guess there is; it goes
