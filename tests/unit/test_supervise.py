@@ -3,7 +3,14 @@ with a growing backoff; a clean stop ends it, and a bug is not retried."""
 
 import pytest
 
-from lepton_operator.reconcile.supervise import Backoff, api_errors, run_until_stopped
+from lepton_operator.reconcile.supervise import (
+    Backoff,
+    api_errors,
+    run_until_stopped,
+    tolerate_unserved_resources,
+    unserved_reason,
+    wait_until_served,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -76,3 +83,77 @@ def test_kopfs_errors_for_a_404_and_a_broken_watch_count_as_a_lost_api():
     for error in (APINotFoundError, APIServerError, WatchingError):
         assert issubclass(error, recoverable), error
     assert not issubclass(RuntimeError, recoverable)
+
+
+# ----------------------------------------------------------------- a resource not served
+
+
+def test_a_404_on_a_watch_ends_that_stream_after_a_pause_instead_of_the_reactor(monkeypatch):
+    import asyncio
+
+    from kopf._cogs.clients import watching
+    from kopf._cogs.clients.errors import APINotFoundError
+
+    calls = []
+
+    async def flaky(*, resource, namespace, **kwargs):
+        calls.append(namespace)
+        yield {"type": None, "object": {"n": 1}}
+        raise APINotFoundError({"message": "404 page not found"}, status=404, headers={})
+
+    monkeypatch.setattr(watching, "continuous_watch", flaky)
+    tolerate_unserved_resources(retry_seconds=0.01)
+    tolerate_unserved_resources(retry_seconds=0.01)  # a second call wraps once
+    wrapped = watching.continuous_watch
+    assert wrapped is not flaky and wrapped.lepton_tolerant
+
+    class Resource:
+        plural = "leptonjobs"
+
+    async def drain():
+        return [e async for e in wrapped(resource=Resource(), namespace="ns", settings=None)]
+
+    assert asyncio.run(drain()) == [{"type": None, "object": {"n": 1}}]  # ended, not raised
+    assert calls == ["ns"]
+
+
+def test_any_other_error_on_a_watch_still_propagates(monkeypatch):
+    import asyncio
+
+    from kopf._cogs.clients import watching
+
+    async def broken(**kwargs):
+        raise ZeroDivisionError("bug")
+        yield
+
+    monkeypatch.setattr(watching, "continuous_watch", broken)
+    tolerate_unserved_resources(retry_seconds=0.01)
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(watching.continuous_watch(resource=None, namespace=None).__anext__())
+
+
+def test_the_start_waits_until_the_resource_is_served_with_a_growing_backoff():
+    answers = iter(["HTTP 404", "HTTP 404", "connection refused", None])
+    slept: list[float] = []
+    waits = wait_until_served(lambda: next(answers), "leptonjobs", Backoff(first=1, cap=30), slept.append)
+    assert waits == 3 and slept == [1, 2, 4]
+    assert wait_until_served(lambda: None, "leptonjobs", sleep=slept.append) == 0 and len(slept) == 3
+
+
+class FakeKube:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def served_resources(self, group_version):
+        assert group_version == "lepton.ai/v1alpha1"
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def test_unserved_reason_names_what_is_missing():
+    from lepton_operator.reconcile.kube import TransientApiError
+
+    assert unserved_reason(FakeKube(["leptonjobs"])) is None
+    assert unserved_reason(FakeKube([])) == "lepton.ai/v1alpha1 has no leptonjobs"
+    assert "refused" in unserved_reason(FakeKube(TransientApiError("discover lepton.ai/v1alpha1: refused")))

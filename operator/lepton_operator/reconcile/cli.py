@@ -281,6 +281,7 @@ def run(args) -> int:
     import kopf
 
     from lepton_operator import metrics
+    from lepton_operator.api.models import GROUP, PLURAL, VERSION
     from lepton_operator.reconcile import (
         handlers,  # noqa: F401  (registers the kopf handlers)
         supervise,
@@ -346,7 +347,11 @@ def run(args) -> int:
         else "cluster allocator off: each job is scaled on its own"
     )
 
+    supervise.tolerate_unserved_resources()
+
     def start_reactor() -> None:
+        kube = Kube(api_client, limiter)
+        supervise.wait_until_served(lambda: supervise.unserved_reason(kube), f"{PLURAL}.{GROUP}/{VERSION}")
         kopf.run(
             settings=make_settings(args),
             standalone=standalone,
@@ -355,7 +360,7 @@ def run(args) -> int:
             liveness_endpoint=liveness,
             clusterwide=clusterwide,
             namespaces=args.namespace,
-            memo=OperatorContext(kube=Kube(api_client, limiter), config=config),
+            memo=OperatorContext(kube=kube, config=config),
         )
 
     supervise.run_until_stopped(

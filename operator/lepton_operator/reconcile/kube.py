@@ -355,6 +355,17 @@ class Kube:
             if e.status != 404:
                 raise
 
+    def served_resources(self, group_version: str) -> list[str]:
+        """Plural names of the resources the API serves in `group_version` (e.g.
+        `lepton.ai/v1alpha1`); [] when it serves nothing there (404)."""
+        try:
+            found = self._call(f"discover {group_version}", "GET", f"/apis/{group_version}")
+        except ApiError as e:
+            if e.status == 404:
+                return []
+            raise
+        return [r.get("name") for r in found.get("resources") or [] if "/" not in (r.get("name") or "/")]
+
     def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
         """Pods of a namespace matching a label selector, as stored now."""
         path = _PATHS["Pod"].format(ns=quote(namespace))

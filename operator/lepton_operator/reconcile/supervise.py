@@ -1,21 +1,30 @@
 """Keep kopf's reactor running through a lost API (docs/reliability.md, row 7).
 
-kopf treats an error on a watch request as fatal: after the apiserver restarts, a LIST
-that reaches it before the CustomResourceDefinitions are served again gets `404 page not
-found`, and `kopf.run` raises. A Deployment would restart the pod, but a controller is
-expected to ride out a restart of the API (client-go's informers retry forever), and a
-crash loop costs every job its liveness. So `lepton-operator run` starts the reactor
-again, with a fresh OperatorContext (its asyncio objects belong to the old event loop; the
-jobs' state lives in their status, as after a pod restart), after a backoff that grows
-while the reactor keeps dying at once.
+After an apiserver restart, a LIST or watch of the LeptonJob resource that reaches the
+server before it serves the CRDs again gets `404 page not found`; kopf treats any such
+error on a watch as fatal and stops, and a controller is expected to ride this out
+(client-go's reflectors retry a failed LIST with a backoff). Three layers:
+
+1. `tolerate_unserved_resources()`: a 404 (or a watch ERROR event other than 410) on a
+   watch ends that one stream after a backoff, and kopf's own loop lists and watches
+   again, as a reflector does. The reactor never stops for it.
+2. `wait_until_served()`, before each start of the reactor: kopf discovers resources once
+   at its start, and a group that answers 404 then is taken as having none, for good.
+3. `run_until_stopped()`: should the reactor still stop on an API error, it is started
+   again, with a fresh OperatorContext (its asyncio objects belong to the old event loop;
+   the jobs' state lives in their status, as after a pod restart), after a backoff that
+   grows while it keeps dying at once. kopf's shutdown after such an error has been seen
+   to hang (its watchers waiting on a closed session); then the liveness probe, which
+   stops answering, gets the pod restarted: that is why layer 1 comes first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger("lepton_operator")
 
@@ -65,3 +74,70 @@ def run_until_stopped(
             log.error(f"the operator lost the API ({type(e).__name__}: {e}); starting it again in {delay:g} s")
             on_restart(e)
             sleep(delay)
+
+
+WATCH_RETRY_SECONDS = 5.0
+
+
+def tolerate_unserved_resources(retry_seconds: float = WATCH_RETRY_SECONDS) -> None:
+    """Make a 404 or a failed watch end one watch stream instead of the reactor: kopf's
+    `infinite_watch` then lists and watches again after `settings.watching.reconnect_backoff`.
+    It wraps kopf's private `continuous_watch` (kopf has no setting for this); calling it
+    twice wraps once."""
+    from kopf._cogs.clients import watching
+    from kopf._cogs.clients.errors import APINotFoundError
+
+    original = watching.continuous_watch
+    if getattr(original, "lepton_tolerant", False):
+        return
+
+    async def continuous_watch(*, resource, namespace, **kwargs):
+        try:
+            async for event in original(resource=resource, namespace=namespace, **kwargs):
+                yield event
+        except (APINotFoundError, watching.WatchingError) as e:
+            where = f" in {namespace}" if namespace else ""
+            log.warning(
+                f"watching {resource.plural}{where}: {type(e).__name__}: {e}; the API may not serve it yet "
+                f"(an apiserver restart); listing again in {retry_seconds:g} s"
+            )
+            await asyncio.sleep(retry_seconds)
+
+    continuous_watch.lepton_tolerant = True
+    watching.continuous_watch = continuous_watch
+
+
+def wait_until_served(
+    is_served: Callable[[], Optional[str]],
+    what: str,
+    backoff: Backoff = Backoff(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Block until `is_served()` returns None (otherwise it returns why not); log when the
+    reason changes. Returns how many times it waited."""
+    waits, last = 0, None
+    while True:
+        why = is_served()
+        if why is None:
+            if waits:
+                log.info(f"the API serves {what} again")
+            return waits
+        waits += 1
+        delay = backoff.delay(waits)
+        if why != last:
+            log.warning(f"waiting until the API serves {what} ({why}); asking again in {delay:g} s")
+            last = why
+        sleep(delay)
+
+
+def unserved_reason(kube) -> Optional[str]:
+    """None when the API lists the LeptonJob resource in its group version, else why not
+    (a `Kube`; an unreachable or refusing API is a reason too)."""
+    from lepton_operator.api.models import GROUP, PLURAL, VERSION
+    from lepton_operator.reconcile.kube import ApiError
+
+    try:
+        served = kube.served_resources(f"{GROUP}/{VERSION}")
+    except ApiError as e:
+        return str(e)
+    return None if PLURAL in served else f"{GROUP}/{VERSION} has no {PLURAL}"
