@@ -349,8 +349,7 @@ class _Pass:
                 place,
                 REASON_QUEUED,
                 f"its {need} workers x {job.gpus_per_worker} GPUs do not fit, even with the elastic jobs "
-                "of its priority back at their initial size (lower priority: at their min); "
-                f"place {place} in the queue",
+                "of its priority back at their initial size (lower priority: at their min)",
             )
             if self._starving(job) and blocking is None:
                 blocking = job
