@@ -14,8 +14,9 @@ error on a watch as fatal and stops, and a controller is expected to ride this o
    again, with a fresh OperatorContext (its asyncio objects belong to the old event loop;
    the jobs' state lives in their status, as after a pod restart), after a backoff that
    grows while it keeps dying at once. kopf's shutdown after such an error has been seen
-   to hang (its watchers waiting on a closed session); then the liveness probe, which
-   stops answering, gets the pod restarted: that is why layer 1 comes first.
+   to hang (its watchers waiting on a closed session; 6 of 13 runs of the fault test before
+   layer 1 existed); then only a restart of the pod helps (the liveness probe when the job
+   watches lag, else the alert LeptonOperatorReconcileStalled): that is why layer 1 comes first.
 """
 
 from __future__ import annotations
