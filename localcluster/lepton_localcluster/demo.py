@@ -16,6 +16,7 @@ Ctrl-C stops everything: every process lives in the cluster's process group.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -32,10 +33,13 @@ from lepton_operator.api.models import API_VERSION, GROUP, PLURAL, VERSION, Lept
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXAMPLES = (REPO_ROOT / "examples" / "local-demo.yaml", REPO_ROOT / "examples" / "local-demo-b.yaml")
+RECORDING_RULES = REPO_ROOT / "monitoring" / "rules" / "recording.yaml"
+DASHBOARD = REPO_ROOT / "monitoring" / "dashboards" / "lepton-jobs.json"
 ALLOCATOR_INTERVAL_SECONDS = 10  # the operator's default is 30: a demo should not make people wait
 PRINT_EVERY_SECONDS = 5  # without a terminal (CI, a pipe): one block of lines this often
 MESSAGE_MAX = 300  # allocator messages are long; the live output shows this much
 GPU = "nvidia.com/gpu"
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 STEP_LINE = re.compile(r"step=(\d+)(?:/(\d+))?\s+loss=([0-9.naninf]+)")
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
@@ -51,6 +55,7 @@ class Sample:
     step: int | None
     loss: float | None
     phase: str
+    dashboard: float | None = None  # the Grafana dashboard's Throughput panel (recording rule, 5 min rate)
 
 
 @dataclass
@@ -240,6 +245,14 @@ def write_plot(traces: list[JobTrace], gpus_in_use: list[tuple[float, int]], cap
             linewidth=1,
             label=f"{trace.name}, as measured by the operator",
         )
+        ax_t.plot(
+            ts,
+            [s.dashboard if s.dashboard is not None else nan for s in samples],
+            color=colour,
+            linestyle="--",
+            linewidth=1,
+            label=f"{trace.name}, dashboard panel (5 min rate)",
+        )
         for r in trace.rescales:
             for ax in (ax_w, ax_t):
                 ax.axvline(r["t"], color=colour, linestyle="--", linewidth=0.7, alpha=0.7)
@@ -330,7 +343,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         api = cluster.api_client()
         install_crds(api)
         prom_dir = Path(cluster.workdir) / "prometheus"
-        with LocalPrometheus(cluster.server, cluster.token, str(cluster.ca_file), prom_dir) as prom:
+        # The recording rules too, so that the plot's dashboard line is the Grafana panel's numbers.
+        with LocalPrometheus(
+            cluster.server,
+            cluster.token,
+            str(cluster.ca_file),
+            prom_dir,
+            evaluation_interval="5s",
+            rule_files=[RECORDING_RULES],
+        ) as prom:
             print(f"==> Prometheus at {prom.url}", flush=True)
             operator = _start_operator(cluster, prom.url)
             try:
@@ -376,6 +397,29 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def dashboard_query(title: str, namespace: str, job_name: str) -> str:
+    """The first query of the dashboard's panel `title`, for one job: what Grafana sends
+    with the namespace and job variables set to it."""
+    for value in (namespace, job_name):
+        # DNS labels hold no regex metacharacter: the value matches itself under `=~`.
+        if not DNS_LABEL.fullmatch(value):
+            raise ValueError(f"not a DNS label: {value!r}")
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    expr = next(p for p in panels if p.get("title") == title)["targets"][0]["expr"]
+    return expr.replace("$namespace", namespace).replace("$job", job_name)
+
+
+def _dashboard_throughput(prom_client, namespace: str, job_name: str) -> float | None:
+    """The job's samples/s as the dashboard's Throughput panel shows it (the recording rule
+    the demo's Prometheus evaluates), or None before the rule has a value."""
+    from lepton_operator.scaling.prometheus import MetricsError
+
+    try:
+        return prom_client.query_scalar(dashboard_query("Throughput", namespace, job_name), time.time()).value
+    except MetricsError:
+        return None
 
 
 def _live_throughput(prom_client, namespace: str, job_name: str) -> float | None:
@@ -535,9 +579,10 @@ def _observe(trace: JobTrace, custom, cluster, prom_client, namespace: str, elap
         if progress.first_loss is None:
             progress.first_loss = loss
     live = _live_throughput(prom_client, namespace, trace.name) if st.world_size else None
+    dashboard = _dashboard_throughput(prom_client, namespace, trace.name) if st.world_size else None
     running = st.phase in ("Running", "Rescaling", "Pending")
     progress.samples.append(
-        Sample(elapsed, st.world_size if running else 0, live, st.throughput, step, loss, st.phase or "-")
+        Sample(elapsed, st.world_size if running else 0, live, st.throughput, step, loss, st.phase or "-", dashboard)
     )
 
 
@@ -566,3 +611,6 @@ def print_summary(trace: JobTrace) -> None:
         latest[obs.world_size] = obs.throughput
     for size in sorted(latest):
         print(f"      measured: {size} workers -> {latest[size]:.1f} samples/s")
+    shown = [s.dashboard for s in progress.samples if s.dashboard is not None]
+    if shown:
+        print(f"      dashboard Throughput panel (5 min rate): last {shown[-1]:.1f}, peak {max(shown):.1f} samples/s")

@@ -79,6 +79,9 @@ def test_demo_runs_two_jobs_sharing_the_gpus_to_success_and_writes_its_plot(tmp_
     finals = re.findall(r"final world size (\d+), generations (\d+), restarts (\d+)", out)
     assert [(int(n), int(g), int(r)) for n, g, r in finals] == [(3, 1, 0), (2, 1, 0)], out[-6000:]
     assert f"at step {STEPS}" in out, out[-3000:]  # the summary's first -> last loss
+    # The dashboard's Throughput panel query, answered by the recording rules the demo loads.
+    panel = re.findall(r"dashboard Throughput panel \(5 min rate\): last ([0-9.]+), peak ([0-9.]+)", out)
+    assert len(panel) == 2 and all(float(peak) > 0 for _, peak in panel), out[-6000:]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,7 +90,7 @@ def test_write_plot_draws_every_job_and_the_gpus_in_use(tmp_path):
     from lepton_localcluster.demo import JobTrace, Progress, Sample, write_plot
 
     def trace(name, sizes):
-        samples = [Sample(t, n, 50.0 * n, None, t, 2.0, "Running") for t, n in enumerate(sizes)]
+        samples = [Sample(t, n, 50.0 * n, None, t, 2.0, "Running", 45.0 * n) for t, n in enumerate(sizes)]
         rescales = [
             {"t": t, "from": sizes[t - 1], "to": n, "reason": "X"}
             for t, n in enumerate(sizes)
