@@ -233,6 +233,30 @@ def test_the_core_queues_a_job_the_allocator_has_not_admitted():
     assert w.status.phase == "Pending" and len(w.pods) == 2
 
 
+def test_a_resumed_job_waits_for_a_new_admission_its_gpus_went_back_at_the_suspension():
+    w = World(base_spec())
+    w.gated = True
+    set_condition(w.status, CONDITION_ADMITTED, True, REASON_ADMITTED, "admitted at 2 workers", w.now, 1)
+    w.step()
+    w.settle(2)
+    assert w.status.phase == "Running"
+    w.set_spec(suspend=True)
+    w.step()
+    w.reap()
+    w.step(10)
+    assert w.status.phase == "Suspended" and not w.pods
+    admitted = next(c for c in w.status.conditions if c.type == CONDITION_ADMITTED)
+    assert admitted.status == "False" and "suspended" in admitted.message
+    w.set_spec(suspend=False)
+    w.step(10)
+    assert w.status.phase == "Queued" and not w.pods and w.status.worker_generation == 1
+    set_condition(w.status, CONDITION_ADMITTED, True, REASON_ADMITTED, "admitted at 2 workers", w.now, 1)
+    w.step(10)
+    w.settle(2)
+    assert w.status.phase == "Running" and w.status.worker_generation == 2 and len(w.pods) == 2
+    assert w.status.suspended_seconds == pytest.approx(30)  # 20 s suspended, then 10 s waiting in the queue
+
+
 def test_observations_keep_history_and_the_latest_per_size():
     obs = []
     for i in range(60):

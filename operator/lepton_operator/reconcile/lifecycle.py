@@ -300,6 +300,9 @@ def suspend(p: JobPass) -> Plan:
     if p.cond(CONDITION_SUSPENDED, True, REASON_SUSPENDED, "spec.suspend is true: workers stopped, Service kept"):
         p.plan.event(NORMAL, REASON_SUSPENDED, "job suspended: stopping workers (the Service is kept)")
     p.cond(CONDITION_READY, False, REASON_SUSPENDED, "suspended")
+    if p.observed.gated:
+        # Its GPUs go back to the cluster: a resume waits for the allocator, as a new job does.
+        p.cond(CONDITION_ADMITTED, False, REASON_SUSPENDED, "suspended: a resume waits for the cluster allocator")
     p.count_workers(s.worker_generation, s.world_size)
     s.workers.desired = 0
     return p.plan

@@ -99,14 +99,16 @@ def run(p: JobPass) -> Plan:
 
     if p.spec.suspend:
         return lifecycle.suspend(p)
+    if p.observed.gated and not condition_is_true(s, CONDITION_ADMITTED):
+        # Never started, or resumed after a suspension gave its GPUs back: gang admission first.
+        if s.worker_generation == 0 or s.suspended_at is not None:
+            return lifecycle.queued(p)
     if s.suspended_at is not None:
         lifecycle.resume(p)
     if lifecycle.deadline_exceeded(p):
         return p.plan
     force_delete_on_lost_nodes(p)
     if s.worker_generation == 0:
-        if p.observed.gated and not condition_is_true(s, CONDITION_ADMITTED):
-            return lifecycle.queued(p)
         return lifecycle.initial_start(p)
     if s.rescale is not None:
         result = rescale.continue_rescale(p)
