@@ -93,6 +93,8 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     metrics.set_job_restarts_remaining(namespace, name, remaining_restarts(spec, result.status))
     if result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES:
         ctx.allocator.wanted = True  # its GPUs are free: the allocator hands them out now
+    elif result.status.phase in ("Queued", "Suspended") and status.phase != result.status.phase:
+        ctx.allocator.wanted = True  # suspended (GPUs free) or resumed (waits for admission): look now
     return GONE if applied.job_deleted else applied.requeue_after
 
 
