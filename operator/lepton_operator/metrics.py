@@ -117,6 +117,11 @@ ALLOCATOR_PASS_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+STALE_WATCHES = Gauge(
+    "lepton_operator_stale_watches",
+    "Jobs whose watch or pod index has lagged the API for longer than the staleness limit (what fails liveness).",
+    registry=REGISTRY,
+)
 REACTOR_RESTARTS = Counter(
     "lepton_operator_reactor_restarts_total",
     "Times the operator started its watches again after losing the API (reconcile/supervise.py).",
@@ -240,6 +245,10 @@ def count_rescale(reason: str) -> None:
 def count_restarts(n: int = 1) -> None:
     if n > 0:
         RESTARTS.inc(n)
+
+
+def set_stale_watches(count: int) -> None:
+    STALE_WATCHES.set(count)
 
 
 def count_reactor_restart() -> None:

@@ -284,6 +284,28 @@ def test_a_reconcile_pass_sets_the_restarts_left_and_a_finished_job_has_none():
     metrics.forget_job("restarts-ns", "restarts")
 
 
+def test_a_reconcile_pass_exports_how_many_job_watches_lag_the_api():
+    import asyncio
+
+    from lepton_operator.desired import JobRef
+    from lepton_operator.reconcile.context import OperatorContext, WatchHealth
+    from lepton_operator.reconcile.loop import run_pass
+
+    ctx = OperatorContext(kube=_PassKube(None))
+    ctx.watch = WatchHealth(stale_after=0.0)
+    indexes = {"pods_by_job": {}, "services_by_job": {}, "claims_by_job": {}, "budgets_by_job": {}}
+    ctx.watch.watched(("restarts-ns", "restarts"), "1")  # this job's watch is up to date
+    ctx.watch.watched(("other-ns", "other"), "1")
+    ctx.watch.compare(("other-ns", "other"), "2")  # its watch never delivered version 2
+    asyncio.run(run_pass(ctx, JobRef("restarts", "restarts-ns", "uid-r"), indexes))
+    assert value("lepton_operator_stale_watches") == 1
+    ctx.watch.watched(("other-ns", "other"), "2")
+    ctx.watch.compare(("other-ns", "other"), "2")  # caught up
+    asyncio.run(run_pass(ctx, JobRef("restarts", "restarts-ns", "uid-r"), indexes))
+    assert value("lepton_operator_stale_watches") == 0
+    metrics.forget_job("restarts-ns", "restarts")
+
+
 def test_the_autoscaler_sets_metrics_unavailable_from_its_plan_after_the_status_write(monkeypatch):
     import asyncio
     import logging

@@ -91,6 +91,7 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     result = plan(job, meta.get("generation"), spec, status, observed, now, ctx.config.policy)
     applied = await apply_plan(ctx, body, status, result, logger)
     metrics.set_job_restarts_remaining(namespace, name, remaining_restarts(spec, result.status))
+    metrics.set_stale_watches(len(ctx.stale_watches()))  # every loop passes each resync: fresh within 30 s
     if result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES:
         ctx.allocator.wanted = True  # its GPUs are free: the allocator hands them out now
     elif result.status.phase in ("Queued", "Suspended") and status.phase != result.status.phase:
