@@ -17,15 +17,20 @@ from lepton_operator.api.conditions import (
 from lepton_operator.api.models import LeptonJobStatus, Observation, parse_job, parse_status
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
 from lepton_operator.reconcile.allocation import (
+    allocator_pass,
     capacity_view,
+    gpu_pod_view,
+    job_of_pod,
     job_priority,
     job_state,
+    job_view,
     plan_job_writes,
     pod_gpus,
     priority_values,
 )
 from lepton_operator.reconcile.autoscaling import progress_patch, record_observation
 from lepton_operator.reconcile.conditions import set_condition
+from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.scaling.allocator import Allocation
 from lepton_operator.scaling.prometheus import Progress
 from tests.unit.planworld import World, base_spec
@@ -328,3 +333,80 @@ def test_only_pack_jobs_with_gpus_get_a_limit_and_the_job_state_carries_it():
     state = job_state(("ns", "job"), body(), pack(), running_status(), 8, None, 0, NOW, gpu_limit=12)
     assert state.gpu_limit == 12
     assert job_state(("ns", "job"), body(), pack(), running_status(), 8, None, 0, NOW).gpu_limit is None
+
+
+# ----------------------------------------------------------------- the pass reads the watch caches
+
+
+class ListsNothing:
+    """A Kube whose lists of jobs and pods fail the test: the pass must use the caches."""
+
+    def __init__(self, nodes):
+        self.nodes, self.written = nodes, []
+
+    def list_jobs(self, namespace=None):
+        raise AssertionError("listed the jobs")
+
+    def list_active_pods(self):
+        raise AssertionError("listed the pods")
+
+    def list_pods(self, namespace, selector):
+        raise AssertionError("listed the pods")
+
+    def list_nodes(self):
+        return self.nodes
+
+    def list_priority_classes(self):
+        return [{"metadata": {"name": "urgent"}, "value": 100}]
+
+    def patch_job_status(self, namespace, name, version, patch):
+        self.written.append((name, version, patch))
+        return {"metadata": {"resourceVersion": str(int(version) + 1)}}
+
+    def patch_job_replicas(self, namespace, name, version, replicas):
+        return {"metadata": {"resourceVersion": str(int(version) + 1)}}
+
+    def post_event(self, body, type_, reason, message):
+        pass
+
+
+def _gpu_pod(name, namespace, gpus, node, job=None, phase="Running"):
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: job} if job else {"app": "other"}
+    return {
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": {"big": "x" * 1000}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": gpus}}}]},
+        "status": {"phase": phase},
+    }
+
+
+def test_the_cache_views_keep_only_what_the_pass_reads():
+    job = {**body(), "spec": {"image": "t"}, "status": {"phase": "Running"}, "extra": {"x": 1}}
+    job["metadata"]["managedFields"] = [{"manager": "kubectl"}]
+    view = job_view(job)
+    assert set(view) == {"metadata", "spec", "status"} and "managedFields" not in view["metadata"]
+    assert view["metadata"]["resourceVersion"] == "7"
+    pod = gpu_pod_view(_gpu_pod("w", "ns", "4", "n1", job="job"))
+    assert pod_gpus(pod) == 4 and job_of_pod(pod) == ("ns", "job") and pod["spec"]["nodeName"] == "n1"
+    assert gpu_pod_view(_gpu_pod("cpu", "ns", "0", "n1")) is None
+    assert gpu_pod_view(_gpu_pod("done", "ns", "2", "n1", phase="Succeeded")) is None
+
+
+def test_a_pass_on_the_watch_caches_lists_no_jobs_and_no_pods():
+    import asyncio
+    import logging
+
+    node = {
+        "metadata": {"name": "n1"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"nvidia.com/gpu": "8"}},
+    }
+    ctx = OperatorContext(kube=ListsNothing([node]))
+    job = {
+        "metadata": {**body()["metadata"], "name": "job", "namespace": "ns", "uid": "uid-job"},
+        "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+    }
+    foreign = gpu_pod_view(_gpu_pod("other", "ns", "6", "n1"))  # 6 of the 8 GPUs are someone else's
+    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(job)], [foreign]))
+    decision = decisions["ns/job"]
+    assert decision.admitted and decision.target == 1  # only 2 GPUs left: one worker
+    assert ctx.kube.written and ctx.kube.written[0][1] == "7"  # written on the cached resourceVersion

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import Iterable, Optional
 
 from lepton_operator import metrics
 from lepton_operator.api.conditions import (
@@ -391,6 +391,46 @@ def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None or not math.isfinite(value) else round(value, 3)
 
 
+# ------------------------------------------------------------------ watch caches
+
+JOB_META_READ = ("name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp")
+
+
+def job_view(body) -> dict:
+    """What the allocator reads of a LeptonJob, as kopf's watch last delivered it (the
+    `jobs_by_key` index): so a pass lists no jobs. Its resourceVersion may be behind the
+    API's; a write on a stale one gets a Conflict and the next tick decides again."""
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {k: meta[k] for k in JOB_META_READ if meta.get(k) is not None},
+        "spec": body.get("spec") or {},
+        "status": body.get("status") or {},
+    }
+
+
+def gpu_pod_view(body) -> Optional[dict]:
+    """A pod that holds or waits for GPUs, reduced to what `capacity_view` reads (the
+    `gpu_pods` index, over every pod the operator's watch sees); None for any other pod."""
+    gpus = pod_gpus(body)
+    phase = (body.get("status") or {}).get("phase")
+    if gpus == 0 or phase in ("Succeeded", "Failed"):
+        return None
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return {
+        "metadata": {
+            "namespace": meta.get("namespace", ""),
+            "labels": {k: labels[k] for k in (LABEL_MANAGED_BY, LABEL_JOB_NAME) if k in labels},
+        },
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName"), "containers": [_gpus_container(gpus)]},
+        "status": {"phase": phase},
+    }
+
+
+def _gpus_container(gpus: int) -> dict:
+    return {"resources": {"limits": {GPU: str(gpus)}}}
+
+
 # ------------------------------------------------------------------ the pass (I/O)
 
 
@@ -404,36 +444,65 @@ def _list_jobs(ctx: OperatorContext) -> list[dict]:
     return [job for ns in namespaces for job in ctx.kube.list_jobs(ns)]
 
 
-def _read_world(ctx: OperatorContext, memory: AllocatorMemory, specs: dict[JobKey, LeptonJobSpec]):
-    """Capacity and priorities (blocking; run in a thread)."""
-    classes: dict[str, int] = {}
-    if memory.priority_classes_readable:
-        try:
-            classes = priority_values(ctx.kube.list_priority_classes())
-        except (PermanentApiError, TransientApiError) as e:
-            if isinstance(e, PermanentApiError):
-                memory.priority_classes_readable = False
-            log.warning(f"cannot read PriorityClasses, priorityClassName counts as 0: {e}")
+PRIORITY_CLASSES_MAX_AGE = 60.0  # seconds: PriorityClasses change rarely
+
+
+def _priority_classes(ctx: OperatorContext, memory: AllocatorMemory) -> dict[str, int]:
+    """PriorityClass values, listed at most every PRIORITY_CLASSES_MAX_AGE seconds."""
+    if not memory.priority_classes_readable:
+        return {}
+    now = time.monotonic()
+    if now - memory.priority_classes_at < PRIORITY_CLASSES_MAX_AGE:
+        return memory.priority_classes
+    try:
+        memory.priority_classes = priority_values(ctx.kube.list_priority_classes())
+        memory.priority_classes_at = now
+    except (PermanentApiError, TransientApiError) as e:
+        if isinstance(e, PermanentApiError):
+            memory.priority_classes_readable = False
+        log.warning(f"cannot read PriorityClasses, priorityClassName counts as 0: {e}")
+        return {}
+    return memory.priority_classes
+
+
+def _read_world(
+    ctx: OperatorContext,
+    memory: AllocatorMemory,
+    specs: dict[JobKey, LeptonJobSpec],
+    gpu_pods: Optional[list[dict]] = None,
+):
+    """Capacity and priorities (blocking; run in a thread). `gpu_pods`: the pods holding
+    GPUs from the watch cache (the `gpu_pods` index); None: list them."""
+    classes = _priority_classes(ctx, memory)
     namespaces = ctx.config.namespaces
     if ctx.config.gpu_budget is not None:
         # The admin's budget is the capacity; only our own pods are counted against it.
-        pods = [p for ns in sorted({ns for ns, _ in specs}) for p in ctx.kube.list_pods(ns, LABEL_JOB_NAME)]
-        view = capacity_view([], pods, specs)
+        if gpu_pods is None:
+            gpu_pods = [p for ns in sorted({ns for ns, _ in specs}) for p in ctx.kube.list_pods(ns, LABEL_JOB_NAME)]
+        view = capacity_view([], [p for p in gpu_pods if job_of_pod(p) is not None], specs)
         return CapacityView(Capacity(ctx.config.gpu_budget), view.held, {key: None for key in specs}), classes
-    if namespaces:
+    if namespaces and not memory.warned_namespaced:
         # Namespaced mode: other namespaces' pods are out of sight (and out of RBAC).
-        if not memory.warned_namespaced:
-            log.warning("namespaced mode without --gpu-budget: GPUs used by pods of other namespaces are not seen")
-            memory.warned_namespaced = True
+        log.warning("namespaced mode without --gpu-budget: GPUs used by pods of other namespaces are not seen")
+        memory.warned_namespaced = True
+    if gpu_pods is None and namespaces:
         watched = sorted({ns for ns, _ in specs} | {ns for ns in namespaces if not any(c in ns for c in "*?[")})
-        pods = [p for ns in watched for p in ctx.kube.list_pods(ns, "")]
-    else:
-        pods = ctx.kube.list_active_pods()
-    return capacity_view(ctx.kube.list_nodes(), pods, specs), classes
+        gpu_pods = [p for ns in watched for p in ctx.kube.list_pods(ns, "")]
+    elif gpu_pods is None:
+        gpu_pods = ctx.kube.list_active_pods()
+    # Nodes: one list per pass (their allocatable GPUs, taints and labels); pods and jobs
+    # come from the watch caches.
+    return capacity_view(ctx.kube.list_nodes(), gpu_pods, specs), classes
 
 
-async def allocator_tick(ctx: OperatorContext, logger: logging.Logger) -> None:
-    """Run a pass if one is due (interval elapsed, or a job arrived or finished)."""
+async def allocator_tick(
+    ctx: OperatorContext,
+    logger: logging.Logger,
+    jobs: Optional[Iterable[dict]] = None,
+    gpu_pods: Optional[Iterable[dict]] = None,
+) -> None:
+    """Run a pass if one is due (interval elapsed, or a job arrived or finished). `jobs`
+    and `gpu_pods`: the watch caches (`job_view`, `gpu_pod_view` entries); None: list."""
     memory = ctx.allocator
     if memory.running:
         return
@@ -443,7 +512,7 @@ async def allocator_tick(ctx: OperatorContext, logger: logging.Logger) -> None:
         return
     memory.running, memory.wanted, memory.last_run = True, False, mono
     try:
-        await allocator_pass(ctx, logger)
+        await allocator_pass(ctx, logger, jobs, gpu_pods)
     except (TransientApiError, PermanentApiError) as e:
         logger.warning(f"allocator: {e}")
         memory.wanted = True
@@ -451,9 +520,15 @@ async def allocator_tick(ctx: OperatorContext, logger: logging.Logger) -> None:
         memory.running = False
 
 
-async def allocator_pass(ctx: OperatorContext, logger: logging.Logger) -> dict[str, Allocation]:
+async def allocator_pass(
+    ctx: OperatorContext,
+    logger: logging.Logger,
+    jobs_cached: Optional[Iterable[dict]] = None,
+    gpu_pods: Optional[Iterable[dict]] = None,
+) -> dict[str, Allocation]:
     """One allocation over every job this operator manages; see the module docstring."""
-    bodies = await asyncio.to_thread(_list_jobs, ctx)
+    bodies = list(jobs_cached) if jobs_cached is not None else await asyncio.to_thread(_list_jobs, ctx)
+    pods = list(gpu_pods) if gpu_pods is not None else None
     now = datetime.now(timezone.utc)
     jobs: dict[JobKey, tuple[dict, LeptonJobSpec, LeptonJobStatus]] = {}
     for body in bodies:
@@ -469,7 +544,7 @@ async def allocator_pass(ctx: OperatorContext, logger: logging.Logger) -> dict[s
             continue
         jobs[(meta["namespace"], meta["name"])] = (body, spec, status)
     specs = {key: spec for key, (_, spec, _) in jobs.items()}
-    view, classes = await asyncio.to_thread(_read_world, ctx, ctx.allocator, specs)
+    view, classes = await asyncio.to_thread(_read_world, ctx, ctx.allocator, specs, pods)
     states = [
         job_state(
             key,

@@ -179,6 +179,9 @@ class AllocatorMemory:
     running: bool = False
     priority_classes_readable: bool = True
     """False once listing PriorityClasses was refused (RBAC): not asked again."""
+    priority_classes: dict = dataclasses.field(default_factory=dict)
+    """name -> value, as last listed (at most every minute)."""
+    priority_classes_at: float = float("-inf")
     warned_namespaced: bool = False
 
 
