@@ -61,6 +61,9 @@ from lepton_operator.api.crd import crd_for_server
 from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, parse_job
 from lepton_operator.desired import LABEL_JOB_NAME, JobRef, build_worker_pod
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stubprom import StubPrometheus  # noqa: E402  (a module next to this script)
+
 NS_LJ = "bench-lj"
 NS_JOB = "bench-job"
 NS_SYSTEM = "bench-system"
@@ -232,18 +235,26 @@ def operator_kubeconfig(cluster: LocalCluster, api: client.ApiClient, path: Path
 # ------------------------------------------------------------------ workloads
 
 
-def lepton_spec(workers: int) -> dict:
-    """A LeptonJob spec of `workers` 1-GPU workers, fixed size (no autoscaling)."""
-    return {
+def lepton_spec(workers: int, elastic: bool = False) -> dict:
+    """A LeptonJob spec of `workers` 1-GPU workers: fixed size, or (`elastic`) between
+    workers/2 and workers, starting at workers, with autoscaling on (the stub Prometheus
+    answers its queries; the cluster allocator decides its size)."""
+    spec = {
         "image": "lepton-ai/lepton-trainer:0.1.0",
         "workers": {"min": workers, "max": workers, "initial": workers},
         "resources": {"gpus": 1},
         "terminationGracePeriodSeconds": 1,
     }
+    if elastic:
+        spec["workers"]["min"] = max(1, workers // 2)
+        # The spec's defaults, but a short warm-up: the stub answers at once, and the queries
+        # (the load this measures) start within the idle window.
+        spec["autoscaling"] = {"enabled": True, "intervalSeconds": 30, "windowSeconds": 60, "warmupSeconds": 10}
+    return spec
 
 
-def lepton_job(name: str, workers: int) -> dict:
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": lepton_spec(workers)}
+def lepton_job(name: str, workers: int, elastic: bool = False) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": lepton_spec(workers, elastic)}
 
 
 def batch_job(name: str, workers: int) -> dict:
@@ -274,9 +285,10 @@ class Workload:
 
     def __init__(self, kind: str, namespace: str, pod_label: str, path: str, build):
         self.kind, self.namespace, self.pod_label, self.path, self.build = kind, namespace, pod_label, path, build
+        self.options: dict = {}  # keyword arguments for `build` (LeptonJobs: elastic)
 
     def create(self, api, name: str, workers: int) -> None:
-        raw(api, "POST", self.path, body=self.build(name, workers))
+        raw(api, "POST", self.path, body=self.build(name, workers, **self.options))
 
     def delete_all(self, api) -> None:
         raw(
@@ -407,6 +419,7 @@ class ProcSampler(threading.Thread):
         super().__init__(daemon=True, name="procsampler")
         self.pid, self.interval = pid, interval
         self.samples: list[tuple[float, float, float]] = []  # (monotonic, rss MiB, cpu s)
+        self.load: list[tuple[float, float]] = []  # (monotonic, 1-minute load average), every 10 s
         self._halt = threading.Event()
 
     @staticmethod
@@ -428,8 +441,12 @@ class ProcSampler(threading.Thread):
         return s
 
     def run(self) -> None:
+        n = 0
         while not self._halt.wait(self.interval):
             self.sample()
+            if n % 10 == 0:
+                self.load.append((time.monotonic(), os.getloadavg()[0]))
+            n += 1
 
     def stop(self) -> None:
         self._halt.set()
@@ -598,6 +615,8 @@ class Bench:
         self.operator: OperatorProcess | None = None
         self.sampler: ProcSampler | None = None
         self.watches: dict[str, PodWatch] = {}
+        self.prometheus: StubPrometheus | None = None
+        self.profiles = 0
         self.results: dict = {
             "args": vars(args),
             "latency": [],
@@ -605,21 +624,27 @@ class Bench:
             "api": {},
             "churn": {},
             "create_phase_requests": [],
+            "memory_profiles": [],
         }
+
+    def workloads(self) -> tuple[Workload, ...]:
+        """The controllers compared: the Job controller's phase is skipped with --operator-only."""
+        return (LEPTON,) if self.args.operator_only else (BATCH, LEPTON)
 
     # --- setup / teardown --------------------------------------------------------
 
     def start(self) -> None:
         a = self.args
-        nodes_needed = math.ceil(max(a.ks) * self.W / GPUS_PER_NODE) + 1
-        nodes = [SimulatedNode(name=f"gpu-node-{i:04d}", gpus=GPUS_PER_NODE, pods=110) for i in range(nodes_needed)]
-        log(f"starting the local control plane with {nodes_needed} simulated nodes x {GPUS_PER_NODE} GPUs")
+        gpus = a.gpus_per_node
+        nodes_needed = math.ceil(max(a.ks) * self.W / gpus) + 1
+        nodes = [SimulatedNode(name=f"gpu-node-{i:04d}", gpus=gpus, pods=110) for i in range(nodes_needed)]
+        log(f"starting the local control plane with {nodes_needed} simulated nodes x {gpus} GPUs")
         self.cluster = AuditedCluster(nodes=nodes, kubelet_mode="default", audit_user=OPERATOR_USER, progress=log)
         self.cluster.start()
         self.api = self.cluster.api_client()
         install_crd(self.api)
         kubeconfig = operator_kubeconfig(self.cluster, self.api, self.cluster.workdir / "operator.kubeconfig")
-        for wl in (LEPTON, BATCH):
+        for wl in self.workloads():
             w = PodWatch(self.cluster.api_client(), wl.namespace, wl.pod_label)
             w.start()
             w.ready.wait(30)
@@ -630,15 +655,54 @@ class Bench:
         if a.api_threads:
             op_args += ["--api-threads", str(a.api_threads)]
             log(f"operator API calls on {a.api_threads} threads")
+        if a.api_qps is not None:
+            op_args += ["--api-qps", str(a.api_qps)]
+        if a.elastic:
+            # Every job elastic, the allocator on (the operator's default) and every query
+            # answered: the operator's whole per-job load, as in a cluster with Prometheus.
+            LEPTON.options = {"elastic": True}
+            self.prometheus = StubPrometheus(workers=lambda ns, job: self.W)
+            op_args += ["--prometheus-url", self.prometheus.url, "--allocator"]
+            log(f"elastic jobs: autoscaler and allocator on, stub Prometheus at {self.prometheus.url}")
+        if a.profile_memory:
+            self.profile_dir = self.cluster.workdir / "memprofile"
+            self.profile_dir.mkdir(exist_ok=True)
+            env["LEPTON_TRACEMALLOC"] = str(a.profile_frames)
+            env["LEPTON_TRACEMALLOC_PATH"] = str(self.profile_dir / "memprofile-{n}.txt")
+            log(f"operator under tracemalloc ({a.profile_frames} frames): its RSS is inflated, compare runs without it")
         self.operator = OperatorProcess(self.cluster, NS_LJ, op_args, env, self.cluster.logs_dir / "operator.log")
         self.sampler = ProcSampler(self.operator.pid, interval=1.0)
         self.sampler.start()
-        # Warm-up (not measured): both controllers have their watches open and caches full.
-        for wl in (BATCH, LEPTON):
+        # Warm-up (not measured): the controllers have their watches open and caches full.
+        for wl in self.workloads():
             self.run_batch(wl, ["warmup"], timeout=120)
             self.cleanup(wl)
         time.sleep(2.0)
         self.results["operator_rss_at_start_mib"] = self.sampler.sample()[1]  # warm, no jobs
+        self.profile(0)
+
+    def profile(self, k: int) -> None:
+        """With --profile-memory: the operator's tracemalloc report (SIGUSR1) holding K jobs."""
+        if not self.args.profile_memory or not self.operator.running():
+            return
+        import signal
+
+        self.profiles += 1
+        path = self.profile_dir / f"memprofile-{self.profiles}.txt"
+        t0 = time.monotonic()
+        os.kill(self.operator.pid, signal.SIGUSR1)
+        while not path.exists() and time.monotonic() - t0 < 600:
+            time.sleep(0.5)
+        if not path.exists():
+            log(f"no memory profile from the operator after {time.monotonic() - t0:.0f} s")
+            return
+        text = path.read_text()
+        self.results["memory_profiles"].append({"k": k, "seconds": time.monotonic() - t0, "text": text})
+        if self.args.artifacts:
+            dest = Path(self.args.artifacts)
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / f"memprofile-k{k}.txt").write_text(text)
+        log(f"memory profile at K={k} in {time.monotonic() - t0:.0f} s: {text.splitlines()[1:3]}")
 
     def stop(self) -> None:
         if self.sampler:
@@ -647,6 +711,8 @@ class Bench:
             w.stop()
         if self.operator:
             self.operator.stop()
+        if self.prometheus:
+            self.prometheus.stop()
         if self.cluster and self.args.artifacts:
             dest = Path(self.args.artifacts)
             dest.mkdir(parents=True, exist_ok=True)
@@ -744,26 +810,58 @@ class Bench:
             f"p99 {row['created_p99']:.2f}s; running p50 {row['running_p50']:.2f}s p99 {row['running_p99']:.2f}s"
         )
         if wl is LEPTON:
+            q0 = self.prometheus.counts()["total"] if self.prometheus else 0
             row["settle_s"] = self.wait_settled()
+            t_settled = time.monotonic()
             evs = audit_events(self.cluster, a0)
             per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch", "list"))
             self.results["create_phase_requests"].append(
                 {"k": k, "requests": sum(per.values()), "per_job": sum(per.values()) / k, "by_kind": dict(per)}
             )
+            window = self.sampler.window(t_phase, t_settled)
+            if len(window) >= 2:
+                row["operator_cpu_percent_create"] = (
+                    100.0 * (window[-1][2] - window[0][2]) / max(1e-9, window[-1][0] - window[0][0])
+                )
+                row["operator_rss_peak_create_mib"] = max(w[1] for w in window)
+            row["phase_s"] = t_settled - t_phase
+            row["loadavg_1m_end"] = os.getloadavg()[0]
+            if self.prometheus:
+                row["prometheus_queries_create"] = self.prometheus.counts()["total"] - q0
             self.idle_phase(k, t_phase)
-        row["cleanup_s"] = self.cleanup(wl)
+            self.profile(k)
+        if self.last_phase(k):
+            # Nothing runs after this one: stopping the cluster removes the jobs (deleting
+            # 8,000 pods through the garbage collector would take longer than the run).
+            row["cleanup_s"] = None
+        else:
+            row["cleanup_s"] = self.cleanup(wl)
         return row
+
+    def last_phase(self, k: int) -> bool:
+        a = self.args
+        return k == a.ks[-1] and a.api_jobs <= 0 and a.churn_seconds <= 0
 
     def wait_settled(self, quiet: float = 5.0, timeout: float = 300.0) -> float:
         """Wait until the operator has sent no write for `quiet` seconds (reads are its
-        periodic resync); return the seconds it kept writing after this call."""
+        periodic resync); return the seconds it kept writing after this call.
+
+        Elastic jobs: the autoscaler writes each job's status every interval for as long as
+        it runs, so only writes other than status patches count (creates, deletes, spec
+        patches such as the allocator's replicas)."""
         t0 = time.monotonic()
         offset = audit_offset(self.cluster)
         last_write = t0
+
+        def counts(e: dict) -> bool:
+            if e.get("verb") not in WRITE_VERBS:
+                return False
+            return not (self.args.elastic and (e.get("objectRef") or {}).get("subresource") == "status")
+
         while time.monotonic() - t0 < timeout:
             time.sleep(0.5)
             end = audit_offset(self.cluster)
-            if any(e.get("verb") in WRITE_VERBS for e in audit_events(self.cluster, offset, end)):
+            if any(counts(e) for e in audit_events(self.cluster, offset, end)):
                 last_write = time.monotonic()
             offset = end
             if time.monotonic() - last_write >= quiet:
@@ -778,11 +876,14 @@ class Bench:
         if secs <= 0:
             return
         a0 = audit_offset(self.cluster)
+        q0 = self.prometheus.counts() if self.prometheus else None
         s0 = self.sampler.sample()
+        load0 = os.getloadavg()
         time.sleep(secs)
         s1 = self.sampler.sample()
         evs = audit_events(self.cluster, a0)
         reqs = [e for e in evs if e.get("verb") not in ("watch", "list")]
+        minutes = (s1[0] - s0[0]) / 60.0
         row = {
             "k": k,
             "seconds": s1[0] - s0[0],
@@ -790,13 +891,26 @@ class Bench:
             "rss_max_mib": max(s[1] for s in self.sampler.window(s0[0], s1[0])),
             "rss_peak_phase_mib": max(s[1] for s in self.sampler.window(t_phase, s1[0])),
             "cpu_percent": 100.0 * (s1[2] - s0[2]) / (s1[0] - s0[0]),
-            "requests_per_job_per_min": len(reqs) / k / ((s1[0] - s0[0]) / 60.0),
+            "requests_per_job_per_min": len(reqs) / k / minutes,
             "by_kind": dict(Counter(request_key(e) for e in reqs)),
+            "loadavg_start": load0,
+            "loadavg_end": os.getloadavg(),
         }
+        if self.prometheus:
+            q1 = self.prometheus.counts()
+            row["prometheus_queries_per_job_per_min"] = (q1["total"] - q0["total"]) / k / minutes
+            row["prometheus_queries_by_kind"] = {
+                kind: n - q0["by_kind"].get(kind, 0) for kind, n in q1["by_kind"].items()
+            }
         self.results["idle"].append(row)
         log(
             f"idle K={k}: RSS {row['rss_mib']:.1f} MiB, CPU {row['cpu_percent']:.1f} %, "
             f"{row['requests_per_job_per_min']:.2f} requests/job/min"
+            + (
+                f", {row['prometheus_queries_per_job_per_min']:.2f} Prometheus queries/job/min"
+                if self.prometheus
+                else ""
+            )
         )
 
     def api_phase(self) -> None:
@@ -908,19 +1022,28 @@ class Bench:
         self.results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
         self.results["operator_version"] = operator_version()
+        t0 = time.monotonic()
         self.start()
         for k in self.args.ks:
-            for wl in (BATCH, LEPTON):
+            for wl in self.workloads():
                 self.results["latency"].append(self.latency_phase(wl, k))
             if not self.operator.running():
                 raise RuntimeError("the operator exited:\n" + self.operator.log_text()[-3000:])
         self.api_phase()
         self.churn_phase()
+        if self.args.churn_seconds > 0:
+            self.profile(-1)  # -1: after the churn, no jobs (compare with the first, K = 0)
         self.results["reconcile_histogram"] = self.reconcile_histogram()
         self.results["operator_log_errors"] = [
             line for line in self.operator.log_text().splitlines() if " ERROR " in line or "Traceback" in line
         ][:20]
+        if self.prometheus:
+            self.results["prometheus_queries"] = self.prometheus.counts()
         self.results["machine"]["loadavg_at_end"] = os.getloadavg()
+        loads = [v for _, v in self.sampler.load]
+        self.results["machine"]["loadavg_1m_max"] = max(loads) if loads else None
+        self.results["machine"]["loadavg_1m_mean"] = statistics.fmean(loads) if loads else None
+        self.results["wall_seconds"] = time.monotonic() - t0
         return self.results
 
 
@@ -1004,16 +1127,30 @@ def report(res: dict) -> str:
         st = r.get("apiserver_steps") or {}
         cells = [f"{fmt(st[k]['p50'])} / {fmt(st[k]['p99'])}" if k in st else "-" for k in steps]
         lines.append(f"| {r['k']} | {r['kind']} | " + " | ".join(cells) + " |")
+    creates = [r for r in lat if r["kind"] == "LeptonJob" and r.get("phase_s") is not None]
+    if creates:
+        lines.append("\n### Operator while K LeptonJobs start (create -> all Running -> no more creates)\n")
+        lines.append(
+            "| K | phase s | RSS peak MiB | CPU % (1 core = 100) | Prometheus queries | load 1m at start / end |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        for r in creates:
+            lines.append(
+                f"| {r['k']} | {fmt(r['phase_s'], 0)} | {fmt(r.get('operator_rss_peak_create_mib'), 1)} | "
+                f"{fmt(r.get('operator_cpu_percent_create'), 1)} | {r.get('prometheus_queries_create', '-')} | "
+                f"{fmt(r['loadavg_1m'], 1)} / {fmt(r.get('loadavg_1m_end'), 1)} |"
+            )
     if res["idle"]:
         lines.append("\n### Operator footprint holding K jobs idle\n")
         lines.append(
-            "| K | RSS MiB (idle) | RSS max MiB (idle) | RSS peak MiB (create + idle) | CPU % idle (1 core = 100) | requests/job/min idle | window s |"
+            "| K | RSS MiB (idle) | RSS max MiB (idle) | RSS peak MiB (create + idle) | CPU % idle (1 core = 100) | requests/job/min idle | Prometheus queries/job/min | window s | load 1m |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in res["idle"]:
             lines.append(
                 f"| {r['k']} | {fmt(r['rss_mib'], 1)} | {fmt(r['rss_max_mib'], 1)} | {fmt(r.get('rss_peak_phase_mib'), 1)} | {fmt(r['cpu_percent'], 1)} | "
-                f"{fmt(r['requests_per_job_per_min'], 2)} | {fmt(r['seconds'], 0)} |"
+                f"{fmt(r['requests_per_job_per_min'], 2)} | {fmt(r.get('prometheus_queries_per_job_per_min'), 2)} | {fmt(r['seconds'], 0)} | "
+                f"{fmt((r.get('loadavg_end') or [None])[0], 1)} |"
             )
         pts = [(r["k"], r.get("rss_peak_phase_mib", r["rss_max_mib"])) for r in res["idle"]]
         if len(pts) >= 2:
@@ -1073,11 +1210,17 @@ def report(res: dict) -> str:
     hist = res.get("reconcile_histogram") or {}
     if hist:
         lines.append(f"\nOperator reconcile passes: {hist}")
+    if res.get("prometheus_queries"):
+        lines.append(f"\nStub Prometheus queries over the run: {res['prometheus_queries']}")
+    for prof in res.get("memory_profiles") or []:
+        head = "\n".join(prof["text"].splitlines()[:3])
+        lines.append(f"\nMemory profile at K = {prof['k']} (tracemalloc, {fmt(prof['seconds'], 0)} s): {head}")
     m = res.get("machine", {})
     lines.append(f"\nOperator code: {res.get('operator_version', 'unknown')}.")
     lines.append(
         f"\nMachine: {m.get('cpus')} CPUs, load average at start {m.get('loadavg_at_start')}, "
-        f"at end {m.get('loadavg_at_end')}."
+        f"at end {m.get('loadavg_at_end')}, 1-minute load over the run: mean {fmt(m.get('loadavg_1m_mean'), 1)}, "
+        f"max {fmt(m.get('loadavg_1m_max'), 1)}; wall time {fmt(res.get('wall_seconds'), 0)} s."
     )
     if res.get("operator_log_errors"):
         lines.append("\nOperator log errors (first 20):\n```\n" + "\n".join(res["operator_log_errors"]) + "\n```")
@@ -1103,11 +1246,60 @@ def main(argv=None) -> int:
         help="the operator's --api-threads (threads and pooled connections for its API calls; "
         "default: the operator's own)",
     )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=GPUS_PER_NODE,
+        help=f"GPUs of each simulated node (default {GPUS_PER_NODE}; the simulated kubelet renews every node's "
+        "lease every 2 s, so K = 1,000 on 8-GPU nodes is 1,001 nodes of background load)",
+    )
+    p.add_argument(
+        "--api-qps",
+        type=float,
+        default=None,
+        help="the operator's --api-qps (its client-side rate limit; default: the operator's own, 50)",
+    )
+    p.add_argument(
+        "--operator-only",
+        action="store_true",
+        help="skip the Job-controller phases: LeptonJobs only (implies --elastic unless --no-elastic)",
+    )
+    p.add_argument(
+        "--elastic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="every LeptonJob elastic with autoscaling on, the operator's allocator on and --prometheus-url "
+        "at a stub Prometheus the harness runs (default: on with --operator-only, off otherwise)",
+    )
+    p.add_argument(
+        "--profile-memory",
+        action="store_true",
+        help="run the operator under tracemalloc (LEPTON_TRACEMALLOC) and take a profile at start and at "
+        "each K (SIGUSR1); RSS figures are then inflated by tracemalloc itself",
+    )
+    p.add_argument("--profile-frames", type=int, default=4, help="tracemalloc frames per allocation (default 4)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes, for CI: K = 20, operator only (elastic), 35 s idle (> the 30 s resync), 1 API lifecycle, 30 s churn "
+        "of 5 jobs (explicit options override none of these)",
+    )
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--markdown", help="write the tables here")
     p.add_argument("--artifacts", help="copy the operator log and the audit log here before the cluster goes")
     args = p.parse_args(argv)
+    if args.quick:
+        args.ks, args.operator_only, args.idle_seconds = "20", True, 35.0
+        args.api_jobs, args.churn_seconds, args.churn_jobs = 1, 30.0, 5
+    if args.elastic is None:
+        args.elastic = args.operator_only
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    import signal
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")  # so that `finally` stops the cluster and the operator
+
+    signal.signal(signal.SIGTERM, terminated)
     bench = Bench(args)
     try:
         res = bench.run()

@@ -272,6 +272,8 @@ def read_policy(path: Optional[str]) -> AdminPolicy:
 
 def run(args) -> int:
     """Start the operator and block until it stops (SIGTERM/SIGINT)."""
+    import lepton_operator.reconcile.memprofile  # noqa: F401  (LEPTON_TRACEMALLOC=1: tracemalloc, dump on SIGUSR1)
+
     try:
         policy = read_policy(args.policy_file)
     except InvalidPolicy as e:
