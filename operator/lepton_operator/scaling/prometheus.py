@@ -103,11 +103,17 @@ def selector(metric: str, namespace: str, job_name: str, generation: Optional[in
     return f"{metric}{{{', '.join(labels)}}}"
 
 
-def throughput_query(namespace: str, job_name: str, window_seconds: int, generation: Optional[int] = None) -> str:
-    """Whole-job samples/s: `sum(rate(lepton_trainer_samples_total{...}[<w>s]))`."""
+def _window(window_seconds: int) -> int:
+    """A range query's window in whole seconds; ValueError unless positive."""
     window = int(window_seconds)
     if window <= 0:
         raise ValueError("window_seconds must be positive")
+    return window
+
+
+def throughput_query(namespace: str, job_name: str, window_seconds: int, generation: Optional[int] = None) -> str:
+    """Whole-job samples/s: `sum(rate(lepton_trainer_samples_total{...}[<w>s]))`."""
+    window = _window(window_seconds)
     return f"sum(rate({selector(SAMPLES_METRIC, namespace, job_name, generation)}[{window}s]))"
 
 
@@ -116,9 +122,7 @@ def comm_fraction_query(namespace: str, job_name: str, window_seconds: int, gene
     `sum(rate(lepton_trainer_comm_seconds_sum{...}[<w>s])) / sum(rate(lepton_trainer_step_seconds_sum{...}[<w>s]))`.
 
     Empty when the trainer exports no split (another image, a synthetic or paced run)."""
-    window = int(window_seconds)
-    if window <= 0:
-        raise ValueError("window_seconds must be positive")
+    window = _window(window_seconds)
     comm = selector(COMM_SECONDS_METRIC + "_sum", namespace, job_name, generation)
     step = selector(STEP_SECONDS_METRIC + "_sum", namespace, job_name, generation)
     return f"sum(rate({comm}[{window}s])) / sum(rate({step}[{window}s]))"
@@ -127,9 +131,7 @@ def comm_fraction_query(namespace: str, job_name: str, window_seconds: int, gene
 def progress_query(namespace: str, job_name: str, window_seconds: int, generation: int) -> str:
     """Samples processed by the whole job over the window (the hang watchdog's measure):
     `sum(increase(lepton_trainer_samples_total{...}[<w>s]))`."""
-    window = int(window_seconds)
-    if window <= 0:
-        raise ValueError("window_seconds must be positive")
+    window = _window(window_seconds)
     return f"sum(increase({selector(SAMPLES_METRIC, namespace, job_name, generation)}[{window}s]))"
 
 
