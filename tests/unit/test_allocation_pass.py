@@ -339,16 +339,10 @@ def test_only_pack_jobs_with_gpus_get_a_limit_and_the_job_state_carries_it():
 
 
 class ListsNothing:
-    """A Kube whose lists of jobs and pods fail the test: the pass must use the caches."""
+    """A Kube whose list of pods fails the test (and that cannot list jobs): the pass must use the caches."""
 
     def __init__(self, nodes):
         self.nodes, self.written = nodes, []
-
-    def list_jobs(self, namespace=None):
-        raise AssertionError("listed the jobs")
-
-    def list_active_pods(self):
-        raise AssertionError("listed the pods")
 
     def list_pods(self, namespace, selector):
         raise AssertionError("listed the pods")

@@ -133,7 +133,7 @@ def test_a_429_forever_is_a_transient_error_after_three_retries_each_with_its_to
 def test_the_wait_comes_from_the_status_body_without_a_header_and_is_capped():
     waits: list[float] = []
     with Server([too_many(body_seconds=2), too_many("3600"), too_many(), OK]) as server:
-        kube_for(server, sleep=waits.append).list_jobs("ns")
+        kube_for(server, sleep=waits.append).list_nodes()
     assert waits == [2.0, MAX_RETRY_AFTER, 1.0]  # body, capped header, the default
     assert len(server.hits) == 4
 

@@ -132,17 +132,11 @@ def test_the_per_job_series_are_bounded_by_the_jobs_of_the_last_pass():
 class _FakeKube:
     """The reads an allocator pass makes, and writes that succeed."""
 
-    def __init__(self, jobs: list[dict], nodes: list[dict], pods: list[dict]) -> None:
-        self.jobs, self.nodes, self.pods = jobs, nodes, pods
-
-    def list_jobs(self, namespace: str | None = None) -> list[dict]:
-        return self.jobs
+    def __init__(self, nodes: list[dict]) -> None:
+        self.nodes = nodes
 
     def list_priority_classes(self) -> list[dict]:
         return []
-
-    def list_active_pods(self) -> list[dict]:
-        return self.pods
 
     def list_nodes(self) -> list[dict]:
         return self.nodes
@@ -175,7 +169,7 @@ def test_an_allocator_pass_records_what_it_saw_and_decided():
     import asyncio
     import logging
 
-    from lepton_operator.reconcile.allocation import allocator_pass
+    from lepton_operator.reconcile.allocation import allocator_pass, job_view
     from lepton_operator.reconcile.context import OperatorContext
 
     node = {
@@ -185,9 +179,9 @@ def test_an_allocator_pass_records_what_it_saw_and_decided():
     }
     # "first" fits (2 workers x 4 GPUs); "second", created later, does not: it is queued.
     jobs = [_job("first", 4, 2, "2026-01-01T00:00:00Z"), _job("second", 8, 1, "2026-01-01T00:01:00Z")]
-    ctx = OperatorContext(kube=_FakeKube(jobs, [node], []))
+    ctx = OperatorContext(kube=_FakeKube([node]))
     passes = value("lepton_operator_allocator_passes_total") or 0.0
-    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test")))
+    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(j) for j in jobs], []))
     assert decisions["alloc-pass/first"].admitted and not decisions["alloc-pass/second"].admitted
     assert value("lepton_operator_cluster_gpus") == 8
     assert value("lepton_operator_job_allocated_workers", namespace="alloc-pass", job_name="first") == 2
@@ -197,8 +191,7 @@ def test_an_allocator_pass_records_what_it_saw_and_decided():
     assert waited is not None and waited > 3600  # created long ago
     assert value("lepton_operator_job_queued_seconds", namespace="alloc-pass", job_name="first") is None
     assert value("lepton_operator_allocator_passes_total") == passes + 1
-    ctx.kube.jobs = []  # both gone: the next pass leaves no per-job series
-    asyncio.run(allocator_pass(ctx, logging.getLogger("test")))
+    asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [], []))  # both gone: no per-job series left
     assert [s for s in samples() if s.labels.get("namespace") == "alloc-pass"] == []
     assert value("lepton_operator_queued_jobs") == 0
 

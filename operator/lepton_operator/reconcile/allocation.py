@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import json
 import logging
 import math
@@ -434,16 +433,6 @@ def _gpus_container(gpus: int) -> dict:
 # ------------------------------------------------------------------ the pass (I/O)
 
 
-def _list_jobs(ctx: OperatorContext) -> list[dict]:
-    namespaces = ctx.config.namespaces
-    if not namespaces or any(any(ch in ns for ch in "*?[") for ns in namespaces):
-        items = ctx.kube.list_jobs()
-        if namespaces:
-            items = [j for j in items if any(fnmatch.fnmatch(j["metadata"]["namespace"], ns) for ns in namespaces)]
-        return items
-    return [job for ns in namespaces for job in ctx.kube.list_jobs(ns)]
-
-
 PRIORITY_CLASSES_MAX_AGE = 60.0  # seconds: PriorityClasses change rarely
 
 
@@ -466,30 +455,20 @@ def _priority_classes(ctx: OperatorContext, memory: AllocatorMemory) -> dict[str
 
 
 def _read_world(
-    ctx: OperatorContext,
-    memory: AllocatorMemory,
-    specs: dict[JobKey, LeptonJobSpec],
-    gpu_pods: Optional[list[dict]] = None,
+    ctx: OperatorContext, memory: AllocatorMemory, specs: dict[JobKey, LeptonJobSpec], gpu_pods: list[dict]
 ):
     """Capacity and priorities (blocking; run in a thread). `gpu_pods`: the pods holding
-    GPUs from the watch cache (the `gpu_pods` index); None: list them."""
+    GPUs, from the watch cache (the `gpu_pods` index: in namespaced mode, those of the
+    watched namespaces)."""
     classes = _priority_classes(ctx, memory)
-    namespaces = ctx.config.namespaces
     if ctx.config.gpu_budget is not None:
         # The admin's budget is the capacity; only our own pods are counted against it.
-        if gpu_pods is None:
-            gpu_pods = [p for ns in sorted({ns for ns, _ in specs}) for p in ctx.kube.list_pods(ns, LABEL_JOB_NAME)]
         view = capacity_view([], [p for p in gpu_pods if job_of_pod(p) is not None], specs)
         return CapacityView(Capacity(ctx.config.gpu_budget), view.held, {key: None for key in specs}), classes
-    if namespaces and not memory.warned_namespaced:
+    if ctx.config.namespaces and not memory.warned_namespaced:
         # Namespaced mode: other namespaces' pods are out of sight (and out of RBAC).
         log.warning("namespaced mode without --gpu-budget: GPUs used by pods of other namespaces are not seen")
         memory.warned_namespaced = True
-    if gpu_pods is None and namespaces:
-        watched = sorted({ns for ns, _ in specs} | {ns for ns in namespaces if not any(c in ns for c in "*?[")})
-        gpu_pods = [p for ns in watched for p in ctx.kube.list_pods(ns, "")]
-    elif gpu_pods is None:
-        gpu_pods = ctx.kube.list_active_pods()
     # Nodes: one list per pass (their allocatable GPUs, taints and labels); pods and jobs
     # come from the watch caches.
     return capacity_view(ctx.kube.list_nodes(), gpu_pods, specs), classes
@@ -498,11 +477,11 @@ def _read_world(
 async def allocator_tick(
     ctx: OperatorContext,
     logger: logging.Logger,
-    jobs: Optional[Iterable[dict]] = None,
-    gpu_pods: Optional[Iterable[dict]] = None,
+    jobs: Iterable[dict],
+    gpu_pods: Iterable[dict],
 ) -> None:
     """Run a pass if one is due (interval elapsed, or a job arrived or finished). `jobs`
-    and `gpu_pods`: the watch caches (`job_view`, `gpu_pod_view` entries); None: list."""
+    and `gpu_pods`: the watch caches (`job_view`, `gpu_pod_view` entries)."""
     memory = ctx.allocator
     if memory.running:
         return
@@ -523,12 +502,12 @@ async def allocator_tick(
 async def allocator_pass(
     ctx: OperatorContext,
     logger: logging.Logger,
-    jobs_cached: Optional[Iterable[dict]] = None,
-    gpu_pods: Optional[Iterable[dict]] = None,
+    jobs_cached: Iterable[dict],
+    gpu_pods: Iterable[dict],
 ) -> dict[str, Allocation]:
-    """One allocation over every job this operator manages; see the module docstring."""
-    bodies = list(jobs_cached) if jobs_cached is not None else await asyncio.to_thread(_list_jobs, ctx)
-    pods = list(gpu_pods) if gpu_pods is not None else None
+    """One allocation over every job this operator manages (from the watch caches: kopf
+    watches exactly the namespaces it manages); see the module docstring."""
+    bodies, pods = list(jobs_cached), list(gpu_pods)
     now = datetime.now(timezone.utc)
     jobs: dict[JobKey, tuple[dict, LeptonJobSpec, LeptonJobStatus]] = {}
     for body in bodies:

@@ -383,24 +383,10 @@ class Kube:
         """Every node (cluster-scoped, read-only: for node loss and drains)."""
         return self._call("list nodes", "GET", "/api/v1/nodes").get("items") or []
 
-    def list_active_pods(self) -> list[dict]:
-        """Every pod of the cluster not yet finished (read-only: the cluster allocator
-        subtracts the GPUs of pods that are not LeptonJob workers from the capacity)."""
-        query = {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}
-        return self._call("list pods of all namespaces", "GET", "/api/v1/pods", query=query).get("items") or []
-
     def list_priority_classes(self) -> list[dict]:
         """Every PriorityClass (read-only: a LeptonJob's priorityClassName gives its priority)."""
         path = "/apis/scheduling.k8s.io/v1/priorityclasses"
         return self._call("list priorityclasses", "GET", path).get("items") or []
-
-    def list_jobs(self, namespace: Optional[str] = None) -> list[dict]:
-        """LeptonJobs of a namespace, or of the whole cluster (None)."""
-        path = _PATHS[KIND].format(ns=quote(namespace)) if namespace else f"/apis/{GROUP}/{VERSION}/{PLURAL}"
-        items = self._call(f"list {PLURAL}", "GET", path).get("items") or []
-        for item in items:
-            item.setdefault("kind", KIND)
-        return items
 
     def exists(self, namespace: str, kind: str, name: str) -> bool:
         path = _PATHS[kind].format(ns=quote(namespace)) + "/" + quote(name)
