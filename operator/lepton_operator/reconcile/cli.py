@@ -175,7 +175,8 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_API_QPS,
         metavar="QPS",
         help="the operator's own API requests per second, averaged (0: unlimited; default "
-        f"{DEFAULT_API_QPS:g}: keeps ~1,000 idle jobs resynced (~3 requests per job per minute) and starts "
+        f"{DEFAULT_API_QPS:g}: ~1,000 idle fixed-size jobs (~3 requests per job-minute), ~460 elastic ones "
+        "(6.5 measured, benchmarks/RESULTS.md); starts "
         "100 jobs of 8 workers, ~2,000 requests, in ~40 s; like kube-controller-manager's --kube-api-qps)",
     )
     p.add_argument(
