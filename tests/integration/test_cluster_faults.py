@@ -30,7 +30,7 @@ def uids(kube, namespace, job) -> dict[str, str]:
 def test_a_watch_gap_never_gets_a_live_pod_deleted_nor_leaves_the_job_waiting_on_a_ghost(
     kube, k8s, local_cluster, namespace, run_operator
 ):
-    op = run_operator(*FAST, "--relist-seconds", "10")
+    op = run_operator(*FAST, "--relist-seconds", "10", "--settled-relist-seconds", "10")
     create_job(kube, namespace, job_body("gap"))
     wait(k8s, running(kube, namespace, "gap", 2, 1), 40, "Running", op)
 

@@ -84,3 +84,79 @@ def test_error_sets_metrics_unavailable_keeps_other_conditions_and_holds():
     plan2 = plan_autoscale(SPEC, st2, Sample(150.0, NOW.timestamp(), {}), NOW)
     conds2 = {c["type"]: c for c in plan2.status_patch["conditions"]}
     assert conds2[CONDITION_METRICS_UNAVAILABLE]["status"] == "False"
+    # Still back at the next pass: nothing more to say (the message would only repeat a number).
+    st3 = status(conditions=plan2.status_patch["conditions"])
+    assert "conditions" not in plan_autoscale(SPEC, st3, Sample(151.0, NOW.timestamp(), {}), NOW).status_patch
+
+
+# ------------------------------------------------- a steady job costs few status writes
+
+RECORDED_AT = NOW - timedelta(seconds=60)
+
+
+def steady(throughput=200.0, at=RECORDED_AT, progress=0.5, comm=None):
+    """A job at 2 workers whose last measurement (at `at`) found `throughput`."""
+    obs = {"worldSize": 2, "throughput": throughput, "measuredAt": at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if comm is not None:
+        obs["commFraction"] = comm
+    return status(autoscaling={"observations": [obs]}, throughput=throughput, progress=progress)
+
+
+def written(st, value, refresh=300.0, progress=None, comm=None):
+    plan = plan_autoscale(
+        SPEC,
+        st,
+        Sample(value, NOW.timestamp(), {}),
+        NOW,
+        progress=progress,
+        decide_size=False,
+        comm_fraction=comm,
+        refresh=refresh,
+    )
+    return plan.status_patch
+
+
+def test_a_steady_measurement_is_not_written_again_until_the_refresh():
+    assert written(steady(), 201.0) == {}  # within 2 %, recorded 60 s ago, refresh 300 s
+    assert written(steady(at=NOW - timedelta(seconds=300)), 201.0)["throughput"] == 201.0  # refresh due
+    moved = written(steady(), 206.0)  # 3 % faster: news
+    assert moved["throughput"] == 206.0 and len(moved["autoscaling"]["observations"]) == 2
+    assert written(steady(comm=0.30), 200.0, comm=0.35)["autoscaling"]["commFraction"] == 0.35
+    assert written(steady(comm=0.30), 200.0, comm=0.31) == {}
+    assert "observations" in written(steady(), 200.0, comm=0.31)["autoscaling"]  # a split newly exported
+
+
+def test_a_new_generation_or_size_is_always_recorded():
+    # The last observation at this size predates this generation's warm-up end.
+    old = steady(at=NOW - timedelta(seconds=95))  # the generation started 100 s ago, 10 s warm-up
+    assert written(old, 200.0)["throughput"] == 200.0
+    other_size = status(
+        autoscaling={"observations": [{"worldSize": 1, "throughput": 100, "measuredAt": "2025-01-01T00:59:00Z"}]}
+    )
+    assert written(other_size, 100.0)["throughput"] == 100.0
+
+
+def test_progress_alone_is_written_when_it_moved_a_percentage_point():
+    from lepton_operator.scaling.prometheus import Progress
+
+    assert written(steady(progress=0.5), 200.0, progress=Progress(505, 1000)) == {}
+    patch = written(steady(progress=0.5), 200.0, progress=Progress(510, 1000))
+    assert patch["progress"] == 0.51 and patch["remainingSamples"] == 490.0 and "observations" not in patch
+    # With a recorded measurement the progress goes along, however little it moved.
+    patch = written(steady(progress=0.5), 210.0, progress=Progress(501, 1000))
+    assert patch["progress"] == 0.501 and patch["throughput"] == 210.0
+
+
+def test_the_refresh_stays_within_the_per_job_policys_staleness():
+    from lepton_operator.reconcile.autoscaling import ALLOCATOR_REFRESH_SECONDS, refresh_seconds
+    from lepton_operator.scaling.policy import STALE_INTERVALS
+
+    assert refresh_seconds(30, decide_size=True) < STALE_INTERVALS * 30
+    assert refresh_seconds(30, decide_size=False) == ALLOCATOR_REFRESH_SECONDS
+    # The per-job policy still decides on a measurement the refresh kept: it is not stale.
+    st = steady(at=NOW - timedelta(seconds=refresh_seconds(5, True) - 1))
+    plan = plan_autoscale(
+        SPEC, st, Sample(200.0, NOW.timestamp(), {}), NOW, decide_size=True, refresh=refresh_seconds(5, True)
+    )
+    assert "observations" not in plan.status_patch.get("autoscaling", {})
+    assert "stale" not in plan.decision.message

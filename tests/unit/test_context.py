@@ -10,7 +10,7 @@ import pytest
 from lepton_operator import metrics
 from lepton_operator.desired import JobRef
 from lepton_operator.reconcile.config import OperatorConfig
-from lepton_operator.reconcile.context import EventRecorder, Expectations, OperatorContext, WatchHealth
+from lepton_operator.reconcile.context import EventRecorder, Expectations, OperatorContext, WatchHealth, newer
 from lepton_operator.reconcile.loop import job_loop
 from lepton_operator.reconcile.podcache import PodCache
 
@@ -93,15 +93,36 @@ def test_event_recorder_skips_an_identical_event_within_its_window():
 def test_watch_health_turns_stale_when_the_watch_lags_the_api_for_long():
     health = WatchHealth(stale_after=0.01)
     health.watched(KEY, "5")
-    health.compare(KEY, "5")
-    assert health.stale() == []
-    health.compare(KEY, "7")  # the API is ahead of what the watch delivered
+    health.known(KEY, "5")
+    assert health.stale() == [] and not health.behind(KEY, "5")
+    health.known(KEY, "7")  # the API answered a version the watch has not delivered
+    assert health.behind(KEY, "5") and not health.behind(KEY, "7")
     assert health.stale() == []  # not for long yet
     time.sleep(0.02)
     assert health.stale() == ["ns/job"]
+    health.watched(KEY, "6")  # delivered, but not yet what the API answered
+    assert health.stale() == ["ns/job"]
     health.watched(KEY, "7")
-    health.compare(KEY, "7")
+    assert health.stale() == [] and not health.behind(KEY, "7")
+
+
+def test_watch_health_ignores_versions_the_watch_already_delivered_and_jobs_it_forgot():
+    health = WatchHealth(stale_after=0.0)
+    health.watched(KEY, "12")
+    health.known(KEY, "9")  # a write's answer arriving after the watch delivered a later event
+    health.known(KEY, "12")
+    assert health.stale() == [] and not health.behind(KEY, "12")
+    health.known(("ns", "never-watched"), "3")  # not a job the watch has shown: nothing to expect
+    health.forget(KEY)
+    health.known(KEY, "20")  # a late answer for a deleted job must not fail the liveness probe
+    time.sleep(0.01)
     assert health.stale() == []
+
+
+def test_resource_versions_compare_as_numbers_and_otherwise_count_any_difference_as_newer():
+    assert newer("10", "9") and not newer("9", "10") and not newer("10", "10")
+    assert newer("5", None) and not newer(None, "5")
+    assert newer("b", "a") and newer("a", "b") and not newer("a", "a")
 
 
 def test_pod_cache_drops_ghosts_the_api_no_longer_has_and_reports_a_lasting_disagreement():
@@ -147,7 +168,7 @@ def remember_everything(ctx: OperatorContext, key, uid) -> None:
     """What a few passes, the watches, the timers and an event leave about a job."""
     ctx.triggers.get(key)
     ctx.watch.watched(key, "5")
-    ctx.watch.compare(key, "7")  # lagging
+    ctx.watch.known(key, "7")  # lagging
     ctx.expected.created(key, pod("job-worker-1"))
     ctx.expected.deleted(key, "job-worker-0-uid")
     ctx.pods.listed(key, indexed_before=[pod("job-worker-0", uid="ghost")], listed=[])
@@ -164,7 +185,7 @@ def test_forget_drops_every_per_job_entry_and_the_phase_and_events_expire():
     remember_everything(ctx, KEY, "other-uid")  # another job, which must keep its entries
     held = remembered(ctx, GONE_KEY, GONE_UID)
     # The probe sees every table (so an empty answer below means something).
-    for table in ("triggers._events", "watch.seen", "watch.lagging_since", "expected._created", "expected._deleted"):
+    for table in ("triggers._events", "watch.seen", "watch.ahead", "expected._created", "expected._deleted"):
         assert table in held
     for table in ("pods._listed_at", "pods._ghosts", "pods._disagree_since", "autoscaler.autoscaler", "taken.taken"):
         assert table in held
@@ -213,3 +234,15 @@ def test_when_a_deleted_jobs_loop_ends_nothing_about_the_job_remains():
     ctx.events.should_post(("other-uid", "Normal", "Resumed", "m"))
     assert remembered(ctx, GONE_KEY, GONE_UID) == []
     assert jobs_counted() == counted  # the phase gauge no longer counts it
+
+
+def test_a_settled_job_is_relisted_less_often_than_one_in_motion():
+    cache = PodCache(relist_seconds=0.0, settled_relist_seconds=3600)
+    cache.listed(KEY, indexed_before=[], listed=[])
+    assert cache.relist_due(KEY) and not cache.relist_due(KEY, settled=True)
+    cache.request_relist(KEY)  # a delete found its pod gone: list at once, settled or not
+    assert cache.relist_due(KEY, settled=True)
+    # Never more often than the job-in-motion period.
+    slow = PodCache(relist_seconds=3600, settled_relist_seconds=0)
+    slow.listed(KEY, indexed_before=[], listed=[])
+    assert not slow.relist_due(KEY, settled=True)

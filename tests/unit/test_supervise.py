@@ -157,3 +157,37 @@ def test_unserved_reason_names_what_is_missing():
     assert unserved_reason(FakeKube(["leptonjobs"])) is None
     assert unserved_reason(FakeKube([])) == "lepton.ai/v1alpha1 has no leptonjobs"
     assert "refused" in unserved_reason(FakeKube(TransientApiError("discover lepton.ai/v1alpha1: refused")))
+
+
+def test_kopfs_own_requests_take_tokens_from_the_operators_limiter(monkeypatch):
+    import asyncio
+    import time
+
+    from kopf._cogs.clients import api
+
+    from lepton_operator.reconcile.ratelimit import TokenBucket
+    from lepton_operator.reconcile.supervise import limit_kopf_requests
+
+    sent: list[float] = []
+
+    async def kopf_request(method, url, **kwargs):  # stands for kopf's authenticated request
+        sent.append(time.monotonic())
+        return f"{method} {url}"
+
+    monkeypatch.setattr(api, "request", kopf_request)
+    limiter = TokenBucket(qps=20, burst=2)
+    limit_kopf_requests(limiter)
+    limit_kopf_requests(limiter)  # twice wraps once
+
+    async def five():
+        return await asyncio.gather(*(api.request("get", f"/x/{i}", settings=None, logger=None) for i in range(5)))
+
+    began = time.monotonic()
+    assert asyncio.run(five()) == [f"get /x/{i}" for i in range(5)]
+    # 2 at once (the burst), then one every 1/20 s: the fifth ~0.15 s after the first.
+    assert sent[1] - began < 0.05 and sent[4] - began >= 0.14
+    assert api.request.lepton_original is kopf_request
+    # kopf's helpers (get, patch, post, delete, stream) look `request` up when called, so
+    # the wrapper sees every one of them.
+    for helper in (api.get, api.post, api.patch, api.delete, api.stream):
+        assert "request" in helper.__code__.co_names, helper.__name__

@@ -12,12 +12,16 @@ the job; if so, and the job is Running with no rescale under way, it
    once at least `windowSeconds` have passed;
 2. records it, with its rate window, in `status.autoscaling.observations` (the latest per
    world size and the most recent ones: the allocator fits its model to all of them) and
-   in `status.throughput`; with it, when the trainer exports the split, the fraction of
-   the step time spent on communication over the same window
+   in `status.throughput`, when it says something new (`worth_recording`: a new size or
+   generation, a move of over 2%, or the last one is old: two intervals with the per-job
+   policy, 5 minutes with the allocator), so that a steady job costs few status writes;
+   with it, when the trainer exports the split, the fraction of the step time spent on
+   communication over the same window
    (`sum(rate(lepton_trainer_comm_seconds_sum)) / sum(rate(lepton_trainer_step_seconds_sum))`)
    in the observation and in `status.autoscaling.commFraction` (`kubectl get lj -o wide`,
    COMM); records the trainer's progress (`status.progress`,
-   `remainingSamples`, `estimatedCompletionTime`); sets the condition
+   `remainingSamples`, `estimatedCompletionTime`) with a measurement or when it moved by a
+   percentage point; sets the condition
    `MetricsUnavailable` (True with the error while data is missing, False once back);
 3. with `--no-allocator`, for an elastic job: calls the pure per-job policy
    (`scaling.policy.decide`), records `status.autoscaling.lastDecision`, and when the
@@ -43,7 +47,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from lepton_operator import metrics
 from lepton_operator.api.conditions import (
@@ -65,11 +69,20 @@ from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.executor import post_events
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
-from lepton_operator.scaling.policy import ScaleDecision, ScalingState, decide
+from lepton_operator.reconcile.loop import read_job
+from lepton_operator.scaling.policy import STALE_INTERVALS, ScaleDecision, ScalingState, decide
 from lepton_operator.scaling.prometheus import MetricsError, Progress, PrometheusClient, Sample
 
 # Longest rate window: beyond an hour the generation mean hardly changes.
 MAX_WINDOW_SECONDS = 3600
+# A measurement is written to status when throughput moved by more than this fraction
+# (or the communication fraction by more than RECORD_COMM_CHANGE), else at the refresh.
+RECORD_THROUGHPUT_CHANGE = 0.02
+RECORD_COMM_CHANGE = 0.02
+# With the cluster allocator, a steady job's measurement is written anew every 5 minutes.
+ALLOCATOR_REFRESH_SECONDS = 300.0
+# Progress alone is written when it moved by one percentage point.
+PROGRESS_STEP = 0.01
 
 
 @dataclass
@@ -111,8 +124,9 @@ def _metrics_condition(
     status: LeptonJobStatus, unavailable: bool, message: str, now: datetime, observed_generation: Optional[int]
 ) -> Optional[list]:
     """The conditions list with MetricsUnavailable set, or None when it would not change."""
-    if not unavailable and get_condition(status, CONDITION_METRICS_UNAVAILABLE) is None:
-        return None  # never unavailable so far: nothing to say
+    current = get_condition(status, CONDITION_METRICS_UNAVAILABLE)
+    if not unavailable and (current is None or current.status == "False"):
+        return None  # never unavailable so far, or already back: nothing new to say
     reason = REASON_METRICS_UNAVAILABLE if unavailable else REASON_METRICS_AVAILABLE
     return conditions_patch(
         status, CONDITION_METRICS_UNAVAILABLE, unavailable, reason, message, now, observed_generation
@@ -137,6 +151,36 @@ def record_observation(observations: list[Observation], new: Observation) -> lis
     return sorted((o for o in by_time if id(o) in keep), key=lambda o: (o.world_size, o.measured_at))
 
 
+def worth_recording(
+    observations: list[Observation], new: Observation, refresh_seconds: float, since: Optional[datetime]
+) -> bool:
+    """Whether a measurement says something the recorded ones do not, so that a job whose
+    speed holds costs one status write per `refresh_seconds`, not one per interval: no
+    observation at this size since `since` (the generation's warm-up end), the latest is
+    `refresh_seconds` old, or throughput or communication fraction moved noticeably."""
+    same = [o for o in observations if o.world_size == new.world_size]
+    latest = max(same, key=lambda o: o.measured_at, default=None)
+    if latest is None or (since is not None and latest.measured_at < since):
+        return True
+    if (new.measured_at - latest.measured_at).total_seconds() >= refresh_seconds:
+        return True
+    if abs(new.throughput - latest.throughput) > RECORD_THROUGHPUT_CHANGE * max(latest.throughput, 1e-9):
+        return True
+    old_comm, new_comm = latest.comm_fraction, new.comm_fraction
+    if (old_comm is None) != (new_comm is None):
+        return True
+    return old_comm is not None and abs(new_comm - old_comm) > RECORD_COMM_CHANGE
+
+
+def refresh_seconds(interval: float, decide_size: bool) -> float:
+    """How long a steady job's latest observation may stand before it is recorded anew:
+    within the per-job policy's staleness (STALE_INTERVALS intervals) when it decides
+    sizes; with the cluster allocator, whose fit fades measurements over half an hour,
+    `ALLOCATOR_REFRESH_SECONDS`."""
+    within_policy = (STALE_INTERVALS - 1) * interval
+    return within_policy if decide_size else max(within_policy, ALLOCATOR_REFRESH_SECONDS)
+
+
 def progress_patch(progress: Optional[Progress], throughput: Optional[float], now: datetime) -> dict:
     """status.progress, remainingSamples and estimatedCompletionTime (at the current
     throughput), from the trainer's progress metrics; nothing when it does not export them."""
@@ -159,6 +203,7 @@ def plan_autoscale(
     progress: Optional[Progress] = None,
     decide_size: bool = True,
     comm_fraction: Optional[float] = None,
+    refresh: Optional[float] = None,
 ) -> AutoscalePlan:
     """One autoscaler pass, pure: record the measurement, decide, say what to write.
 
@@ -167,12 +212,15 @@ def plan_autoscale(
     is too young to be measured. `progress` is the trainer's position in its run.
     `comm_fraction` is the communication fraction of the step time over the same window
     (None: not exported); it goes with the measurement. With `decide_size` False (the
-    cluster allocator decides sizes) it only records.
+    cluster allocator decides sizes) it only records. With `refresh` (seconds) a
+    measurement is recorded only when `worth_recording`, and progress only when it moved
+    by `PROGRESS_STEP` (or goes with a recorded measurement); None records every one.
     """
     plan = AutoscalePlan()
     auto_patch: dict = {}
     n = status.world_size
     observations = list(status.autoscaling.observations)
+    recorded = False
     if isinstance(measured, Sample):
         fraction = None if comm_fraction is None else round(min(1.0, max(0.0, comm_fraction)), 4)
         observation = Observation(
@@ -182,11 +230,16 @@ def plan_autoscale(
             window_seconds=window_seconds,
             comm_fraction=fraction,
         )
-        observations = record_observation(observations, observation)
-        auto_patch["observations"] = [o.to_k8s() for o in observations]
-        if fraction is not None or status.autoscaling.comm_fraction is not None:
-            auto_patch["commFraction"] = fraction  # None removes a fraction no longer exported
-        plan.status_patch["throughput"] = round(measured.value, 3)
+        warm = status.generation_start_time
+        if warm is not None:
+            warm += timedelta(seconds=spec.autoscaling.warmup_seconds)
+        recorded = refresh is None or worth_recording(observations, observation, refresh, warm)
+        if recorded:
+            observations = record_observation(observations, observation)
+            auto_patch["observations"] = [o.to_k8s() for o in observations]
+            if fraction is not None or status.autoscaling.comm_fraction is not None:
+                auto_patch["commFraction"] = fraction  # None removes a fraction no longer exported
+            plan.status_patch["throughput"] = round(measured.value, 3)
         conditions = _metrics_condition(
             status, False, f"throughput {measured.value:.1f} samples/s at {n} workers", now, observed_generation
         )
@@ -201,7 +254,10 @@ def plan_autoscale(
     if conditions is not None:
         plan.status_patch["conditions"] = conditions
     throughput = measured.value if isinstance(measured, Sample) else status.throughput
-    plan.status_patch.update(progress_patch(progress, throughput, now))
+    progressed = progress_patch(progress, throughput, now)
+    moved = status.progress is None or abs(progressed.get("progress", 0.0) - status.progress) >= PROGRESS_STEP
+    if progressed and (recorded or moved or refresh is None):
+        plan.status_patch.update(progressed)
 
     if decide_size:
         # Without a fresh measurement the policy holds (it checks staleness itself).
@@ -309,19 +365,25 @@ def prometheus_client(config: OperatorConfig) -> Optional[PrometheusClient]:
 
 
 async def autoscale_pass(
-    ctx: OperatorContext, namespace: str, name: str, interval: float, logger: logging.Logger
+    ctx: OperatorContext,
+    namespace: str,
+    name: str,
+    interval: float,
+    logger: logging.Logger,
+    live: Optional[Mapping] = None,
 ) -> None:
     """If `interval` seconds passed since the job was last measured: measure, decide and,
-    if the size should change, write spec.workers.replicas; events after the writes."""
+    if the size should change, write spec.workers.replicas; events after the writes.
+    `live`: kopf's live body of the job (loop.read_job)."""
     memory = ctx.autoscaler_memory((namespace, name))
     mono = time.monotonic()
     if memory.last_run is not None and mono - memory.last_run < interval - 0.5:
         return
     kube = ctx.kube
     try:
-        # Fresh, not kopf's cached body: the core may have just started a rescale, and
-        # the status write below is conditional on exactly this version.
-        body = await asyncio.to_thread(kube.get_job, namespace, name)
+        # The writes below are conditional on this body's version: should the core have
+        # just written (a rescale begun), they get a Conflict and the next tick reads again.
+        body = await read_job(ctx, namespace, name, live)
         if body is None or body["metadata"].get("deletionTimestamp"):
             ctx.autoscaler.pop((namespace, name), None)  # a tick after the job's loop forgot it
             return
@@ -341,6 +403,7 @@ async def autoscale_pass(
             measure_comm_fraction, client, namespace, name, measured, st.worker_generation, now
         )
         progress = await asyncio.to_thread(read_progress, client, namespace, name, now)
+        decide_size = job.autoscaling.enabled and not ctx.config.allocator
         plan = plan_autoscale(
             job,
             st,
@@ -349,8 +412,9 @@ async def autoscale_pass(
             observed_generation=body["metadata"].get("generation"),
             window_seconds=measured.window_seconds if isinstance(measured, Sample) else None,
             progress=progress,
-            decide_size=job.autoscaling.enabled and not ctx.config.allocator,
+            decide_size=decide_size,
             comm_fraction=comm,
+            refresh=refresh_seconds(interval, decide_size),
         )
         version = body["metadata"]["resourceVersion"]
         if plan.status_patch:

@@ -111,6 +111,13 @@ def add_parser(subparsers) -> None:
         help="re-list each job's pods this often, so a stale watch cache heals (default 60)",
     )
     p.add_argument(
+        "--settled-relist-seconds",
+        type=float,
+        default=300.0,
+        help="... and this often while a job runs with no rescale under way (default 300; "
+        "never more often than --relist-seconds)",
+    )
+    p.add_argument(
         "--policy-file",
         default=None,
         metavar="PATH",
@@ -308,6 +315,7 @@ def run(args) -> int:
         prometheus_ca_file=args.prometheus_ca_file,
         resync_seconds=args.resync_seconds,
         relist_seconds=args.relist_seconds,
+        settled_relist_seconds=args.settled_relist_seconds,
         policy=policy,
         network_policies=args.network_policies,
         prometheus_namespaces=args.prometheus_namespaces,
@@ -351,6 +359,7 @@ def run(args) -> int:
     )
 
     supervise.tolerate_unserved_resources()
+    supervise.limit_kopf_requests(limiter)
 
     def start_reactor() -> None:
         kube = Kube(api_client, limiter)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from typing import Optional
 
@@ -72,37 +73,76 @@ class EventRecorder:
         return True
 
 
-class WatchHealth:
-    """Detects a stuck watch: the job seen through kopf's watch lags the API for long.
+def newer(version: Optional[str], than: Optional[str]) -> bool:
+    """Whether resourceVersion `version` is later than `than` (None: nothing known).
 
-    Each pass GETs the job; the job's watch handler records the resourceVersion it
-    delivered. If they differ for longer than `stale_after` seconds (well past the
-    watch's server timeout, after which kopf reconnects), events are not arriving and the
-    liveness probe fails, so Kubernetes restarts the operator (docs/reliability.md, row 7).
+    etcd's resourceVersions are increasing integers, and every apiserver backed by etcd
+    serves them so; they are compared as numbers. Should a server send anything else,
+    two different versions count as "newer", which errs towards reading the API again.
+    """
+    if version is None:
+        return False
+    if than is None:
+        return True
+    if version.isdigit() and than.isdigit():
+        return int(version) > int(than)
+    return version != than
+
+
+class WatchHealth:
+    """Which job bodies kopf's watch has delivered, against what the API has told us.
+
+    The job's watch handler records each resourceVersion delivered (`watched`); every job
+    the operator reads or writes through `Kube` reports the version the API answered with
+    (`known`: wired in `OperatorContext`). A pass reads the job from kopf's live body
+    unless the watch is `behind` a version the operator already knows (its own last
+    write, usually), and then GETs it. A known version the watch has not delivered for
+    longer than `stale_after` seconds (well past the watch's server timeout, after which
+    kopf reconnects) means events are not arriving: the liveness probe fails, and
+    Kubernetes restarts the operator (docs/reliability.md, row 7).
     """
 
     def __init__(self, stale_after: float = WATCH_STALE_SECONDS) -> None:
         self.stale_after = stale_after
         self.seen: dict[JobKey, str] = {}
-        self.lagging_since: dict[JobKey, float] = {}
+        self.ahead: dict[JobKey, tuple[str, float]] = {}
+        """Job -> (the newest version the API answered that the watch has not delivered,
+        since when the watch has lagged)."""
+        self._lock = threading.Lock()  # `known` runs in the API threads, `watched` in the event loop
 
     def watched(self, key: JobKey, resource_version: Optional[str]) -> None:
-        if resource_version:
+        if not resource_version:
+            return
+        with self._lock:
             self.seen[key] = resource_version
+            pending = self.ahead.get(key)
+            if pending is not None and not newer(pending[0], resource_version):
+                del self.ahead[key]
 
-    def compare(self, key: JobKey, resource_version: Optional[str]) -> None:
-        if self.seen.get(key) == resource_version:
-            self.lagging_since.pop(key, None)
-        else:
-            self.lagging_since.setdefault(key, time.monotonic())
+    def known(self, key: JobKey, resource_version: Optional[str]) -> None:
+        """The API answered with this version of the job (a read or a write)."""
+        with self._lock:
+            if key not in self.seen or not newer(resource_version, self.seen[key]):
+                return  # a job the watch has not shown (or has forgotten), or delivered already
+            pending = self.ahead.get(key)
+            if pending is None:
+                self.ahead[key] = (resource_version, time.monotonic())
+            elif newer(resource_version, pending[0]):
+                self.ahead[key] = (resource_version, pending[1])  # still lagging since then
+
+    def behind(self, key: JobKey, resource_version: Optional[str]) -> bool:
+        """Whether a body at `resource_version` is older than a version the API answered."""
+        pending = self.ahead.get(key)
+        return pending is not None and newer(pending[0], resource_version)
 
     def forget(self, key: JobKey) -> None:
-        self.seen.pop(key, None)
-        self.lagging_since.pop(key, None)
+        with self._lock:
+            self.seen.pop(key, None)
+            self.ahead.pop(key, None)
 
     def stale(self) -> list[str]:
         now = time.monotonic()
-        return [f"{ns}/{name}" for (ns, name), t in self.lagging_since.items() if now - t > self.stale_after]
+        return [f"{ns}/{name}" for (ns, name), (_, t) in self.ahead.items() if now - t > self.stale_after]
 
 
 class Expectations:
@@ -205,6 +245,9 @@ class OperatorContext:
 
     def __post_init__(self) -> None:
         self.pods.relist_seconds = self.config.relist_seconds
+        self.pods.settled_relist_seconds = self.config.settled_relist_seconds
+        if self.kube is not None:
+            self.kube.job_seen = self.watch.known  # every job read or write tells the watch health
 
     def __copy__(self) -> OperatorContext:
         # kopf copies the operator-wide memo for each resource: share this one instead.

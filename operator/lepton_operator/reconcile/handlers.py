@@ -132,6 +132,7 @@ async def reconcile_loop(
     namespace,
     name,
     uid,
+    body,
     stopped,
     logger,
     memo: OperatorContext,
@@ -141,7 +142,8 @@ async def reconcile_loop(
     budgets_by_job,
     **kwargs,
 ):
-    """The job's reconcile loop (loop.job_loop)."""
+    """The job's reconcile loop (loop.job_loop); `body` is kopf's live view of the job,
+    replaced at every watch event, from which the passes read it (loop.read_job)."""
     indexes = {
         "pods_by_job": pods_by_job,
         "services_by_job": services_by_job,
@@ -149,7 +151,8 @@ async def reconcile_loop(
         "budgets_by_job": budgets_by_job,
         "network_policies_by_job": kwargs.get("network_policies_by_job"),  # absent unless registered
     }
-    await job_loop(memo, JobRef(name=name, namespace=namespace, uid=uid), indexes, lambda: bool(stopped), logger)
+    job = JobRef(name=name, namespace=namespace, uid=uid)
+    await job_loop(memo, job, indexes, lambda: bool(stopped), logger, live=body)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -172,7 +175,7 @@ def _hang_seconds(spec) -> float:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALER_TICK_SECONDS)
-async def tick(spec, name, namespace, logger, memo: OperatorContext, jobs_by_key, gpu_pods, **_):
+async def tick(spec, name, namespace, body, logger, memo: OperatorContext, jobs_by_key, gpu_pods, **_):
     """One timer per job (a task each: one, not three, at a thousand jobs), every 5 s:
 
     - the autoscaler, every `spec.autoscaling.intervalSeconds` (autoscaling.autoscale_pass):
@@ -180,13 +183,16 @@ async def tick(spec, name, namespace, logger, memo: OperatorContext, jobs_by_key
     - the cluster allocator's tick (allocation.allocator_tick: one pass for all jobs when
       due; every job ticks it, so it runs while any job exists; kopf pauses timers on a
       replica that is not the peering leader, so only the active operator allocates);
-    - the hang watchdog when `spec.restart.hangSeconds > 0` (watchdog.watchdog_pass)."""
+    - the hang watchdog when `spec.restart.hangSeconds > 0` (watchdog.watchdog_pass).
+
+    `body` is kopf's live view of the job: the autoscaler and the watchdog read it (a GET
+    only when it is older than a version the operator knows: loop.read_job)."""
     interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", AUTOSCALER_TICK_SECONDS)
-    await autoscale_pass(memo, namespace, name, interval, logger)
+    await autoscale_pass(memo, namespace, name, interval, logger, live=body)
     if memo.config.allocator:
         jobs = (view for store in jobs_by_key.values() for view in store)
         pods = (view for store in gpu_pods.values() for view in store)
         await allocator_tick(memo, logger, jobs, pods)
     hang = _hang_seconds(spec)
     if hang > 0:
-        await watchdog_pass(memo, namespace, name, hang, logger)
+        await watchdog_pass(memo, namespace, name, hang, logger, live=body)

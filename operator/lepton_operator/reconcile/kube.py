@@ -187,6 +187,14 @@ class Kube:
         self.limiter = limiter
         self._sleep = sleep
         self._policy_version: Optional[str] = None
+        self.job_seen: Optional[Callable[[tuple[str, str], Optional[str]], None]] = None
+        """Told the resourceVersion of every job read or written (OperatorContext wires it
+        to WatchHealth.known: passes then know when kopf's body is older)."""
+
+    def _saw_job(self, namespace: str, name: str, body: Optional[dict]) -> Optional[dict]:
+        if body and self.job_seen is not None:
+            self.job_seen((namespace, name), (body.get("metadata") or {}).get("resourceVersion"))
+        return body
 
     def policy_version(self) -> str:
         """`policy/v1` where the server has it (>= 1.21), else `policy/v1beta1` (asked once)."""
@@ -244,7 +252,7 @@ class Kube:
         """The job as stored now (None when it is gone)."""
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
         try:
-            return self.request("GET", path)
+            return self._saw_job(namespace, name, self.request("GET", path))
         except ApiException as e:
             # A 404 means "gone" only when it names the object: a restarting apiserver
             # answers 404 for the whole resource until it has loaded the CRDs again.
@@ -263,26 +271,28 @@ class Kube:
         """
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name) + "/status"
         body = {"metadata": {"resourceVersion": resource_version}, "status": status_patch}
-        return self._call(
+        written = self._call(
             f"patch {KIND} {namespace}/{name} status",
             "PATCH",
             path,
             body=body,
             content_type="application/merge-patch+json",
         )
+        return self._saw_job(namespace, name, written)
 
     def patch_job_replicas(self, namespace: str, name: str, resource_version: str, replicas: int) -> dict:
         """Set `spec.workers.replicas` (what an HPA writes through /scale), only if the job
         is still at `resource_version`."""
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"workers": {"replicas": replicas}}}
-        return self._call(
+        written = self._call(
             f"patch {KIND} {namespace}/{name} replicas",
             "PATCH",
             path,
             body=body,
             content_type="application/merge-patch+json",
         )
+        return self._saw_job(namespace, name, written)
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job itself (TTL after finish); children follow by garbage collection."""

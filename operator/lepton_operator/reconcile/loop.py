@@ -10,8 +10,12 @@ Pods, Services and PVCs are read from kopf indexes (kept current by kopf's watch
 list call per pass), with the operator's own recent creates and deletes overlaid
 (`Expectations`); a job's pods are re-listed now and then so that a stale index cannot
 keep a deleted pod (`podcache.PodCache`). Nodes come from one shared, briefly cached list
-(`nodes.NodeCache`) for node loss and drains. The job itself is read with one GET per pass, so a pass always decides
-on the latest status (the watch may lag the operator's own last write).
+(`nodes.NodeCache`) for node loss and drains. The job itself comes from kopf's live body
+(the daemon's `body`, which kopf replaces at every watch event), and from a GET only when
+that body is older than a version the operator already knows of (`WatchHealth.behind`: its
+own last write, which the watch has not delivered yet) or after a status write lost a race.
+A pass on a body that is stale anyway cannot do harm: its status write carries the body's
+resourceVersion and gets a Conflict, and the pass is redone on a fresh GET.
 
 Errors: a status conflict redoes the pass at once; API trouble (5xx, timeouts) retries
 with exponential backoff up to `MAX_BACKOFF_SECONDS`; a request refused for good (403,
@@ -23,9 +27,10 @@ keeps watching, so a corrected spec is picked up.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from lepton_operator import metrics
 from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, parse_job, parse_status
@@ -44,15 +49,33 @@ MAX_BACKOFF_SECONDS = 30.0
 GONE = "gone"
 
 
-async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: logging.Logger = log):
-    """One pass over the job: read it, plan, apply. Returns the requeue delay (None: none
-    asked for) or GONE when the job no longer exists (or is being deleted)."""
+async def read_job(
+    ctx: OperatorContext, namespace: str, name: str, live: Optional[Mapping] = None, fresh: bool = False
+) -> Optional[dict]:
+    """The job to decide on: a copy of kopf's `live` body when it is as new as anything the
+    operator knows, else (or with `fresh`) a GET. None: the job is gone."""
+    if live is not None and not fresh:
+        version = (live.get("metadata") or {}).get("resourceVersion")
+        if version and not ctx.watch.behind((namespace, name), version):
+            return copy.deepcopy(dict(live))  # kopf swaps the live body under us at the next event
+    return await asyncio.to_thread(ctx.kube.get_job, namespace, name)
+
+
+async def run_pass(
+    ctx: OperatorContext,
+    job: JobRef,
+    indexes: dict,
+    logger: logging.Logger = log,
+    live: Optional[Mapping] = None,
+    fresh: bool = False,
+):
+    """One pass over the job: read it (`read_job`), plan, apply. Returns the requeue delay
+    (None: none asked for) or GONE when the job no longer exists (or is being deleted)."""
     namespace, name, key = job.namespace, job.name, (job.namespace, job.name)
-    body = await asyncio.to_thread(ctx.kube.get_job, namespace, name)
+    body = await read_job(ctx, namespace, name, live, fresh)
     if body is None or body["metadata"].get("uid") != job.uid:
         return GONE  # the loop's end forgets the job (OperatorContext.forget)
     meta = body["metadata"]
-    ctx.watch.compare(key, meta.get("resourceVersion"))
     if meta.get("deletionTimestamp"):
         return GONE  # children go with the job (ownerReferences)
 
@@ -63,7 +86,7 @@ async def run_pass(ctx: OperatorContext, job: JobRef, indexes: dict, logger: log
     status = parse_status(body.get("status"))
     now = datetime.now(timezone.utc)
     indexed = [dict(p) for p in indexes["pods_by_job"].get(key, [])]
-    if ctx.pods.relist_due(key):
+    if ctx.pods.relist_due(key, settled=status.phase == "Running" and status.rescale is None):
         listed = await asyncio.to_thread(ctx.kube.list_pods, namespace, selector_string(name))
         seen = ctx.pods.listed(key, indexed, listed)
     else:
@@ -117,24 +140,29 @@ async def job_loop(
     indexes: dict,
     stopped: Callable[[], bool],
     logger: logging.Logger = log,
+    live: Optional[Mapping] = None,
 ) -> None:
-    """Reconcile the job until it is gone or `stopped()` turns true."""
+    """Reconcile the job until it is gone or `stopped()` turns true (`live`: kopf's live
+    body of the job, see `read_job`)."""
     key: JobKey = (job.namespace, job.name)
     trigger = ctx.triggers.get(key)
     failures = 0
+    fresh = False
     try:
         while not stopped():
             trigger.clear()
             delay: Optional[float]
             try:
                 with metrics.time_reconcile():
-                    outcome = await run_pass(ctx, job, indexes, logger)
+                    outcome = await run_pass(ctx, job, indexes, logger, live, fresh)
                 failures = 0
+                fresh = False
                 if outcome == GONE:
                     return
                 delay = outcome
             except Conflict:
-                continue  # the job changed under us: redo at once on fresh data
+                fresh = True  # the job changed under us: redo at once on a fresh GET
+                continue
             except TransientApiError as e:
                 failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)

@@ -108,6 +108,27 @@ def tolerate_unserved_resources(retry_seconds: float = WATCH_RETRY_SECONDS) -> N
     watching.continuous_watch = continuous_watch
 
 
+def limit_kopf_requests(limiter) -> None:
+    """Make each request kopf sends itself (its LISTs and watch starts, finalizer and
+    annotation patches, `kopf.event` posts, peering) take a token from `limiter`, the
+    operator's one rate limit (`--api-qps`), as `kube.py`'s requests do. kopf has no hook
+    for a limiter: this wraps its private `api.request`, which all its requests go through
+    (a retry inside it reuses the token). The wait is short: the operator's own requests
+    hold at most `--api-threads` tokens ahead of it. Calling it again replaces the limiter."""
+    from kopf._cogs.clients import api
+
+    original = getattr(api.request, "lepton_original", api.request)
+
+    async def request(*args, **kwargs):
+        wait = limiter.reserve()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return await original(*args, **kwargs)
+
+    request.lepton_original = original
+    api.request = request
+
+
 def wait_until_served(
     is_served: Callable[[], Optional[str]],
     what: str,

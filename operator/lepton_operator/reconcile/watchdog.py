@@ -17,12 +17,13 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from lepton_operator.api.models import HangReport, InvalidJob, LeptonJobSpec, LeptonJobStatus, parse_job, parse_status
 from lepton_operator.reconcile.autoscaling import prometheus_client
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
+from lepton_operator.reconcile.loop import read_job
 from lepton_operator.scaling.prometheus import MetricsError, PrometheusClient, Sample
 
 # How often the watchdog looks, as a fraction of hangSeconds (at least every TICK).
@@ -68,9 +69,15 @@ def measure_progress(
 
 
 async def watchdog_pass(
-    ctx: OperatorContext, namespace: str, name: str, hang_seconds: float, logger: logging.Logger
+    ctx: OperatorContext,
+    namespace: str,
+    name: str,
+    hang_seconds: float,
+    logger: logging.Logger,
+    live: Optional[Mapping] = None,
 ) -> None:
-    """Look at the job every `hang_seconds / CHECKS_PER_WINDOW`; record a hang if there is one."""
+    """Look at the job every `hang_seconds / CHECKS_PER_WINDOW`; record a hang if there is
+    one. `live`: kopf's live body of the job (loop.read_job)."""
     client = prometheus_client(ctx.config)
     if client is None:
         return  # no Prometheus: nothing to judge by
@@ -80,7 +87,7 @@ async def watchdog_pass(
         return
     memory.hang_checked = mono
     try:
-        body = await asyncio.to_thread(ctx.kube.get_job, namespace, name)
+        body = await read_job(ctx, namespace, name, live)
         if body is None or body["metadata"].get("deletionTimestamp"):
             ctx.autoscaler.pop((namespace, name), None)  # a tick after the job's loop forgot it
             return
