@@ -404,3 +404,53 @@ def test_a_pass_on_the_watch_caches_lists_no_jobs_and_no_pods():
     decision = decisions["ns/job"]
     assert decision.admitted and decision.target == 1  # only 2 GPUs left: one worker
     assert ctx.kube.written and ctx.kube.written[0][1] == "7"  # written on the cached resourceVersion
+
+
+class SlowWrites(ListsNothing):
+    """Each write takes a moment; counts how many are in flight at once."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        import threading
+
+        self.lock, self.in_flight, self.most = threading.Lock(), 0, 0
+
+    def patch_job_status(self, namespace, name, version, patch):
+        import time
+
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.02)
+        with self.lock:
+            self.in_flight -= 1
+        return super().patch_job_status(namespace, name, version, patch)
+
+
+def test_a_pass_writes_its_decisions_together_within_a_bound():
+    import asyncio
+    import logging
+
+    from lepton_operator.reconcile.allocation import WRITE_CONCURRENCY
+
+    node = {
+        "metadata": {"name": "n1"},
+        "spec": {},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"nvidia.com/gpu": "512"}},
+    }
+    ctx = OperatorContext(kube=SlowWrites([node]))
+    jobs = [
+        job_view(
+            {
+                "metadata": {**body()["metadata"], "name": f"job-{i}", "namespace": "ns", "uid": f"uid-{i}"},
+                "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+            }
+        )
+        for i in range(3 * WRITE_CONCURRENCY)
+    ]
+    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), jobs, []))
+    assert all(d.admitted for d in decisions.values())
+    assert len(ctx.kube.written) == len(jobs)  # every admission written
+    # Not one after the other (each write waited behind every job's own requests at 1,000
+    # jobs), and no more at once than the bound, so the jobs' passes still get threads.
+    assert 1 < ctx.kube.most <= WRITE_CONCURRENCY

@@ -191,3 +191,31 @@ def test_kopfs_own_requests_take_tokens_from_the_operators_limiter(monkeypatch):
     # the wrapper sees every one of them.
     for helper in (api.get, api.post, api.patch, api.delete, api.stream):
         assert "request" in helper.__code__.co_names, helper.__name__
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
+    import platform
+
+    from lepton_operator.reconcile.cli import cap_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cap_malloc_arenas() is False  # the administrator's setting stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt(M_ARENA_MAX) is glibc's")
+    assert cap_malloc_arenas() is True
+
+
+def test_kopfs_routine_success_lines_are_dropped_and_everything_else_kept():
+    import logging
+
+    from lepton_operator.reconcile.cli import without_routine_successes
+
+    def record(level, msg):
+        return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+
+    assert not without_routine_successes(record(logging.INFO, "Timer 'tick' succeeded."))
+    assert not without_routine_successes(record(logging.INFO, "Handler 'child_changed' succeeded."))
+    assert without_routine_successes(record(logging.INFO, "created Pod job-worker-0"))
+    assert without_routine_successes(record(logging.ERROR, "Timer 'tick' failed with an exception. Will retry."))
+    assert without_routine_successes(record(logging.WARNING, "Handler 'tick' succeeded."))

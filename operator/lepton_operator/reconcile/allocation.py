@@ -63,6 +63,9 @@ GPU = "nvidia.com/gpu"
 # A decision that says the same is written again after this long (status.allocation.time
 # shows it is alive); otherwise only changes are written, so a quiet cluster makes no writes.
 REFRESH_SECONDS = 300.0
+# A pass's writes in flight at once: half the default --api-threads, so the jobs' own passes
+# still find threads.
+WRITE_CONCURRENCY = 16
 
 log = logging.getLogger("lepton_operator.allocator")
 JobKey = tuple[str, str]
@@ -545,10 +548,17 @@ async def allocator_pass(
     for key, (body, spec, status) in jobs.items():
         writes = plan_job_writes(body, spec, status, decisions[f"{key[0]}/{key[1]}"], now)
         plans.append((key, body, writes))
-    # Shrinks first: their GPUs are what the grows of a later pass will use.
-    plans.sort(key=lambda p: not p[2].shrink)
-    for key, body, writes in plans:
-        await _write(ctx, key, body, writes, logger)
+    # Shrinks first: their GPUs are what the grows of a later pass will use. Within each
+    # group the writes go out together, WRITE_CONCURRENCY at a time: one after the other, a
+    # pass admitting a thousand jobs waited for each write behind every job's own requests.
+    limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+    async def write(key: JobKey, body: dict, writes: JobWrites) -> None:
+        async with limit:
+            await _write(ctx, key, body, writes, logger)
+
+    for shrinks in (True, False):
+        await asyncio.gather(*(write(*plan) for plan in plans if plan[2].shrink == shrinks))
     metrics.record_allocation(
         view.capacity.total,
         view.held,
