@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/control_plane.py [--ks 1,10,100] [--workers 8]
         [--idle-seconds 40] [--api-jobs 5] [--churn-seconds 600] [--churn-jobs 10]
-        [--api-threads N] [--json out.json] [--markdown out.md] [--artifacts DIR]
+        [--one-job N] [--api-threads N] [--api-qps QPS] [--api-burst N]
+        [--operator-only] [--[no-]elastic] [--profile-memory] [--quick]
+        [--json out.json] [--markdown out.md] [--artifacts DIR]
 
 One local control plane (real etcd, kube-apiserver 1.20.2, scheduler and
 controller-manager; `lepton_localcluster`) with enough simulated 8-GPU nodes for
@@ -31,6 +33,25 @@ subprocess. What it measures:
    (which has no client label in 1.20) is diffed over the same window as a cross-check
    for `leptonjobs`, the one resource only the operator and this harness touch. Watches
    are per connection, not per job, and are reported apart.
+4. One job at the schema's maximum (`--one-job N`, N <= 1000; after the K phases, before
+   the API phase; `--ks ''` or `--ks 0` runs no K phase): one LeptonJob of N 1-GPU
+   workers (`workers.min = max = replicas = N`; with `--elastic`, min N/2 and autoscaling
+   like every job of the run), on nodes sized for it: apply -> all N pods created, -> all
+   N Running (pod-watch stamps), the operator's requests for it (audit log: apply -> its
+   writes settle, and delete -> all pods gone), and the stored size of the object and of
+   its status once Running (compact JSON of a GET; etcd's limit is 1.5 MiB).
+5. The client-side rate limit (`--api-qps`, `--api-burst`, the operator's defaults unless
+   given), checked on the audit log over the whole run: every request of the operator's
+   identity by the apiserver's receive time (watches, long-running connections, counted
+   apart): the most requests in any 1 s (bound burst + qps), in any 10 s / 10 (bound
+   qps + burst/10), and a token bucket (qps, burst + max(1, qps x 0.05) tokens: slack for
+   50 ms of send -> receive jitter) replayed over them, whose largest overdraft is 0 when the limit
+   was honoured; all requests (one bucket covers both of the operator's clients), then per
+   client (the operator's own, and kopf's). `--api-qps 0`: the figures, no verdict.
+6. Memory, with `--profile-memory`: tracemalloc profiles of the operator (SIGUSR1) once
+   warm, at each K, with the one job, and at the churn's start, middle and end (cycle
+   boundaries, no jobs): each report's growth section is what happened since the one
+   before; the report shows the head of each and what grew most during the churn.
 
 Everything started here (cluster, operator) is stopped on exit, on an error and on Ctrl-C.
 """
@@ -58,8 +79,9 @@ from kubernetes.client.rest import ApiException
 from lepton_localcluster import LocalCluster, OperatorProcess, SimulatedNode
 from lepton_localcluster.procs import free_port
 from lepton_operator.api.crd import crd_for_server
-from lepton_operator.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, parse_job
+from lepton_operator.api.models import API_VERSION, GROUP, KIND, MAX_WORKERS, PLURAL, VERSION, parse_job
 from lepton_operator.desired import LABEL_JOB_NAME, JobRef, build_worker_pod
+from lepton_operator.reconcile.kube import DEFAULT_API_BURST, DEFAULT_API_QPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stubprom import StubPrometheus  # noqa: E402  (a module next to this script)
@@ -486,6 +508,15 @@ def audit_events(
     return out
 
 
+def per_job_request(ev: dict) -> bool:
+    """Whether a request counts towards the operator's per-job cost: everything but kopf's
+    watches and the lists that open them (per connection, shared by every job). The
+    operator's own lists (a job's pod re-list, the shared node list) count."""
+    if ev.get("verb") == "watch":
+        return False
+    return not (ev.get("verb") == "list" and (ev.get("userAgent") or "").startswith("kopf"))
+
+
 WRITE_VERBS = ("create", "update", "patch", "delete", "deletecollection")
 
 
@@ -589,6 +620,119 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return float("nan") if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 3600
 
 
+# --- the client-side rate limit, checked on the audit log (pure: lists of float seconds)
+
+# Slack of the bucket replayed over the apiserver's receive times: the operator's bucket
+# hands out tokens at send time, and requests reach the apiserver some ms apart from when
+# they were sent (a thread that took its token waits for the GIL and a connection), so a
+# stretch can look denser at the apiserver than it was at the client. The replayed bucket
+# holds burst + max(1, qps x SEND_JITTER_SECONDS) tokens: at 50/s, 2.5 requests, 50 ms of
+# jitter (the K = 1,000 run at a load of 10 on 2 cores showed 1.7 requests, 34 ms).
+BUCKET_SLACK = 1.0
+SEND_JITTER_SECONDS = 0.05
+
+
+def jitter_slack(qps: float) -> float:
+    """The replayed bucket's slack for a limit of `qps` (see SEND_JITTER_SECONDS)."""
+    return max(BUCKET_SLACK, qps * SEND_JITTER_SECONDS) if qps > 0 else BUCKET_SLACK
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most timestamps in any half-open window [t, t + window) (sliding; times in seconds;
+    a nanosecond of rounding is forgiven at the window's end: the audit log has microseconds)."""
+    ts = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(ts):
+        while t - ts[lo] >= window - 1e-9:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def bucket_overdraft(times: list[float], qps: float, burst: float, slack: float = BUCKET_SLACK) -> float:
+    """Replay a token bucket (capacity burst + slack, full at the first request, refilled at
+    `qps` per second, one token per request) over the timestamps; the most it was overdrawn,
+    in requests: 0 when every request found a token (the limit was honoured)."""
+    if qps <= 0:
+        raise ValueError("no bucket to replay: qps <= 0 is no limit")
+    ts = sorted(times)
+    if not ts:
+        return 0.0
+    cap = burst + slack
+    tokens, last, worst = cap, ts[0], 0.0
+    for t in ts:
+        tokens = min(cap, tokens + (t - last) * qps)
+        last = t
+        tokens -= 1.0
+        worst = max(worst, -tokens)
+    return worst
+
+
+def rate_limit_figures(times: list[float], qps: float, burst: int, slack: float = BUCKET_SLACK) -> dict:
+    """The figures of the QPS check for one set of request timestamps: most requests in any
+    1 s, most in any 10 s / 10, and the bucket's overdraft (None, and `honoured` None, when
+    qps <= 0: no limit to check)."""
+    limited = qps > 0 and not math.isinf(qps)
+    overdraft = bucket_overdraft(times, qps, burst, slack) if limited else None
+    return {
+        "requests": len(times),
+        "max_per_second": max_in_window(times, 1.0),
+        "max_per_10s_rate": max_in_window(times, 10.0) / 10.0,
+        "overdraft": overdraft,
+        "honoured": (overdraft <= 1e-9) if limited else None,
+    }
+
+
+def qps_audit(events: list[tuple[float, str, str]], qps: float, burst: int, slack: float | None = None) -> dict:
+    """The QPS check over (requestReceived seconds, verb, client) of every request of the
+    operator's identity: watches (long-running connections) are counted apart, the rest
+    checked together and per client (the user agent's first word: the operator's own
+    Kubernetes client and kopf's; one bucket covers both). `slack`: default
+    `jitter_slack(qps)`."""
+    slack = jitter_slack(qps) if slack is None else slack
+    reqs = [(t, c) for t, verb, c in events if verb != "watch"]
+    res = {
+        "qps": qps,
+        "burst": burst,
+        "bucket_slack": slack,
+        "watches": sum(1 for _, verb, _ in events if verb == "watch"),
+        "bound_per_second": burst + qps if qps > 0 else None,
+        "bound_per_10s_rate": qps + burst / 10.0 if qps > 0 else None,
+        **rate_limit_figures([t for t, _ in reqs], qps, burst, slack),
+    }
+    if reqs:
+        res["seconds"] = max(t for t, _ in reqs) - min(t for t, _ in reqs)
+    res["by_client"] = {
+        client_: rate_limit_figures([t for t, c in reqs if c == client_], qps, burst, slack)
+        for client_ in sorted({c for _, c in reqs})
+    }
+    return res
+
+
+def operator_request_log(path: Path, user: str = OPERATOR_USER) -> list[tuple[float, str, str]]:
+    """(requestReceived seconds, verb, client) of each request of `user` in an audit log,
+    read line by line (a K = 1,000 run's log is large; only that user's lines are parsed)."""
+    out = []
+    needle = user.encode()
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return out
+    with f:
+        for line in f:
+            if needle not in line:
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if (ev.get("user") or {}).get("username") != user or ev.get("stage") not in ("ResponseComplete", "Panic"):
+                continue
+            client_ = (ev.get("userAgent") or "?").split(" ")[0].split("/")[0]
+            out.append((_ts(ev["requestReceivedTimestamp"]), ev.get("verb") or "?", client_))
+    return out
+
+
 def minimum_requests(workers: int) -> dict[str, int]:
     """The fewest requests one job's lifecycle (create -> Running -> delete) needs.
 
@@ -636,7 +780,9 @@ class Bench:
     def start(self) -> None:
         a = self.args
         gpus = a.gpus_per_node
-        nodes_needed = math.ceil(max(a.ks) * self.W / gpus) + 1
+        # GPUs for the largest K, the one job (--one-job) and the warm-up job, 1 per worker.
+        nodes_needed = math.ceil(max([*a.ks, 1]) * self.W / gpus) + 1
+        nodes_needed = max(nodes_needed, math.ceil(a.one_job / gpus) + 1)
         nodes = [SimulatedNode(name=f"gpu-node-{i:04d}", gpus=gpus, pods=110) for i in range(nodes_needed)]
         log(f"starting the local control plane with {nodes_needed} simulated nodes x {gpus} GPUs")
         self.cluster = AuditedCluster(nodes=nodes, kubelet_mode="default", audit_user=OPERATOR_USER, progress=log)
@@ -657,6 +803,8 @@ class Bench:
             log(f"operator API calls on {a.api_threads} threads")
         if a.api_qps is not None:
             op_args += ["--api-qps", str(a.api_qps)]
+        if a.api_burst is not None:
+            op_args += ["--api-burst", str(a.api_burst)]
         if a.elastic:
             # Every job elastic, the allocator on (the operator's default) and every query
             # answered: the operator's whole per-job load, as in a cluster with Prometheus.
@@ -681,8 +829,9 @@ class Bench:
         self.results["operator_rss_at_start_mib"] = self.sampler.sample()[1]  # warm, no jobs
         self.profile(0)
 
-    def profile(self, k: int) -> None:
-        """With --profile-memory: the operator's tracemalloc report (SIGUSR1) holding K jobs."""
+    def profile(self, k: int | str) -> None:
+        """With --profile-memory: the operator's tracemalloc report (SIGUSR1) holding K jobs
+        (`k` an int), or at a named point (a str: "churn-start", "one-job-1000", ...)."""
         if not self.args.profile_memory or not self.operator.running():
             return
         import signal
@@ -701,8 +850,8 @@ class Bench:
         if self.args.artifacts:
             dest = Path(self.args.artifacts)
             dest.mkdir(parents=True, exist_ok=True)
-            (dest / f"memprofile-k{k}.txt").write_text(text)
-        log(f"memory profile at K={k} in {time.monotonic() - t0:.0f} s: {text.splitlines()[1:3]}")
+            (dest / (f"memprofile-k{k}.txt" if isinstance(k, int) else f"memprofile-{k}.txt")).write_text(text)
+        log(f"memory profile at {profile_label(k)} in {time.monotonic() - t0:.0f} s: {text.splitlines()[1:3]}")
 
     def stop(self) -> None:
         if self.sampler:
@@ -814,7 +963,7 @@ class Bench:
             row["settle_s"] = self.wait_settled()
             t_settled = time.monotonic()
             evs = audit_events(self.cluster, a0)
-            per = Counter(request_key(e) for e in evs if e.get("verb") not in ("watch", "list"))
+            per = Counter(request_key(e) for e in evs if per_job_request(e))
             self.results["create_phase_requests"].append(
                 {"k": k, "requests": sum(per.values()), "per_job": sum(per.values()) / k, "by_kind": dict(per)}
             )
@@ -840,7 +989,7 @@ class Bench:
 
     def last_phase(self, k: int) -> bool:
         a = self.args
-        return k == a.ks[-1] and a.api_jobs <= 0 and a.churn_seconds <= 0
+        return k == a.ks[-1] and a.one_job <= 0 and a.api_jobs <= 0 and a.churn_seconds <= 0
 
     def wait_settled(self, quiet: float = 5.0, timeout: float = 300.0) -> float:
         """Wait until the operator has sent no write for `quiet` seconds (reads are its
@@ -882,7 +1031,7 @@ class Bench:
         time.sleep(secs)
         s1 = self.sampler.sample()
         evs = audit_events(self.cluster, a0)
-        reqs = [e for e in evs if e.get("verb") not in ("watch", "list")]
+        reqs = [e for e in evs if per_job_request(e)]
         minutes = (s1[0] - s0[0]) / 60.0
         row = {
             "k": k,
@@ -913,6 +1062,76 @@ class Bench:
             )
         )
 
+    def one_job_phase(self) -> None:
+        """`--one-job N`: one LeptonJob of N workers (min = max = replicas = N; with --elastic,
+        min = N/2 and autoscaling on, like every job of the run). Apply -> all N pods created
+        and -> all N Running (pod-watch stamps), the operator's requests for it (audit, apply
+        -> its writes settle, then delete -> all pods gone), and the stored size of the object
+        and of its status once Running (compact JSON of a GET, as etcd holds it)."""
+        n = self.args.one_job
+        if n <= 0:
+            return
+        name = f"one-job-{n}"
+        body = lepton_job(name, n, **LEPTON.options)
+        body["spec"]["workers"]["replicas"] = n
+        watch = self.watches[NS_LJ]
+        log(f"one job of {n} workers ({'elastic' if LEPTON.options.get('elastic') else 'fixed size'})")
+        time.sleep(1.0)
+        a0 = audit_offset(self.cluster)
+        t_apply = time.monotonic()
+        raw(self.api, "POST", LEPTON.path, body=body)
+        stored = raw(self.api, "GET", f"{LEPTON.path}/{name}")
+        timeout = 120 + 1.0 * n
+        deadline = t_apply + timeout
+        while True:
+            pods = watch.snapshot().get(name, [])
+            if sum(1 for p in pods if p["running"]) >= n or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        added = sorted(p["added"] for p in pods)
+        running = sorted(p["running"] for p in pods if p["running"])
+        settle_s = self.wait_settled()
+        time.sleep(1.0)  # the last requests land in the log
+        a1 = audit_offset(self.cluster)
+        job = raw(self.api, "GET", f"{LEPTON.path}/{name}")
+        status = job.get("status") or {}
+        row = {
+            "workers": n,
+            "elastic": bool(LEPTON.options.get("elastic")),
+            "pods_created": len(added),
+            "pods_running": len(running),
+            "first_pod_s": added[0] - t_apply if added else None,
+            "created_s": added[n - 1] - t_apply if len(added) >= n else None,
+            "running_s": running[n - 1] - t_apply if len(running) >= n else None,
+            "settle_s": settle_s,
+            "object_bytes_applied": len(json.dumps(stored, separators=(",", ":"))),
+            "object_bytes_running": len(json.dumps(job, separators=(",", ":"))),
+            "status_bytes_running": len(json.dumps(status, separators=(",", ":"))),
+            "status_phase": status.get("phase"),
+        }
+        evs = [e for e in audit_events(self.cluster, a0, a1) if e.get("verb") != "watch"]
+        by_kind = Counter(request_key(e) for e in evs)
+        row["requests_create"] = sum(by_kind.values())
+        row["requests_create_by_kind"] = dict(sorted(by_kind.items()))
+        if self.sampler:
+            window = self.sampler.window(t_apply, time.monotonic())
+            row["operator_rss_peak_mib"] = max((w[1] for w in window), default=None)
+        self.profile(name)
+        log(
+            f"one job of {n}: {len(added)} pods created in {fmt(row['created_s'])} s, {len(running)} Running in "
+            f"{fmt(row['running_s'])} s; {row['requests_create']} operator requests; object "
+            f"{row['object_bytes_running']} B, status {row['status_bytes_running']} B ({row['status_phase']})"
+        )
+        a2 = audit_offset(self.cluster)
+        row["cleanup_s"] = self.cleanup(LEPTON, timeout=120 + 1.0 * n)
+        row["pods_left"] = watch.live_count()
+        time.sleep(1.0)
+        evs = [e for e in audit_events(self.cluster, a2) if e.get("verb") != "watch"]
+        by_kind = Counter(request_key(e) for e in evs)
+        row["requests_delete"] = sum(by_kind.values())
+        row["requests_delete_by_kind"] = dict(sorted(by_kind.items()))
+        self.results["one_job"] = row
+
     def api_phase(self) -> None:
         """`--api-jobs` sequential lifecycles of one job; operator requests per lifecycle."""
         n = self.args.api_jobs
@@ -931,12 +1150,12 @@ class Bench:
         a1 = audit_offset(self.cluster)
         m1 = apiserver_request_totals(self.api)
         evs = audit_events(self.cluster, a0, a1)
-        # list/watch are per connection (kopf's watches, shared by every job), not per job.
-        per_job = [e for e in evs if e.get("verb") not in ("watch", "list")]
+        # kopf's lists and watches are per connection (shared by every job), not per job.
+        per_job = [e for e in evs if per_job_request(e)]
         per = Counter(request_key(e) for e in per_job)
         by_agent = Counter((e.get("userAgent") or "?").split(" ")[0] for e in per_job)
         codes = Counter(str((e.get("responseStatus") or {}).get("code")) for e in per_job)
-        connection_level = Counter(request_key(e) for e in evs if e.get("verb") in ("watch", "list"))
+        connection_level = Counter(request_key(e) for e in evs if not per_job_request(e))
         delta = {k: m1[k] - m0[k] for k in m1 if m1[k] - m0[k] > 0}
         # The harness itself sends per lifecycle: 1 create, 1 deletecollection, and its
         # cleanup polls (list) of leptonjobs; the rest of `leptonjobs` traffic is the operator's.
@@ -958,16 +1177,27 @@ class Bench:
         )
 
     def churn_phase(self) -> None:
-        """Create/delete cycles for `--churn-seconds`; RSS at cycle boundaries."""
+        """Create/delete cycles for `--churn-seconds`; RSS at cycle boundaries. With
+        --profile-memory, tracemalloc profiles at its start, middle and end (cycle boundaries:
+        no jobs), "churn-start", "churn-mid", "churn-end": each report's growth section is
+        what the half of the churn before it left behind. Time spent profiling does not
+        count against --churn-seconds."""
         secs, c = self.args.churn_seconds, self.args.churn_jobs
         if secs <= 0:
             return
         log(f"churn: cycles of {c} jobs for {secs} s")
+        self.profile("churn-start")
         t0 = time.monotonic()
+        paused = 0.0  # seconds spent on the middle profile
+
+        def elapsed() -> float:
+            return time.monotonic() - t0 - paused
+
         boundary = [self.sampler.sample()]
         cycles, incomplete = 0, 0
         cycle_s = []
-        while time.monotonic() - t0 < secs:
+        mid_profiled = False
+        while elapsed() < secs:
             tc = time.monotonic()
             run = self.run_batch(LEPTON, [f"churn-{cycles}-{i}" for i in range(c)], timeout=120)
             incomplete += run["total"] - run["complete"]
@@ -975,6 +1205,12 @@ class Bench:
             cycles += 1
             cycle_s.append(time.monotonic() - tc)
             boundary.append(self.sampler.sample())
+            if self.args.profile_memory and not mid_profiled and secs / 2 <= elapsed() < secs:
+                tp = time.monotonic()
+                self.profile("churn-mid")
+                paused += time.monotonic() - tp
+                mid_profiled = True
+        self.profile("churn-end")
         boundary = [b for b in boundary if b]
         pts = [(b[0] - t0, b[1]) for b in boundary]
         mid = boundary[len(boundary) // 2]
@@ -985,6 +1221,7 @@ class Bench:
             "jobs_per_cycle": c,
             "incomplete_jobs": incomplete,
             "cycle_p50_s": pct(cycle_s, 50),
+            "profile_pause_s": paused,
             "rss_start_mib": boundary[0][1],
             "rss_mid_mib": mid[1],
             "rss_end_mib": boundary[-1][1],
@@ -1018,6 +1255,21 @@ class Bench:
                 out[name] = float(value)
         return out
 
+    def audit_rate_limit(self) -> dict:
+        """The client-side rate limit checked on the audit log, over the whole run: every
+        request of the operator's identity (watches counted apart), by the apiserver's
+        receive time. See `qps_audit()` (the function) for the figures."""
+        time.sleep(1.0)  # requests in flight land in the log
+        qps = self.args.api_qps if self.args.api_qps is not None else DEFAULT_API_QPS
+        burst = self.args.api_burst if self.args.api_burst is not None else DEFAULT_API_BURST
+        res = qps_audit(operator_request_log(self.cluster.audit_log), qps, burst)
+        log(
+            f"QPS audit (qps {qps:g}, burst {burst}): {res['requests']} requests, {res['watches']} watches; "
+            f"max {res['max_per_second']} in 1 s, {res['max_per_10s_rate']:.1f}/s over 10 s, "
+            f"bucket overdraft {fmt(res['overdraft'], 1)}: honoured {res['honoured']}"
+        )
+        return res
+
     def run(self) -> dict:
         self.results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
@@ -1029,10 +1281,12 @@ class Bench:
                 self.results["latency"].append(self.latency_phase(wl, k))
             if not self.operator.running():
                 raise RuntimeError("the operator exited:\n" + self.operator.log_text()[-3000:])
+        self.one_job_phase()
+        if not self.operator.running():
+            raise RuntimeError("the operator exited:\n" + self.operator.log_text()[-3000:])
         self.api_phase()
         self.churn_phase()
-        if self.args.churn_seconds > 0:
-            self.profile(-1)  # -1: after the churn, no jobs (compare with the first, K = 0)
+        self.results["qps_audit"] = self.audit_rate_limit()
         self.results["reconcile_histogram"] = self.reconcile_histogram()
         self.results["operator_log_errors"] = [
             line for line in self.operator.log_text().splitlines() if " ERROR " in line or "Traceback" in line
@@ -1045,6 +1299,27 @@ class Bench:
         self.results["machine"]["loadavg_1m_mean"] = statistics.fmean(loads) if loads else None
         self.results["wall_seconds"] = time.monotonic() - t0
         return self.results
+
+
+def profile_growth(text: str, n: int = 5) -> list[str]:
+    """The first `n` rows of a memory profile's "growth since the previous dump" table,
+    without the code column."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## ") and "growth since the previous dump" in line:
+            rows = [r for r in lines[i + 2 :] if r.strip()]
+            out = []
+            for r in rows[:n]:
+                if r.startswith("## "):
+                    break
+                out.append(" | ".join(c.strip() for c in r.split(" | ")[:4]))
+            return out
+    return []
+
+
+def profile_label(k: int | str) -> str:
+    """How a memory profile's point is named in the log and the report."""
+    return f"K = {k}" if isinstance(k, int) else str(k)
 
 
 def operator_version() -> str:
@@ -1073,9 +1348,10 @@ def fmt(v, nd=2) -> str:
     return f"{v:.{nd}f}"
 
 
-def report(res: dict) -> str:
-    lines = []
-    lat = res["latency"]
+def latency_tables(lat: list[dict]) -> list[str]:
+    """The report's latency tables: per K and controller, the LeptonJob / Job ratio (when
+    both ran) and the apiserver-clock steps."""
+    lines: list[str] = []
     lines.append("### Latency: create -> all W pods created / all W pods Running (seconds)\n")
     lines.append(
         "| K | controller | done | created p50 | created p99 | created total | running p50 | running p99 | running total | operator writes on after all Running (s) | delete all -> all gone (s) | load 1m |"
@@ -1087,25 +1363,26 @@ def report(res: dict) -> str:
             f"{fmt(r['created_p99'])} | {fmt(r['total_created'])} | {fmt(r['running_p50'])} | "
             f"{fmt(r['running_p99'])} | {fmt(r['total_running'])} | {fmt(r.get('settle_s'), 1)} | {fmt(r.get('cleanup_s'), 1)} | {fmt(r['loadavg_1m'], 1)} |"
         )
-    lines.append(
-        "\n### Ratio LeptonJob / Job (lower is better for the operator; target created p50 & total <= 1.5 at K=100)\n"
-    )
-    lines.append("| K | created p50 | created p99 | created total | running p50 | running p99 | running total |")
-    lines.append("|---|---|---|---|---|---|---|")
-    by = {(r["kind"], r["k"]): r for r in lat}
-    for k in sorted({r["k"] for r in lat}):
-        lj, jb = by.get(("LeptonJob", k)), by.get(("Job", k))
-        if not lj or not jb:
-            continue
-
-        def ratio(key, lj=lj, jb=jb):
-            a, b = lj.get(key), jb.get(key)
-            return fmt(a / b) if a is not None and b and not math.isnan(a) and not math.isnan(b) else "-"
-
+    if any(r["kind"] == "Job" for r in lat):  # both controllers ran (not --operator-only)
         lines.append(
-            f"| {k} | {ratio('created_p50')} | {ratio('created_p99')} | {ratio('total_created')} | "
-            f"{ratio('running_p50')} | {ratio('running_p99')} | {ratio('total_running')} |"
+            "\n### Ratio LeptonJob / Job (lower is better for the operator; target created p50 & total <= 1.5 at K=100)\n"
         )
+        lines.append("| K | created p50 | created p99 | created total | running p50 | running p99 | running total |")
+        lines.append("|---|---|---|---|---|---|---|")
+        by = {(r["kind"], r["k"]): r for r in lat}
+        for k in sorted({r["k"] for r in lat}):
+            lj, jb = by.get(("LeptonJob", k)), by.get(("Job", k))
+            if not lj or not jb:
+                continue
+
+            def ratio(key, lj=lj, jb=jb):
+                a, b = lj.get(key), jb.get(key)
+                return fmt(a / b) if a is not None and b and not math.isnan(a) and not math.isnan(b) else "-"
+
+            lines.append(
+                f"| {k} | {ratio('created_p50')} | {ratio('created_p99')} | {ratio('total_created')} | "
+                f"{ratio('running_p50')} | {ratio('running_p99')} | {ratio('total_running')} |"
+            )
     lines.append(
         "\n### Where the time goes: steps from job create to its W-th pod create, apiserver clock (audit log), p50 / p99 seconds\n"
     )
@@ -1127,6 +1404,14 @@ def report(res: dict) -> str:
         st = r.get("apiserver_steps") or {}
         cells = [f"{fmt(st[k]['p50'])} / {fmt(st[k]['p99'])}" if k in st else "-" for k in steps]
         lines.append(f"| {r['k']} | {r['kind']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(res: dict) -> str:
+    lines = []
+    lat = res["latency"]
+    if lat:
+        lines += latency_tables(lat)
     creates = [r for r in lat if r["kind"] == "LeptonJob" and r.get("phase_s") is not None]
     if creates:
         lines.append("\n### Operator while K LeptonJobs start (create -> all Running -> no more creates)\n")
@@ -1171,6 +1456,27 @@ def report(res: dict) -> str:
         for r in res["create_phase_requests"]:
             kinds = ", ".join(f"{k}: {v}" for k, v in sorted(r["by_kind"].items()))
             lines.append(f"| {r['k']} | {fmt(r['per_job'], 1)} | {kinds} |")
+    one = res.get("one_job") or {}
+    if one:
+        n = one["workers"]
+        lines.append(
+            f"\n### One job of {n} workers ({'elastic' if one['elastic'] else 'fixed size'}; apply -> pods, "
+            "operator requests from the audit log, stored sizes as compact JSON)\n"
+        )
+        lines.append(
+            "| pods created | pods Running | apply -> first pod s | apply -> all created s | apply -> all Running s "
+            "| operator requests (apply -> settled) | object B (applied) | object B (Running) | status B (Running) "
+            "| delete -> all pods gone s | operator requests (delete) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append(
+            f"| {one['pods_created']}/{n} | {one['pods_running']}/{n} | {fmt(one['first_pod_s'])} | "
+            f"{fmt(one['created_s'])} | {fmt(one['running_s'])} | {one['requests_create']} | "
+            f"{one['object_bytes_applied']} | {one['object_bytes_running']} | {one['status_bytes_running']} | "
+            f"{fmt(one.get('cleanup_s'), 1)} | {one.get('requests_delete', '-')} |"
+        )
+        kinds = ", ".join(f"{k}: {v}" for k, v in one["requests_create_by_kind"].items())
+        lines.append(f"\nRequests apply -> settled by kind: {kinds}; status phase once Running: {one['status_phase']}.")
     api = res.get("api") or {}
     if api:
         minimum = sum(api["minimum"].values())
@@ -1207,6 +1513,33 @@ def report(res: dict) -> str:
             f"{fmt(ch['rss_max_mib'], 1)} | {fmt(ch['slope_boundaries_mib_per_h'], 1)} | "
             f"{fmt(ch['slope_second_half_mib_per_h'], 1)} | {fmt(ch['slope_all_samples_mib_per_h'], 1)} | {fmt(ch['cpu_percent'], 1)} |"
         )
+    qa = res.get("qps_audit") or {}
+    if qa:
+        limit = f"{qa['qps']:g}/s, burst {qa['burst']}" if qa["qps"] > 0 else "none (--api-qps 0)"
+        lines.append(
+            f"\n### Client-side rate limit on the audit log (limit {limit}; every request of the operator's "
+            f"identity over the whole run, by the apiserver's receive time; {qa['watches']} watches apart)\n"
+        )
+        lines.append(
+            f"| requests | most in any 1 s (bound {fmt(qa['bound_per_second'], 0)}) | most in any 10 s / 10 "
+            f"(bound {fmt(qa['bound_per_10s_rate'], 1)}) | bucket overdraft (requests) | honoured |"
+        )
+        lines.append("|---|---|---|---|---|")
+        rows = [("all", qa)] + [(f"{c} only", r) for c, r in (qa.get("by_client") or {}).items()]
+        for who, r in rows:
+            lines.append(
+                f"| {who}: {r['requests']} | {r['max_per_second']} | {fmt(r['max_per_10s_rate'], 1)} | "
+                f"{fmt(r['overdraft'], 1)} | {'-' if r['honoured'] is None else ('yes' if r['honoured'] else '**no**')} |"
+            )
+        if qa["qps"] > 0:
+            lines.append(
+                f"\nThe bucket replayed over the receive times holds burst + {fmt(qa['bucket_slack'], 1)} tokens (requests "
+                f"reach the apiserver up to ~{SEND_JITTER_SECONDS * 1000:.0f} ms apart from when the operator's bucket let "
+                "them go); it is full at the first "
+                "request and overdrawn by the most requests that found it empty (0: the limit was honoured). One bucket "
+                "covers both of the operator's clients: its own (OpenAPI-Generator) and kopf's (watch starts, "
+                "finalizer patches; supervise.limit_kopf_requests)."
+            )
     hist = res.get("reconcile_histogram") or {}
     if hist:
         lines.append(f"\nOperator reconcile passes: {hist}")
@@ -1214,7 +1547,14 @@ def report(res: dict) -> str:
         lines.append(f"\nStub Prometheus queries over the run: {res['prometheus_queries']}")
     for prof in res.get("memory_profiles") or []:
         head = "\n".join(prof["text"].splitlines()[:3])
-        lines.append(f"\nMemory profile at K = {prof['k']} (tracemalloc, {fmt(prof['seconds'], 0)} s): {head}")
+        lines.append(
+            f"\nMemory profile at {profile_label(prof['k'])} (tracemalloc, {fmt(prof['seconds'], 0)} s): {head}"
+        )
+        if str(prof["k"]).startswith("churn-") and prof["k"] != "churn-start":
+            growth = profile_growth(prof["text"])
+            if growth:
+                lines.append("Changed most since the previous profile (KiB now | KiB growth | blocks growth | where):")
+                lines.append("```\n" + "\n".join(growth) + "\n```")
     m = res.get("machine", {})
     lines.append(f"\nOperator code: {res.get('operator_version', 'unknown')}.")
     lines.append(
@@ -1227,9 +1567,26 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def one_job_size(text: str) -> int:
+    """--one-job's N: 0 (none) up to the schema's workers.max bound."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer, got {text!r}") from None
+    if not 0 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{n} workers: a LeptonJob has at most {MAX_WORKERS} (the schema's workers.max bound)"
+        )
+    return n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ks", default="1,10,100", help="comma-separated job counts (default 1,10,100)")
+    p.add_argument(
+        "--ks",
+        default="1,10,100",
+        help="comma-separated job counts (default 1,10,100; '' or 0: no K phases, e.g. only --one-job)",
+    )
     p.add_argument("--workers", type=int, default=8, help="workers (pods, 1 GPU each) per job (default 8)")
     p.add_argument(
         "--idle-seconds", type=float, default=40, help="hold each K idle this long (default 40; > the 30 s resync)"
@@ -1257,7 +1614,23 @@ def main(argv=None) -> int:
         "--api-qps",
         type=float,
         default=None,
-        help="the operator's --api-qps (its client-side rate limit; default: the operator's own, 50)",
+        help=f"the operator's --api-qps (its client-side rate limit; 0: none; default: the operator's own, "
+        f"{DEFAULT_API_QPS:g}); the run's audit log is checked against it",
+    )
+    p.add_argument(
+        "--api-burst",
+        type=int,
+        default=None,
+        help=f"the operator's --api-burst (its rate limit's bucket size; default: the operator's own, "
+        f"{DEFAULT_API_BURST})",
+    )
+    p.add_argument(
+        "--one-job",
+        type=one_job_size,
+        default=0,
+        metavar="N",
+        help=f"after the K phases, one LeptonJob of N workers (at most {MAX_WORKERS}, the schema's workers.max "
+        "bound): apply -> N pods created / Running, its requests, its stored size; then deleted (default 0: none)",
     )
     p.add_argument(
         "--operator-only",
@@ -1274,8 +1647,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--profile-memory",
         action="store_true",
-        help="run the operator under tracemalloc (LEPTON_TRACEMALLOC) and take a profile at start and at "
-        "each K (SIGUSR1); RSS figures are then inflated by tracemalloc itself",
+        help="run the operator under tracemalloc (LEPTON_TRACEMALLOC) and take a profile (SIGUSR1) at start, at "
+        "each K, with the one job (--one-job) and at the churn's start, middle and end; RSS figures are then "
+        "inflated by tracemalloc itself",
     )
     p.add_argument("--profile-frames", type=int, default=4, help="tracemalloc frames per allocation (default 4)")
     p.add_argument(
@@ -1293,7 +1667,13 @@ def main(argv=None) -> int:
         args.api_jobs, args.churn_seconds, args.churn_jobs = 1, 30.0, 5
     if args.elastic is None:
         args.elastic = args.operator_only
-    args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    try:
+        ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+        args.ks = [k for k in ks if k > 0]
+    except ValueError:
+        p.error(f"--ks: comma-separated integers, got {args.ks!r}")
+    if args.api_burst is not None and args.api_burst < 1:
+        p.error("--api-burst: at least 1")
     import signal
 
     def terminated(signum, frame):
