@@ -246,3 +246,37 @@ def test_a_settled_job_is_relisted_less_often_than_one_in_motion():
     slow = PodCache(relist_seconds=3600, settled_relist_seconds=0)
     slow.listed(KEY, indexed_before=[], listed=[])
     assert not slow.relist_due(KEY, settled=True)
+
+
+def test_watch_health_can_be_read_while_the_api_threads_report_versions():
+    import sys
+    import threading
+
+    health = WatchHealth(stale_after=0.0)
+    keys = [("ns", f"job-{i}") for i in range(200)]
+    for key in keys:
+        health.watched(key, "1")
+    stop = threading.Event()
+
+    def report():  # what the API threads do while the event loop reads the health
+        n = 2
+        while not stop.is_set():
+            for key in keys:
+                health.known(key, str(n))
+                health.watched(key, str(n))
+            n += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded machine does
+    threads = [threading.Thread(target=report) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            health.stale()  # raised "dictionary changed size during iteration" at 1,000 jobs
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)

@@ -142,7 +142,9 @@ class WatchHealth:
 
     def stale(self) -> list[str]:
         now = time.monotonic()
-        return [f"{ns}/{name}" for (ns, name), (_, t) in self.ahead.items() if now - t > self.stale_after]
+        with self._lock:  # the API threads add entries meanwhile
+            lagging = list(self.ahead.items())
+        return [f"{ns}/{name}" for (ns, name), (_, t) in lagging if now - t > self.stale_after]
 
 
 class Expectations:
