@@ -13,6 +13,7 @@ from lepton_operator.api.conditions import (
     REASON_ADMITTED,
     REASON_ALLOCATOR_GROW,
     REASON_QUEUED,
+    REASON_QUEUED_BEHIND,
 )
 from lepton_operator.api.models import LeptonJobStatus, Observation, parse_job, parse_status
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
@@ -454,3 +455,21 @@ def test_a_pass_writes_its_decisions_together_within_a_bound():
     # Not one after the other (each write waited behind every job's own requests at 1,000
     # jobs), and no more at once than the bound, so the jobs' passes still get threads.
     assert 1 < ctx.kube.most <= WRITE_CONCURRENCY
+
+
+def test_a_queued_jobs_place_alone_is_written_again_only_at_the_refresh():
+    sp = spec(autoscaling={"enabled": True})
+    third = Allocation("ns/job", False, 0, REASON_QUEUED, "its 4 workers do not fit", queue_position=3)
+    first = plan_job_writes(body(), sp, LeptonJobStatus(), third, NOW)
+    stored = parse_status(first.status_patch)
+    second = Allocation("ns/job", False, 0, REASON_QUEUED, "its 4 workers do not fit", queue_position=2)
+    # A minute later the job moved up one place: nothing is written for that alone.
+    assert not plan_job_writes(body(), sp, stored, second, NOW + timedelta(seconds=60)).status_patch
+    # At the refresh the place is written again, in the record and the condition.
+    later = plan_job_writes(body(), sp, stored, second, NOW + timedelta(minutes=6)).status_patch
+    assert later["allocation"]["queuePosition"] == 2
+    assert "place 2" in next(c for c in later["conditions"] if c["type"] == CONDITION_ADMITTED)["message"]
+    # A different reason is news at once.
+    behind = Allocation("ns/job", False, 0, REASON_QUEUED_BEHIND, "ns/old has waited longer", queue_position=2)
+    now = plan_job_writes(body(), sp, stored, behind, NOW + timedelta(seconds=60)).status_patch
+    assert now["allocation"]["reason"] == REASON_QUEUED_BEHIND

@@ -671,7 +671,12 @@ class AllocationStatus(StatusModel):
     # Optional, not "": the Kubernetes client sends an empty string as null.
     why_not_more: Optional[str] = Field(None, description="Why the job has no more workers.", max_length=1024)
     why_not_less: Optional[str] = Field(None, description="Why the job has no fewer workers.", max_length=1024)
-    queue_position: Optional[int] = Field(None, description="Place in the admission queue while Queued.", ge=1)
+    queue_position: Optional[int] = Field(
+        None,
+        description="Place in the admission queue while Queued, as of `time` (written again when the reason "
+        "changes and every 5 minutes, not each time the jobs ahead move).",
+        ge=1,
+    )
     time: Timestamp = Field(description="When it was decided.")
 
 

@@ -50,7 +50,7 @@ from lepton_operator.api.models import (
     parse_status,
 )
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
-from lepton_operator.reconcile.conditions import condition_is_true, conditions_patch
+from lepton_operator.reconcile.conditions import condition_is_true, conditions_patch, get_condition
 from lepton_operator.reconcile.context import AllocatorMemory, OperatorContext
 from lepton_operator.reconcile.executor import post_events
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
@@ -352,7 +352,12 @@ def plan_job_writes(
         )
     else:
         message = f"{decision.message} (place {decision.queue_position} in the queue)"
-        conditions = conditions_patch(status, CONDITION_ADMITTED, False, decision.reason, message, now, meta_gen)
+        current = get_condition(status, CONDITION_ADMITTED)
+        waiting = current is not None and current.status == "False" and current.reason == decision.reason
+        if waiting and not _refresh_due(status, now):
+            conditions = None  # only the place moved: it is written again at the refresh
+        else:
+            conditions = conditions_patch(status, CONDITION_ADMITTED, False, decision.reason, message, now, meta_gen)
     if conditions is not None:
         writes.status_patch["conditions"] = conditions
         if decision.admitted:
@@ -371,13 +376,12 @@ def plan_job_writes(
         queue_position=decision.queue_position,
         time=now,
     )
+    # A queued job's place alone does not make a write: as the jobs ahead are admitted every
+    # place moves, and rewriting every queued job at every pass is O(queue) writes per pass
+    # (a thousand at once when 1,000 jobs arrive). The place is as of the last write (`time`).
     last = status.allocation
-    changed = last is None or (last.target, last.reason, last.queue_position) != (
-        record.target,
-        record.reason,
-        record.queue_position,
-    )
-    if changed or (now - last.time).total_seconds() >= REFRESH_SECONDS or conditions is not None:
+    changed = last is None or (last.target, last.reason) != (record.target, record.reason)
+    if changed or _refresh_due(status, now) or conditions is not None:
         writes.status_patch["allocation"] = record.to_k8s()
 
     if decision.admitted and spec.autoscaling.enabled and decision.target != spec.requested_workers():
@@ -387,6 +391,12 @@ def plan_job_writes(
         if decision.reason in (REASON_ALLOCATOR_GROW, REASON_ALLOCATOR_SHRINK, REASON_ALLOCATOR_FLOOR):
             writes.events.append(("Normal", decision.reason, decision.message[:1024]))
     return writes
+
+
+def _refresh_due(status: LeptonJobStatus, now: datetime) -> bool:
+    """Whether the allocation record is missing or `REFRESH_SECONDS` old."""
+    last = status.allocation
+    return last is None or (now - last.time).total_seconds() >= REFRESH_SECONDS
 
 
 def _round(value: Optional[float]) -> Optional[float]:
