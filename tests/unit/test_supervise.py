@@ -219,3 +219,17 @@ def test_kopfs_routine_success_lines_are_dropped_and_everything_else_kept():
     assert without_routine_successes(record(logging.INFO, "created Pod job-worker-0"))
     assert without_routine_successes(record(logging.ERROR, "Timer 'tick' failed with an exception. Will retry."))
     assert without_routine_successes(record(logging.WARNING, "Handler 'tick' succeeded."))
+
+
+def test_freed_heap_memory_is_trimmed_periodically_on_glibc():
+    import platform
+    import threading
+
+    from lepton_operator.reconcile.cli import trim_malloc_heap_periodically
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    before = {t.name for t in threading.enumerate()}
+    assert trim_malloc_heap_periodically(every=3600) is True
+    trimmer = [t for t in threading.enumerate() if t.name == "lepton-malloc-trim" and t.name not in before]
+    assert trimmer and trimmer[0].daemon  # never keeps the process from exiting
