@@ -229,7 +229,7 @@ def test_freed_heap_memory_is_trimmed_periodically_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
-    before = {t.name for t in threading.enumerate()}
+    before = set(threading.enumerate())
     assert trim_malloc_heap_periodically(every=3600) is True
-    trimmer = [t for t in threading.enumerate() if t.name == "lepton-malloc-trim" and t.name not in before]
+    trimmer = [t for t in set(threading.enumerate()) - before if t.name == "lepton-malloc-trim"]
     assert trimmer and trimmer[0].daemon  # never keeps the process from exiting
