@@ -434,12 +434,7 @@ def test_a_pass_writes_its_decisions_together_within_a_bound():
 
     from lepton_operator.reconcile.allocation import WRITE_CONCURRENCY
 
-    node = {
-        "metadata": {"name": "n1"},
-        "spec": {},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"nvidia.com/gpu": "512"}},
-    }
-    ctx = OperatorContext(kube=SlowWrites([node]))
+    ctx = OperatorContext(kube=SlowWrites([node("n1", gpus=512)]))
     jobs = [
         job_view(
             {
