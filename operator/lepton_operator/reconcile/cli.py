@@ -184,9 +184,9 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_API_QPS,
         metavar="QPS",
         help="the operator's own API requests per second, averaged (0: unlimited; default "
-        f"{DEFAULT_API_QPS:g}: ~1,000 idle fixed-size jobs (~3 requests per job-minute), ~460 elastic ones "
-        "(6.5 measured, benchmarks/RESULTS.md); starts "
-        "100 jobs of 8 workers, ~2,000 requests, in ~40 s; like kube-controller-manager's --kube-api-qps)",
+        f"{DEFAULT_API_QPS:g}: a settled job costs ~0.6 requests a minute, a starting one ~46; 1,000 elastic "
+        "jobs created at once had all their pods within 11 minutes, benchmarks/RESULTS.md; like "
+        "kube-controller-manager's --kube-api-qps)",
     )
     p.add_argument(
         "--api-burst",
@@ -194,7 +194,7 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_API_BURST,
         metavar="N",
         help="the most API requests sent at once after a quiet spell, the bucket's size (at least 1; default "
-        f"{DEFAULT_API_BURST}: about 5 jobs' start, ~20 requests each; like --kube-api-burst)",
+        f"{DEFAULT_API_BURST}: a few jobs' start, ~25 requests each; like --kube-api-burst)",
     )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     p.set_defaults(func=run)
@@ -326,7 +326,8 @@ def trim_malloc_heap_periodically(every: float = MALLOC_TRIM_SECONDS) -> bool:
     malloc_trim, from a daemon thread). Under churn the operator's Python objects stay
     flat while its RSS kept growing (tracemalloc, benchmarks/RESULTS.md): decoded watch
     events and TLS buffers freed in the middle of the heap, which glibc returns only on a
-    trim. False where it does not apply (not glibc)."""
+    trim. Measured, the churn with it grew within the spread of the runs without it, so it
+    is not the whole answer (RESULTS.md, "Churn"). False where it does not apply (not glibc)."""
     libc = _glibc()
     if libc is None:
         return False

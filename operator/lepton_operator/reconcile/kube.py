@@ -53,13 +53,12 @@ REQUEST_TIMEOUT = (5, 30)  # (connect, read) seconds: a stuck call must not stal
 # passes behind each other (benchmarks/RESULTS.md).
 DEFAULT_API_THREADS = 32
 # The client-side rate limit (`--api-qps`, `--api-burst`; README "Install on a real cluster").
-# While 100 jobs of 8 workers start, the operator sends ~20 requests per job (~2,000 in all,
-# benchmarks/RESULTS.md); idle, about 3 per job per minute (a GET at each 30 s resync, a pod
-# re-list every 60 s; the benchmark's 35 s idle window saw 1.7). 50/s sustains the idle load of
-# ~1,000 jobs (elastic jobs, with the autoscaler's reads and writes, measured 6.5 per job-minute
-# at K = 300: ~460 of them) and sends that 100-job wave in ~40 s, still sooner than
-# kube-controller-manager's Job controller at its default 20/s (55 s in the same benchmark);
-# a burst of 100 lets about 5 jobs start without any wait. kube-scheduler's defaults are the same.
+# A settled job costs ~0.6 requests a minute (a pod re-list, the autoscaler's measurement
+# and the allocator's refresh, each every 5 minutes; passes read kopf's body, no GET), so
+# 50/s leaves most of the budget to starts: 1,000 elastic jobs created at once (~46 requests
+# each while they start) had every pod within 11 minutes, paced by this limit
+# (benchmarks/RESULTS.md). A burst of 100 lets a few jobs start without any wait; like
+# kube-controller-manager's --kube-api-qps, and kube-scheduler's defaults are the same.
 DEFAULT_API_QPS = 50.0
 DEFAULT_API_BURST = 100
 # 429 Too Many Requests: retries after the server's Retry-After, then TransientApiError.
