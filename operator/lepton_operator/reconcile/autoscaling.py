@@ -95,6 +95,12 @@ class AutoscalePlan:
     decision: Optional[ScaleDecision] = None
 
 
+def warm_from(spec: LeptonJobSpec, status: LeptonJobStatus) -> Optional[datetime]:
+    """When the current generation's warm-up ends (None: no generation started)."""
+    start = status.generation_start_time
+    return None if start is None else start + timedelta(seconds=spec.autoscaling.warmup_seconds)
+
+
 def measurement_window(
     spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime, reporting_since: Optional[datetime] = None
 ) -> Optional[int]:
@@ -104,9 +110,9 @@ def measurement_window(
     A window reaching back before the series existed would make Prometheus' rate()
     under-report (it extrapolates over the missing part), so the window never does.
     """
-    if status.generation_start_time is None:
+    start = warm_from(spec, status)
+    if start is None:
         return None
-    start = status.generation_start_time + timedelta(seconds=spec.autoscaling.warmup_seconds)
     if reporting_since is not None and reporting_since > start:
         start = reporting_since
     settled = (now - start).total_seconds()
@@ -230,10 +236,7 @@ def plan_autoscale(
             window_seconds=window_seconds,
             comm_fraction=fraction,
         )
-        warm = status.generation_start_time
-        if warm is not None:
-            warm += timedelta(seconds=spec.autoscaling.warmup_seconds)
-        recorded = refresh is None or worth_recording(observations, observation, refresh, warm)
+        recorded = refresh is None or worth_recording(observations, observation, refresh, warm_from(spec, status))
         if recorded:
             observations = record_observation(observations, observation)
             auto_patch["observations"] = [o.to_k8s() for o in observations]
@@ -294,9 +297,8 @@ def measure(
     `reporting_since` (per job, kept in the operator context) remembers when every worker
     of a generation was first seen reporting; the rate window starts no earlier than that.
     """
-    if status.generation_start_time is None or now < status.generation_start_time + timedelta(
-        seconds=spec.autoscaling.warmup_seconds
-    ):
+    warm = warm_from(spec, status)
+    if warm is None or now < warm:
         return None
     if client is None:
         return MetricsError("connection", "no Prometheus URL configured (--prometheus-url)")
