@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Iterable, Optional
 
 from lepton_operator import metrics
@@ -50,6 +50,7 @@ from lepton_operator.api.models import (
     parse_status,
 )
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from lepton_operator.reconcile.autoscaling import warm_from
 from lepton_operator.reconcile.conditions import condition_is_true, conditions_patch, get_condition
 from lepton_operator.reconcile.context import AllocatorMemory, OperatorContext
 from lepton_operator.reconcile.executor import post_events
@@ -294,8 +295,7 @@ def job_state(
         )
         for o in status.autoscaling.observations
     )
-    start = status.generation_start_time
-    warm = start + timedelta(seconds=auto.warmup_seconds) if start else None
+    warm = warm_from(spec, status)
     fresh = any(
         o.world_size == current and (warm is None or o.measured_at >= warm) for o in status.autoscaling.observations
     )

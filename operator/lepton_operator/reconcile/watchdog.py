@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Mapping, Optional, Union
 
 from lepton_operator.api.models import HangReport, InvalidJob, LeptonJobSpec, LeptonJobStatus, parse_job, parse_status
-from lepton_operator.reconcile.autoscaling import prometheus_client
+from lepton_operator.reconcile.autoscaling import prometheus_client, warm_from
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 from lepton_operator.reconcile.loop import read_job
@@ -39,8 +39,7 @@ def watch_window(spec: LeptonJobSpec, status: LeptonJobStatus, now: datetime) ->
         return None
     if status.hang is not None or status.generation_start_time is None:
         return None
-    settled = status.generation_start_time + timedelta(seconds=spec.autoscaling.warmup_seconds + hang)
-    return hang if now >= settled else None
+    return hang if now >= warm_from(spec, status) + timedelta(seconds=hang) else None
 
 
 def judge(
