@@ -1546,7 +1546,7 @@ def report(res: dict) -> str:
     if res.get("prometheus_queries"):
         lines.append(f"\nStub Prometheus queries over the run: {res['prometheus_queries']}")
     for prof in res.get("memory_profiles") or []:
-        head = "\n".join(prof["text"].splitlines()[:3])
+        head = "\n".join(prof["text"].splitlines()[:4])  # title, RSS, C heap, traced
         lines.append(
             f"\nMemory profile at {profile_label(prof['k'])} (tracemalloc, {fmt(prof['seconds'], 0)} s): {head}"
         )
