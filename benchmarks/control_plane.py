@@ -796,7 +796,9 @@ class Bench:
             w.ready.wait(30)
             self.watches[wl.namespace] = w
         self.metrics_port = free_port()
-        env = {"KUBECONFIG": str(kubeconfig)}
+        env = {"KUBECONFIG": str(kubeconfig), **dict(a.operator_env)}
+        if a.operator_env:
+            log(f"operator environment: {' '.join(f'{k}={v}' for k, v in a.operator_env)}")
         op_args = ["--standalone", "--liveness-port", "0", "--metrics-port", str(self.metrics_port)]
         if a.api_threads:
             op_args += ["--api-threads", str(a.api_threads)]
@@ -1274,6 +1276,7 @@ class Bench:
         self.results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
         self.results["operator_version"] = operator_version()
+        self.results["operator_env"] = dict(self.args.operator_env)
         t0 = time.monotonic()
         self.start()
         for k in self.args.ks:
@@ -1557,6 +1560,8 @@ def report(res: dict) -> str:
                 lines.append("```\n" + "\n".join(growth) + "\n```")
     m = res.get("machine", {})
     lines.append(f"\nOperator code: {res.get('operator_version', 'unknown')}.")
+    if res.get("operator_env"):
+        lines.append(f"Operator environment: {', '.join(f'{k}={v}' for k, v in res['operator_env'].items())}.")
     lines.append(
         f"\nMachine: {m.get('cpus')} CPUs, load average at start {m.get('loadavg_at_start')}, "
         f"at end {m.get('loadavg_at_end')}, 1-minute load over the run: mean {fmt(m.get('loadavg_1m_mean'), 1)}, "
@@ -1565,6 +1570,14 @@ def report(res: dict) -> str:
     if res.get("operator_log_errors"):
         lines.append("\nOperator log errors (first 20):\n```\n" + "\n".join(res["operator_log_errors"]) + "\n```")
     return "\n".join(lines)
+
+
+def env_assignment(text: str) -> tuple[str, str]:
+    """--operator-env's NAME=VALUE."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not name.replace("_", "a").isalnum():
+        raise argparse.ArgumentTypeError(f"NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def one_job_size(text: str) -> int:
@@ -1616,6 +1629,15 @@ def main(argv=None) -> int:
         default=None,
         help=f"the operator's --api-qps (its client-side rate limit; 0: none; default: the operator's own, "
         f"{DEFAULT_API_QPS:g}); the run's audit log is checked against it",
+    )
+    p.add_argument(
+        "--operator-env",
+        type=env_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a variable in the operator's environment only (repeatable), e.g. to compare allocators: "
+        "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 or MALLOC_MMAP_THRESHOLD_=131072",
     )
     p.add_argument(
         "--api-burst",

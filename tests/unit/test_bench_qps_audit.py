@@ -152,6 +152,17 @@ def test_one_job_is_bounded_by_the_schema(bench, monkeypatch, capsys):
     assert "at most 1000" in capsys.readouterr().err
 
 
+def test_operator_env_takes_name_value_pairs_for_the_operator_alone(bench, monkeypatch, capsys):
+    assert bench.env_assignment("MALLOC_MMAP_THRESHOLD_=131072") == ("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert bench.env_assignment("LD_PRELOAD=/a=b.so") == ("LD_PRELOAD", "/a=b.so")
+    assert bench.env_assignment("EMPTY=") == ("EMPTY", "")
+    monkeypatch.setattr(sys, "argv", ["control_plane.py"])
+    for bad in ("NOVALUE", "=1", "A B=1"):
+        with pytest.raises(SystemExit):
+            bench.main(["--operator-env", bad])
+        assert "NAME=VALUE" in capsys.readouterr().err
+
+
 def test_profile_growth_excerpt(bench):
     text = "\n".join(
         [

@@ -65,3 +65,30 @@ def test_without_tracemalloc_the_report_still_gives_rss_the_c_heap_and_object_co
 @pytest.mark.parametrize("value", ["", "0", "false", "no"])
 def test_the_profile_stays_off_unless_the_variable_asks_for_it(value):
     assert memprofile.install_from_env({memprofile.ENV: value}) is False
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.by_job: dict[str, str] = {}  # strings only: a dict the garbage collector does not track
+
+
+class _Slotted:
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
+
+def test_the_containers_table_names_who_holds_a_growing_table(monkeypatch):
+    monkeypatch.setattr(memprofile, "_previous_containers", {})
+    registry, slotted = _Registry(), _Slotted()
+    registry.by_job.update({f"job-{i}": "uid" for i in range(40_000)})
+    slotted.pending.extend(range(30_000))
+    first = memprofile.report().split("containers by length", 1)[1]
+    registry.by_job.update({f"job-{i}": "uid" for i in range(40_000, 50_000)})
+    second = memprofile.report().split("containers by length", 1)[1]
+
+    held = f"{__name__}._Registry.by_job"
+    assert f"40000 |      new | dict | {held}" in first
+    assert f"50000 |   +10000 | dict | {held}" in second
+    assert f"30000 |       +0 | list | {__name__}._Slotted.pending" in second

@@ -15,7 +15,10 @@ writes a report to `LEPTON_TRACEMALLOC_PATH` (default `/tmp/lepton-memprofile-<p
 - the lines whose memory grew most since the previous dump (per-job costs, when the
   dumps are taken at different job counts) and since the first (what churn left behind);
 - the most numerous live objects by type (`gc.get_objects()`: dicts, asyncio tasks,
-  kopf's per-object memories), which says *what* the lines above allocated.
+  kopf's per-object memories), which says *what* the lines above allocated;
+- the largest containers (dicts, lists, sets, deques) with who holds each (the object and
+  attribute, or the module global) and how their length changed since the previous dump:
+  a table keyed by job or object that never forgets shows up here, by name.
 
 The report is written by a thread of its own, so the signal handler returns at once; the
 snapshot itself holds the GIL for a moment (about a second per 100 MiB traced). tracemalloc
@@ -39,19 +42,23 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections import Counter
+import types
+from collections import Counter, deque
 
 ENV = "LEPTON_TRACEMALLOC"
 ENV_PATH = "LEPTON_TRACEMALLOC_PATH"
 TOP_LINES = 40
 TOP_FILES = 25
 TOP_TYPES = 30
+TOP_CONTAINERS = 20
+CONTAINER_TYPES = (dict, list, set, deque)
 
 log = logging.getLogger("lepton_operator.memprofile")
 _lock = threading.Lock()
 _dumps = 0
 _previous: tracemalloc.Snapshot | None = None  # the last dump's, for the growth table
 _first: tracemalloc.Snapshot | None = None  # the first dump's: what stays after churn
+_previous_containers: dict[str, int] = {}  # holder -> length at the last dump
 
 
 def _rss_mib() -> float:
@@ -126,6 +133,50 @@ def type_counts(limit: int = TOP_TYPES) -> list[tuple[str, int]]:
     """The most numerous live objects tracked by the garbage collector, by type name."""
     counts = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
     return counts.most_common(limit)
+
+
+def _name_in(container: object, obj: object) -> str | None:
+    """The key, attribute or slot under which `container` holds `obj` (None: not by name)."""
+    names = container if isinstance(container, dict) else getattr(container, "__dict__", None)
+    if isinstance(names, dict):
+        for key, value in names.items():
+            if value is obj:
+                return str(key)
+    for slot in getattr(type(container), "__slots__", ()):
+        if getattr(container, slot, None) is obj:
+            return slot
+    return None
+
+
+def _holder(referrer: object, obj: object) -> str:
+    """Who holds `obj`: `module.name` for a module global, `module.Class.attribute` for an
+    instance attribute, else the referrer's type (and key)."""
+    name = _name_in(referrer, obj)
+    if isinstance(referrer, dict):  # a module's or an instance's __dict__
+        for owner in gc.get_referrers(referrer):
+            if getattr(owner, "__dict__", None) is referrer:
+                referrer = owner
+                break
+        else:
+            return f"a dict's [{name}]"
+    if isinstance(referrer, types.ModuleType):
+        return f"{referrer.__name__}.{name or '__dict__'}"
+    return f"{type(referrer).__module__}.{type(referrer).__qualname__}" + (f".{name}" if name else "")
+
+
+def largest_containers(limit: int = TOP_CONTAINERS) -> list[tuple[int, str, str]]:
+    """The longest dicts, lists, sets and deques held by an object the garbage collector
+    tracks, as (length, type, holder), longest first. Containers are found through their
+    holders, so a dict of only strings and numbers (which the collector does not track)
+    is found too."""
+    longest: dict[int, tuple[int, object, object]] = {}  # id -> (length, container, holder)
+    for referrer in gc.get_objects():
+        for ref in gc.get_referents(referrer):
+            if type(ref) in CONTAINER_TYPES and id(ref) not in longest:
+                longest[id(ref)] = (len(ref), ref, referrer)
+    top = sorted(longest.values(), key=lambda entry: entry[0], reverse=True)[:limit]
+    longest.clear()  # its references keep every container alive
+    return [(n, type(container).__name__, _holder(referrer, container)) for n, container, referrer in top]
 
 
 def _by_caller(snapshot: tracemalloc.Snapshot) -> list:
@@ -214,6 +265,17 @@ def report(snapshot: tracemalloc.Snapshot | None = None) -> str:
     lines.append(f"\n## top {TOP_TYPES} live object types (gc)")
     for name, count in type_counts():
         lines.append(f"{count:9d} | {name}")
+    global _previous_containers
+    lines.append(f"\n## top {TOP_CONTAINERS} containers by length (gc)")
+    lines.append("length | change since the previous dump | type | held by")
+    now = {}
+    for n, kind, by in largest_containers():
+        key = f"{kind} {by}"
+        was = _previous_containers.get(key)
+        change = "new" if was is None else f"{n - was:+d}"
+        lines.append(f"{n:9d} | {change:>8} | {kind} | {by}")
+        now[key] = n
+    _previous_containers = now
     return "\n".join(lines) + "\n"
 
 
