@@ -72,6 +72,11 @@ class _Registry:
         self.by_job: dict[str, str] = {}  # strings only: a dict the garbage collector does not track
 
 
+class _Queue:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []  # (name, arguments) pairs
+
+
 class _Slotted:
     __slots__ = ("pending",)
 
@@ -81,9 +86,10 @@ class _Slotted:
 
 def test_the_containers_table_names_who_holds_a_growing_table(monkeypatch):
     monkeypatch.setattr(memprofile, "_previous_containers", {})
-    registry, slotted = _Registry(), _Slotted()
+    registry, slotted, queue = _Registry(), _Slotted(), _Queue()
     registry.by_job.update({f"job-{i}": "uid" for i in range(40_000)})
     slotted.pending.extend(range(30_000))
+    queue.calls.append(("post", list(range(20_000))))
     first = memprofile.report().split("containers by length", 1)[1]
     registry.by_job.update({f"job-{i}": "uid" for i in range(40_000, 50_000)})
     second = memprofile.report().split("containers by length", 1)[1]
@@ -92,3 +98,4 @@ def test_the_containers_table_names_who_holds_a_growing_table(monkeypatch):
     assert f"40000 |      new | dict | {held}" in first
     assert f"50000 |   +10000 | dict | {held}" in second
     assert f"30000 |       +0 | list | {__name__}._Slotted.pending" in second
+    assert f"20000 |       +0 | list | builtins.tuple in builtins.list in {__name__}._Queue.calls" in second

@@ -148,35 +148,48 @@ def _name_in(container: object, obj: object) -> str | None:
     return None
 
 
-def _holder(referrer: object, obj: object) -> str:
+def _holder(referrer: object, obj: object, skip: set[int], depth: int = 3) -> str:
     """Who holds `obj`: `module.name` for a module global, `module.Class.attribute` for an
-    instance attribute, else the referrer's type (and key)."""
+    instance attribute; a tuple, a list or a dict that is not an object's `__dict__` is followed to
+    its own holder (`builtins.tuple in kopf...`) up to `depth` steps. `skip`: ids of the
+    caller's own lists and tuples, which refer to everything they look at."""
     name = _name_in(referrer, obj)
     if isinstance(referrer, dict):  # a module's or an instance's __dict__
         for owner in gc.get_referrers(referrer):
             if getattr(owner, "__dict__", None) is referrer:
                 referrer = owner
                 break
-        else:
-            return f"a dict's [{name}]"
     if isinstance(referrer, types.ModuleType):
         return f"{referrer.__name__}.{name or '__dict__'}"
-    return f"{type(referrer).__module__}.{type(referrer).__qualname__}" + (f".{name}" if name else "")
+    kind = f"{type(referrer).__module__}.{type(referrer).__qualname__}" + (f".{name}" if name else "")
+    if isinstance(referrer, (tuple, list, dict)) and depth > 0:
+        outers = [o for o in gc.get_referrers(referrer) if id(o) not in skip and o is not obj]
+        # An object or a module names the place best; then the containers around it.
+        outers.sort(key=lambda o: type(o) in (tuple, list, dict))
+        for outer in outers:
+            if type(outer).__module__ != "builtins" or type(outer) in (tuple, list, dict):
+                return f"{kind} in {_holder(outer, referrer, skip | {id(outers)}, depth - 1)}"
+    return kind
 
 
 def largest_containers(limit: int = TOP_CONTAINERS) -> list[tuple[int, str, str]]:
     """The longest dicts, lists, sets and deques held by an object the garbage collector
     tracks, as (length, type, holder), longest first. Containers are found through their
     holders, so a dict of only strings and numbers (which the collector does not track)
-    is found too."""
+    is found too. tracemalloc's own snapshots are left out."""
     longest: dict[int, tuple[int, object, object]] = {}  # id -> (length, container, holder)
     for referrer in gc.get_objects():
+        if type(referrer).__module__ == "tracemalloc":
+            continue
         for ref in gc.get_referents(referrer):
             if type(ref) in CONTAINER_TYPES and id(ref) not in longest:
                 longest[id(ref)] = (len(ref), ref, referrer)
     top = sorted(longest.values(), key=lambda entry: entry[0], reverse=True)[:limit]
     longest.clear()  # its references keep every container alive
-    return [(n, type(container).__name__, _holder(referrer, container)) for n, container, referrer in top]
+    skip = {id(top), *(id(entry) for entry in top)}
+    found = [(n, type(container).__name__, _holder(referrer, container, skip)) for n, container, referrer in top]
+    top.clear()
+    return found
 
 
 def _by_caller(snapshot: tracemalloc.Snapshot) -> list:
