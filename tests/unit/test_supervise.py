@@ -193,19 +193,6 @@ def test_kopfs_own_requests_take_tokens_from_the_operators_limiter(monkeypatch):
         assert "request" in helper.__code__.co_names, helper.__name__
 
 
-def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
-    import platform
-
-    from lepton_operator.reconcile.cli import cap_malloc_arenas
-
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert cap_malloc_arenas() is False  # the administrator's setting stands
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt(M_ARENA_MAX) is glibc's")
-    assert cap_malloc_arenas() is True
-
-
 def test_kopfs_routine_success_lines_are_dropped_and_everything_else_kept():
     import logging
 
@@ -219,17 +206,3 @@ def test_kopfs_routine_success_lines_are_dropped_and_everything_else_kept():
     assert without_routine_successes(record(logging.INFO, "created Pod job-worker-0"))
     assert without_routine_successes(record(logging.ERROR, "Timer 'tick' failed with an exception. Will retry."))
     assert without_routine_successes(record(logging.WARNING, "Handler 'tick' succeeded."))
-
-
-def test_freed_heap_memory_is_trimmed_periodically_on_glibc():
-    import platform
-    import threading
-
-    from lepton_operator.reconcile.cli import trim_malloc_heap_periodically
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("malloc_trim is glibc's")
-    before = set(threading.enumerate())
-    assert trim_malloc_heap_periodically(every=3600) is True
-    trimmer = [t for t in set(threading.enumerate()) - before if t.name == "lepton-malloc-trim"]
-    assert trimmer and trimmer[0].daemon  # never keeps the process from exiting

@@ -35,8 +35,6 @@ import logging
 import math
 import os
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -288,65 +286,13 @@ def without_routine_successes(record: logging.LogRecord) -> bool:
     return not (record.levelno == logging.INFO and str(record.msg).endswith("' succeeded."))
 
 
-# glibc's mallopt parameter for the most malloc arenas (malloc.h).
-M_ARENA_MAX = -8
-
-
-# How often freed heap memory is handed back to the kernel (malloc_trim).
-MALLOC_TRIM_SECONDS = 30.0
-
-
-def _glibc():
-    """The C library if it is glibc (mallopt, malloc_trim), else None."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def cap_malloc_arenas(arenas: int = 2) -> bool:
-    """Let glibc's malloc use at most `arenas` arenas, unless MALLOC_ARENA_MAX says otherwise.
-
-    By default glibc gives each thread that allocates concurrently an arena of its own, up
-    to 8 per core: the `--api-threads` threads decoding JSON would hold up to 8 x cores
-    arenas of freed memory that is never given back. Python's own allocator does not need
-    them. Called before any thread starts; False where it does not apply (not glibc)."""
-    libc = _glibc()
-    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, arenas))
-
-
-def trim_malloc_heap_periodically(every: float = MALLOC_TRIM_SECONDS) -> bool:
-    """Hand freed heap memory back to the kernel every `every` seconds (glibc's
-    malloc_trim, from a daemon thread). Under churn the operator's Python objects stay
-    flat while its RSS kept growing (tracemalloc, benchmarks/RESULTS.md): decoded watch
-    events and TLS buffers freed in the middle of the heap, which glibc returns only on a
-    trim. Measured, the churn with it grew within the spread of the runs without it, so it
-    is not the whole answer (RESULTS.md, "Churn"). False where it does not apply (not glibc)."""
-    libc = _glibc()
-    if libc is None:
-        return False
-
-    def trim() -> None:
-        while True:
-            time.sleep(every)
-            libc.malloc_trim(0)
-
-    threading.Thread(target=trim, name="lepton-malloc-trim", daemon=True).start()
-    return True
-
-
 def run(args) -> int:
     """Start the operator and block until it stops (SIGTERM/SIGINT)."""
     import lepton_operator.reconcile.memprofile  # noqa: F401  (LEPTON_TRACEMALLOC=1: tracemalloc, dump on SIGUSR1)
+    from lepton_operator.reconcile import malloc
 
-    cap_malloc_arenas()
-    trim_malloc_heap_periodically()
+    malloc.cap_malloc_arenas()
+    malloc.trim_malloc_heap_periodically()
 
     try:
         policy = read_policy(args.policy_file)
@@ -375,6 +321,7 @@ def run(args) -> int:
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
         logging.getLogger("aiohttp").setLevel(logging.WARNING)
         logging.getLogger("kopf.objects").addFilter(without_routine_successes)
+    logging.getLogger("lepton_operator").info(f"memory allocator: {malloc.allocator()}")
     config = OperatorConfig(
         prometheus_url=args.prometheus_url,
         prometheus_timeout=args.prometheus_timeout,

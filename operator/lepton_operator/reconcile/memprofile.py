@@ -6,10 +6,8 @@ writes a report to `LEPTON_TRACEMALLOC_PATH` (default `/tmp/lepton-memprofile-<p
 `{n}` in it is replaced by the dump's number, so a series of dumps keeps every one):
 
 - the process's RSS, the memory tracemalloc sees (current and peak) and its own overhead;
-- glibc's own account of its heap (`mallinfo2`): bytes in use, bytes free but kept, and
-  bytes in mmapped blocks. tracemalloc sees only Python's allocators; what C libraries
-  (OpenSSL, pydantic-core) allocate shows here, and a heap that grows while "in use"
-  stays flat is fragmentation, not live data;
+- the C allocator's own account of its heap (`malloc.heap_stats`: jemalloc's or
+  glibc's), which sees what tracemalloc does not: C libraries' memory, fragmentation;
 - the top allocations by file and line, and by file (kopf's, ours, the Kubernetes
   client's, the standard library's);
 - the lines whose memory grew most since the previous dump (per-job costs, when the
@@ -31,8 +29,6 @@ does nothing.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import linecache
 import logging
@@ -44,6 +40,8 @@ import time
 import tracemalloc
 import types
 from collections import Counter, deque
+
+from lepton_operator.reconcile import malloc
 
 ENV = "LEPTON_TRACEMALLOC"
 ENV_PATH = "LEPTON_TRACEMALLOC_PATH"
@@ -67,55 +65,6 @@ def _rss_mib() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-class _MallInfo2(ctypes.Structure):
-    """glibc's `struct mallinfo2` (malloc.h, glibc >= 2.33): every field a size_t."""
-
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",  # bytes the main and other arenas took from the system (brk/mmap)
-            "ordblks",  # free chunks
-            "smblks",  # free fastbin chunks
-            "hblks",  # mmapped blocks
-            "hblkhd",  # bytes in mmapped blocks
-            "usmblks",
-            "fsmblks",  # bytes in free fastbin chunks
-            "uordblks",  # bytes in use (arenas)
-            "fordblks",  # bytes free (arenas)
-            "keepcost",  # releasable bytes at the top of the heap
-        )
-    ]
-
-
-def c_heap() -> dict[str, int] | None:
-    """glibc's heap statistics in bytes (None where mallinfo2 is missing: musl, old glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallinfo2 = libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return {
-        "arenas": info.arena,
-        "in_use": info.uordblks,
-        "free": info.fordblks,
-        "mmapped": info.hblkhd,
-        "top_releasable": info.keepcost,
-    }
-
-
-def _c_heap_line() -> str:
-    heap = c_heap()
-    if heap is None:
-        return "C heap: no mallinfo2 (not glibc >= 2.33)"
-    mib = {k: v / 2**20 for k, v in heap.items()}
-    return (
-        f"C heap (glibc): arenas {mib['arenas']:.1f} MiB, in use {mib['in_use']:.1f} MiB, "
-        f"free but kept {mib['free']:.1f} MiB (top {mib['top_releasable']:.1f}), mmapped {mib['mmapped']:.1f} MiB"
-    )
 
 
 def _short(path: str) -> str:
@@ -214,7 +163,7 @@ def report(snapshot: tracemalloc.Snapshot | None = None) -> str:
     """The text of one dump (see the module docstring)."""
     lines = [f"lepton-operator memory profile, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     lines.append(f"RSS {_rss_mib():.1f} MiB")
-    lines.append(_c_heap_line())
+    lines.append(malloc.heap_line())
     if snapshot is None and tracemalloc.is_tracing():
         snapshot = tracemalloc.take_snapshot()
     if snapshot is not None:
