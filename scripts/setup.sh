@@ -25,6 +25,9 @@ declare -A CHECK=(
   [golang-github-modern-go-reflect2-dev]=/usr/share/gocode/src/github.com/modern-go/reflect2/reflect2.go
   [prometheus]=/usr/bin/prometheus
   [openssl]=/usr/bin/openssl
+  # the operator image's allocator (operator/Dockerfile), for tests/unit/test_malloc.py
+  # and the benchmarks' --operator-env LD_PRELOAD=...
+  [libjemalloc2]=/usr/lib/$(uname -m)-linux-gnu/libjemalloc.so.2
 )
 missing=()
 for pkg in "${!CHECK[@]}"; do

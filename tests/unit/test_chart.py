@@ -519,6 +519,13 @@ def test_operator_dockerfile_is_small_and_non_root():
     installs = " ".join(re.findall(r"pip (?:install|wheel)[^\n]*", text))
     assert "torch" not in installs and "[trainer]" not in installs and "[test]" not in installs
 
+    # jemalloc is the operator's allocator (reconcile/malloc.py; RESULTS.md "Churn"), and
+    # the build checks that the installed operator sees it.
+    preload = re.search(r"^ENV LD_PRELOAD=(\S+)$", text, re.MULTILINE)
+    assert preload and "apt-get install -y --no-install-recommends libjemalloc2" in text
+    assert re.search(r"ln -s [^\n]*libjemalloc\.so\.2[^\n]* " + re.escape(preload.group(1)), text)
+    assert "malloc.allocator() == 'jemalloc'" in text
+
 
 # -------------------------------------------------- scrape labels: one source of truth
 
