@@ -1,12 +1,12 @@
 """The C allocator under the operator: which one, its settings, and its own statistics.
 
 The operator image preloads jemalloc (operator/Dockerfile: LD_PRELOAD). Under job churn,
-glibc's malloc kept growing the operator's RSS (+13.7 MiB/h over the second 10 minutes of
-a 20-minute churn) while Python's own objects stayed flat (tracemalloc and the container
-table in memprofile); the same churn side by side under jemalloc grew +2.0 MiB/h
-(benchmarks/RESULTS.md, "Churn"). Where jemalloc is not preloaded (a pip install, the
-tests), glibc's malloc is tuned instead: at most 2 arenas, and freed memory handed back
-every 30 s. Everything here does nothing where it does not apply (musl, macOS).
+glibc's malloc kept growing the operator's RSS (+10.7 to +13.7 MiB/h after the first 10
+minutes) while Python's own objects stayed flat (tracemalloc and the container table in
+memprofile); under jemalloc the same churn levels off (+2 to +6 MiB/h; benchmarks/
+RESULTS.md, "Churn"). Where jemalloc is not preloaded (a pip install, the tests), glibc's
+malloc is tuned instead: at most 2 arenas, and freed memory handed back every 30 s.
+Everything here does nothing where it does not apply (musl, macOS).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def trim_malloc_heap_periodically(every: float = MALLOC_TRIM_SECONDS) -> bool:
     """Hand glibc's freed heap memory back to the kernel every `every` seconds
     (malloc_trim, from a daemon thread). Measured under churn, it helped within the
     spread of the runs; jemalloc, which returns freed memory on its own, is what made
-    RSS flat. False where it does not apply (not glibc, or jemalloc preloaded)."""
+    RSS level off. False where it does not apply (not glibc, or jemalloc preloaded)."""
     libc = glibc()
     if libc is None or jemalloc() is not None:
         return False
