@@ -1575,7 +1575,7 @@ def report(res: dict) -> str:
 def env_assignment(text: str) -> tuple[str, str]:
     """--operator-env's NAME=VALUE."""
     name, sep, value = text.partition("=")
-    if not sep or not name or not name.replace("_", "a").isalnum():
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise argparse.ArgumentTypeError(f"NAME=VALUE, got {text!r}")
     return name, value
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 on_glibc = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc" or malloc.jemalloc() is not None, reason="glibc's malloc only"
 )
-JEMALLOC = next((p for p in (Path(f"/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2"),) if p.exists()), None)
+JEMALLOC = Path(f"/usr/lib/{platform.machine()}-linux-gnu/libjemalloc.so.2")
 
 
 def _grow_c_heap_by(n_bytes: int, stats) -> tuple[dict, dict]:
@@ -78,7 +78,7 @@ print(json.dumps({
 """
 
 
-@pytest.mark.skipif(JEMALLOC is None, reason="libjemalloc2 is not installed (scripts/setup.sh installs it)")
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="libjemalloc2 is not installed (scripts/setup.sh installs it)")
 def test_under_a_preloaded_jemalloc_its_own_statistics_are_read_and_glibc_is_left_alone():
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "LD_PRELOAD": str(JEMALLOC)}

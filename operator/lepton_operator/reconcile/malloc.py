@@ -25,15 +25,10 @@ M_ARENA_MAX = -8
 MALLOC_TRIM_SECONDS = 30.0
 
 
-def _process():
-    """The symbols of the running process (the preloaded allocator's come first)."""
-    return ctypes.CDLL(None)
-
-
 def jemalloc():
     """jemalloc's `mallctl` when jemalloc is the process's allocator (preloaded), else None."""
     try:
-        mallctl = _process().mallctl
+        mallctl = ctypes.CDLL(None).mallctl  # the process's symbols: a preloaded allocator's first
     except (OSError, AttributeError):
         return None
     # int mallctl(const char *name, void *oldp, size_t *oldlenp, void *newp, size_t newlen)
