@@ -24,10 +24,14 @@ Fixtures:
     A :class:`LocalCluster` in process mode; the trainer image
     (``lepton-ai/lepton-trainer:0.1.0`` and ``lepton-trainer``) runs
     ``python -m lepton_trainer``.
+``module_cluster`` (module)
+    A module's own :class:`LocalCluster` (nodes or apiserver flags of its own, or faults
+    the shared cluster must not see), for a module marked
+    ``pytest.mark.own_cluster(**kwargs)``: the keyword arguments of :func:`own_cluster`.
 ``cluster`` (function)
-    The cluster the test uses: ``process_cluster`` when the test requests it, else
-    ``api_cluster`` when it requests that, else ``local_cluster``. ``namespace``, ``k8s``
-    and ``run_operator`` follow it.
+    The cluster the test uses: ``module_cluster`` in a module marked ``own_cluster``, else
+    ``process_cluster`` when the test requests it, else ``api_cluster`` when it requests
+    that, else ``local_cluster``. ``namespace``, ``k8s`` and ``run_operator`` follow it.
 ``namespace`` (function)
     A fresh namespace, deleted after the test.
 ``k8s`` (function)
@@ -176,9 +180,33 @@ def process_cluster(request):
     cluster.stop()
 
 
+OWN_CLUSTER = "own_cluster"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{OWN_CLUSTER}(**kwargs): the module runs on a LocalCluster of its own (own_cluster's arguments)"
+    )
+
+
+@pytest.fixture(scope="module")
+def module_cluster(request) -> Iterator[LocalCluster]:
+    """The LocalCluster of a module marked own_cluster, started with the marker's arguments."""
+    marker = request.node.get_closest_marker(OWN_CLUSTER)
+    if marker is None:
+        raise pytest.UsageError(
+            f"module_cluster needs `pytestmark = pytest.mark.{OWN_CLUSTER}(...)` in {request.module.__name__}"
+        )
+    with own_cluster(request, **marker.kwargs) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def cluster(request) -> LocalCluster:
-    """The cluster of this test: process_cluster or api_cluster if requested, else local_cluster."""
+    """The cluster of this test: the module's own if it is marked own_cluster, else
+    process_cluster or api_cluster if requested, else local_cluster."""
+    if request.node.get_closest_marker(OWN_CLUSTER) is not None:
+        return request.getfixturevalue("module_cluster")
     for name in ("process_cluster", "api_cluster"):
         if name in request.fixturenames:
             return request.getfixturevalue(name)

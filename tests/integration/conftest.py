@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lepton_localcluster.crds import install_crds
+from lepton_localcluster.pytest_plugin import OWN_CLUSTER
 from lepton_operator.reconcile.kube import Kube
 
 
@@ -18,5 +19,9 @@ def crds(local_cluster):
 
 
 @pytest.fixture
-def kube(crds, local_cluster) -> Kube:
-    return Kube(local_cluster.api_client())
+def kube(request, cluster) -> Kube:
+    """API access to the test's cluster, straight to its apiserver; a module's own cluster
+    (`own_cluster`) has the CRDs from its start, the session's gets them here."""
+    if request.node.get_closest_marker(OWN_CLUSTER) is None:
+        request.getfixturevalue("crds")
+    return Kube(cluster.api_client())

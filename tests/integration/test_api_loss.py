@@ -27,31 +27,11 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from lepton_localcluster.faultproxy import FaultProxy
 from lepton_localcluster.procs import free_port
-from lepton_localcluster.pytest_plugin import own_cluster
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
-from lepton_operator.reconcile.kube import Kube
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.own_cluster()]
 
 _MERGE = "application/merge-patch+json"
-
-
-@pytest.fixture(scope="module")
-def module_cluster(request):
-    with own_cluster(request) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(module_cluster):
-    """Every fixture of this module (k8s, namespace, run_operator) uses that cluster."""
-    return module_cluster
-
-
-@pytest.fixture
-def kube(module_cluster) -> Kube:
-    """API access straight to the cluster, never through the proxy."""
-    return Kube(module_cluster.api_client())
 
 
 @pytest.fixture

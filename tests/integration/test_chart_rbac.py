@@ -35,10 +35,7 @@ from kubernetes.client.rest import ApiException
 
 from lepton_localcluster import OperatorProcess
 from lepton_localcluster.crds import install_crds
-from lepton_localcluster.pytest_plugin import own_cluster
 from lepton_operator.api.models import GROUP, PLURAL, VERSION
-
-pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "lepton-operator"
@@ -50,6 +47,11 @@ JOB = "rbac"
 OPERATOR_ARGS = ("--liveness-port", "0", "--metrics-port", "0", "--resync-seconds", "5")
 POD_LABEL = f"lepton.ai/job-name={JOB}"
 OWNER_REFERENCES_ENFORCED = "--enable-admission-plugins=OwnerReferencesPermissionEnforcement"
+# A cluster of this module's own whose apiserver enforces ownerReference permissions.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.own_cluster(crds=False, extra_args={"kube-apiserver": [OWNER_REFERENCES_ENFORCED]}),
+]
 
 
 def _triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str, str, str]]:
@@ -75,19 +77,6 @@ CLUSTER_READS = (
 )
 NAMESPACE_READS = _triples("", ["namespaces"], ["list", "watch"])  # namespaced mode: kopf's namespace watch
 PEERING = ["get", "list", "watch", "patch"]  # the chart creates the peering object
-
-
-@pytest.fixture(scope="module")
-def enforcing_cluster(request):
-    """A cluster of this module's own whose apiserver enforces ownerReference permissions."""
-    with own_cluster(request, crds=False, extra_args={"kube-apiserver": [OWNER_REFERENCES_ENFORCED]}) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(enforcing_cluster):
-    """Every fixture of this module (k8s, namespace, run_operator) uses that cluster."""
-    return enforcing_cluster
 
 
 def render_rbac(helm: str, release: str, namespace: str, values: list[str]) -> list[dict]:

@@ -18,31 +18,16 @@ import pytest
 from jobs import condition, create_job, events, job_body, pods, running, status, wait
 
 from lepton_localcluster import SimulatedNode
-from lepton_localcluster.pytest_plugin import GpuSampler, own_cluster, wait_for_idle_gpus
-from lepton_operator.reconcile.kube import Kube
+from lepton_localcluster.pytest_plugin import GpuSampler, wait_for_idle_gpus
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.own_cluster(nodes=[SimulatedNode("gpu-a", gpus=8), SimulatedNode("gpu-b", gpus=8)]),
+]
 
 CAPACITY = 16
 ARGS = ("--standalone", "--liveness-port", "0", "--metrics-port", "0", "--resync-seconds", "5")
 ALLOCATOR = ("--allocator-interval-seconds", "3")
-
-
-@pytest.fixture(scope="module")
-def gpu_cluster(request):
-    with own_cluster(request, nodes=[SimulatedNode("gpu-a", gpus=8), SimulatedNode("gpu-b", gpus=8)]) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(gpu_cluster):
-    """Every fixture of this module (k8s, namespace, run_operator) uses that cluster."""
-    return gpu_cluster
-
-
-@pytest.fixture
-def kube(gpu_cluster) -> Kube:
-    return Kube(gpu_cluster.api_client())
 
 
 @pytest.fixture

@@ -14,31 +14,16 @@ import pytest
 from jobs import FAST, create_job, job_body, pods, running, status, wait
 
 from lepton_localcluster import SimulatedNode
-from lepton_localcluster.pytest_plugin import own_cluster, wait_for_idle_gpus
-from lepton_operator.reconcile.kube import Kube
-
-pytestmark = pytest.mark.integration
+from lepton_localcluster.pytest_plugin import wait_for_idle_gpus
 
 RACK = "example.com/rack"
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.own_cluster(
+        nodes=[SimulatedNode(f"rack-{r}-{i}", gpus=8, labels={RACK: r}) for r in "ab" for i in range(2)]
+    ),
+]
 NO_ALLOCATOR = (*FAST, "--no-allocator")
-
-
-@pytest.fixture(scope="module")
-def rack_cluster(request):
-    nodes = [SimulatedNode(f"rack-{r}-{i}", gpus=8, labels={RACK: r}) for r in "ab" for i in range(2)]
-    with own_cluster(request, nodes=nodes) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(rack_cluster):
-    """Every fixture of this module (k8s, namespace, run_operator) uses that cluster."""
-    return rack_cluster
-
-
-@pytest.fixture
-def kube(rack_cluster) -> Kube:
-    return Kube(rack_cluster.api_client())
 
 
 def rack(node: str) -> str:
