@@ -349,6 +349,7 @@ class ListsNothing:
         raise AssertionError("listed the pods")
 
     def list_nodes(self):
+        self.node_lists = getattr(self, "node_lists", 0) + 1
         return self.nodes
 
     def list_priority_classes(self):
@@ -405,6 +406,113 @@ def test_a_pass_on_the_watch_caches_lists_no_jobs_and_no_pods():
     decision = decisions["ns/job"]
     assert decision.admitted and decision.target == 1  # only 2 GPUs left: one worker
     assert ctx.kube.written and ctx.kube.written[0][1] == "7"  # written on the cached resourceVersion
+
+
+def test_a_pass_reads_the_node_list_the_jobs_passes_share():
+    import asyncio
+    import logging
+
+    ctx = OperatorContext(kube=ListsNothing([node("n1")]))
+    assert ctx.nodes.get(ctx.kube.list_nodes)["n1"].ready  # a job's pass listed the nodes
+    job = {
+        "metadata": {**body()["metadata"], "uid": "uid-job"},
+        "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+    }
+    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(job)], []))
+    assert decisions["ns/job"].admitted and ctx.kube.node_lists == 1  # its GPUs seen, no second list
+
+
+def test_a_pass_decides_on_a_newer_answer_than_the_watch_cache_holds():
+    """kopf's finalizer patch (or the operator's own write) answered version 8 while the
+    cache still holds 7: the pass writes on 8 (on 7 it would get a Conflict)."""
+    import asyncio
+    import logging
+
+    ctx = OperatorContext(kube=ListsNothing([node("n1")]))
+    job = {
+        "metadata": {**body()["metadata"], "uid": "uid-job"},
+        "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+    }
+    ctx.watch.watched(("ns", "job"), "7")
+    answer = {**job, "metadata": {**job["metadata"], "resourceVersion": "8", "finalizers": ["kopf"]}}
+    ctx.watch.known(("ns", "job"), "8", answer)
+    asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(job)], []))
+    assert [version for _, version, _ in ctx.kube.written] == ["8"]
+    # Once the watch delivers it, the cache is what the pass reads.
+    ctx.watch.watched(("ns", "job"), "8")
+    ctx.kube.written.clear()
+    newer_spec = {**job, "metadata": {**job["metadata"], "resourceVersion": "9"}}
+    asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(newer_spec)], []))
+    assert [version for _, version, _ in ctx.kube.written] == ["9"]
+
+
+class StaleOnce(ListsNothing):
+    """A write on version 7 finds the job changed (a Conflict); GETs answer `stored`.
+    `on_conflict` runs first (an answer arriving meanwhile)."""
+
+    def __init__(self, nodes, stored):
+        super().__init__(nodes)
+        self.stored, self.on_conflict, self.gets, self.events = stored, lambda: None, 0, []
+
+    def patch_job_status(self, namespace, name, version, patch):
+        if version == "7":
+            from lepton_operator.reconcile.kube import Conflict
+
+            self.on_conflict()
+            raise Conflict("the object has been modified")
+        return super().patch_job_status(namespace, name, version, patch)
+
+    def get_job(self, namespace, name):
+        self.gets += 1
+        return self.stored
+
+    def post_event(self, body, type_, reason, message):
+        self.events.append((body["metadata"]["resourceVersion"], reason))
+
+
+def _arrival(version="7", generation=3, finalizers=()):
+    meta = {**body()["metadata"], "uid": "uid-job", "resourceVersion": version, "generation": generation}
+    meta["finalizers"] = list(finalizers)
+    return {"metadata": meta, "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}}}
+
+
+def _allocate_arrival(kube, on_conflict=None) -> OperatorContext:
+    import asyncio
+    import logging
+
+    ctx = OperatorContext(kube=kube)
+    if on_conflict is not None:
+        kube.on_conflict = lambda: on_conflict(ctx)
+    ctx.allocator.wanted = False
+    ctx.watch.watched(("ns", "job"), "7")
+    decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(_arrival())], []))
+    assert decisions["ns/job"].admitted
+    return ctx
+
+
+def test_an_admission_that_meets_kopfs_finalizer_is_written_again_at_once_after_a_read():
+    """A new job's admission raced kopf's finalizer patch: the same spec at a newer
+    version, so it is written there at once (not at the next tick); the event goes once."""
+    kube = StaleOnce([node("n1")], _arrival("8", finalizers=["lepton.ai/operator"]))
+    ctx = _allocate_arrival(kube)
+    assert kube.gets == 1 and [version for _, version, _ in kube.written] == ["8"]
+    assert kube.events == [("8", "Admitted")] and not ctx.allocator.wanted
+
+
+def test_an_admission_that_meets_kopfs_finalizer_uses_kopfs_answer_when_it_has_come():
+    finalized = _arrival("8", finalizers=["lepton.ai/operator"])
+    kube = StaleOnce([node("n1")], stored=None)  # a GET would find nothing
+    # kopf's patch answer arrives while the write is in flight.
+    ctx = _allocate_arrival(kube, on_conflict=lambda ctx: ctx.watch.known(("ns", "job"), "8", finalized))
+    assert kube.gets == 0 and [version for _, version, _ in kube.written] == ["8"]
+    assert kube.events == [("8", "Admitted")] and not ctx.allocator.wanted
+
+
+def test_an_admission_whose_job_changed_its_spec_meanwhile_waits_for_the_next_tick():
+
+    kube = StaleOnce([node("n1")], _arrival("8", generation=4))
+    ctx = _allocate_arrival(kube)
+    assert kube.written == [] and kube.events == [] and ctx.allocator.wanted
 
 
 class SlowWrites(ListsNothing):

@@ -29,6 +29,8 @@ PLURAL = "leptonjobs"
 SINGULAR = "leptonjob"
 SHORT_NAMES = ["lj"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
+# kopf puts it on every job (its daemons need it) to stop them before the job goes.
+FINALIZER = f"{GROUP}/operator"
 
 # Names: `<name>-worker-<index>` must stay a 63-character DNS label, and so must the
 # Service `<name>-workers`. With at most 1000 workers the index has 3 digits.

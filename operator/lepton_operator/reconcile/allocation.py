@@ -411,7 +411,8 @@ JOB_META_READ = ("name", "namespace", "uid", "resourceVersion", "generation", "c
 def job_view(body) -> dict:
     """What the allocator reads of a LeptonJob, as kopf's watch last delivered it (the
     `jobs_by_key` index): so a pass lists no jobs. Its resourceVersion may be behind the
-    API's; a write on a stale one gets a Conflict and the next tick decides again."""
+    API's: the pass then takes the newer answer it knows (`WatchHealth.newest`); a write on
+    a stale one gets a Conflict and the next tick decides again."""
     meta = body.get("metadata") or {}
     return {
         "metadata": {k: meta[k] for k in JOB_META_READ if meta.get(k) is not None},
@@ -482,9 +483,9 @@ def _read_world(
         # Namespaced mode: other namespaces' pods are out of sight (and out of RBAC).
         log.warning("namespaced mode without --gpu-budget: GPUs used by pods of other namespaces are not seen")
         memory.warned_namespaced = True
-    # Nodes: one list per pass (their allocatable GPUs, taints and labels); pods and jobs
-    # come from the watch caches.
-    return capacity_view(ctx.kube.list_nodes(), gpu_pods, specs), classes
+    # Nodes (their allocatable GPUs, taints and labels): the list the jobs' passes share, at
+    # most `NodeCache.max_age` old; pods and jobs come from the watch caches.
+    return capacity_view(ctx.nodes.listed(ctx.kube.list_nodes), gpu_pods, specs), classes
 
 
 async def allocator_tick(
@@ -525,6 +526,12 @@ async def allocator_pass(
     jobs: dict[JobKey, tuple[dict, LeptonJobSpec, LeptonJobStatus]] = {}
     for body in bodies:
         meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if ctx.watch.behind(key, meta.get("resourceVersion")):
+            newer = ctx.watch.newest(key)  # the API's answer to a write the watch has not shown
+            if newer is not None:
+                body = job_view(newer)
+                meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             continue
         try:
@@ -534,7 +541,7 @@ async def allocator_pass(
         status = parse_status(body.get("status"))
         if status.phase in FINISHED_PHASES or spec.suspend or status.phase == "Failed":
             continue
-        jobs[(meta["namespace"], meta["name"])] = (body, spec, status)
+        jobs[key] = (body, spec, status)
     specs = {key: spec for key, (_, spec, _) in jobs.items()}
     view, classes = await asyncio.to_thread(_read_world, ctx, ctx.allocator, specs, pods)
     states = [
@@ -556,19 +563,19 @@ async def allocator_pass(
     decisions = await asyncio.to_thread(allocate, states, view.capacity, 0.0, ctx.config.allocator_settings)
     plans = []
     for key, (body, spec, status) in jobs.items():
-        writes = plan_job_writes(body, spec, status, decisions[f"{key[0]}/{key[1]}"], now)
-        plans.append((key, body, writes))
+        decision = decisions[f"{key[0]}/{key[1]}"]
+        plans.append((key, body, decision, plan_job_writes(body, spec, status, decision, now)))
     # Shrinks first: their GPUs are what the grows of a later pass will use. Within each
     # group the writes go out together, WRITE_CONCURRENCY at a time: one after the other, a
     # pass admitting a thousand jobs waited for each write behind every job's own requests.
     limit = asyncio.Semaphore(WRITE_CONCURRENCY)
 
-    async def write(key: JobKey, body: dict, writes: JobWrites) -> None:
+    async def write(key: JobKey, body: dict, decision: Allocation, writes: JobWrites) -> None:
         async with limit:
-            await _write(ctx, key, body, writes, logger)
+            await _write(ctx, key, body, decision, writes, now, logger)
 
     for shrinks in (True, False):
-        await asyncio.gather(*(write(*plan) for plan in plans if plan[2].shrink == shrinks))
+        await asyncio.gather(*(write(*plan) for plan in plans if plan[3].shrink == shrinks))
     metrics.record_allocation(
         view.capacity.total,
         view.held,
@@ -579,25 +586,63 @@ async def allocator_pass(
     return decisions
 
 
-async def _write(ctx: OperatorContext, key: JobKey, body: dict, writes: JobWrites, logger: logging.Logger) -> None:
+async def _write(
+    ctx: OperatorContext,
+    key: JobKey,
+    body: dict,
+    decision: Allocation,
+    writes: JobWrites,
+    now: datetime,
+    logger: logging.Logger,
+) -> None:
+    """Carry out one job's decision on the version the pass read. A Conflict from a job
+    whose spec has not changed since (kopf's finalizer on a new job, the job's own pass
+    writing its status) is redone once, at once, on the newer version: the API's answer
+    the operator already has, else a GET. So an arrival is admitted now, not at the next
+    tick. Any other Conflict: the next tick decides again."""
+    events = writes.events  # what the decision is, however many tries it takes
+    for attempt in (1, 2):
+        try:
+            await _send(ctx, key, body["metadata"]["resourceVersion"], writes)
+            break
+        except Conflict:
+            newer = None if attempt == 2 else await _newer_job(ctx, key, body["metadata"]["resourceVersion"])
+            meta = (newer or {}).get("metadata") or {}
+            if (
+                newer is None
+                or meta.get("generation") != body["metadata"].get("generation")
+                or meta.get("deletionTimestamp")
+            ):
+                ctx.allocator.wanted = True  # gone, going, changed again, or a new spec: decide again
+                return
+            body = job_view(newer)
+            spec = parse_job(key[1], body["spec"])  # the same generation: the spec the decision was for
+            writes = plan_job_writes(body, spec, parse_status(body["status"]), decision, now)
+        except (TransientApiError, PermanentApiError) as e:
+            logger.warning(f"allocator: {key[0]}/{key[1]}: {e}")
+            ctx.allocator.wanted = True
+            return
+    if events:
+        await post_events(ctx, body, events, logger)
+
+
+async def _newer_job(ctx: OperatorContext, key: JobKey, than: str) -> Optional[dict]:
+    """The job newer than version `than`: the API's answer the operator has, else a GET."""
+    known = ctx.watch.newest(key)
+    if known is not None and known["metadata"].get("resourceVersion") != than:
+        return known
+    return await asyncio.to_thread(ctx.kube.get_job, *key)
+
+
+async def _send(ctx: OperatorContext, key: JobKey, version: str, writes: JobWrites) -> None:
+    """The job's writes in order, each on the version the one before answered."""
     namespace, name = key
-    version = body["metadata"]["resourceVersion"]
     kube = ctx.kube
-    try:
-        if writes.replicas is not None and writes.replicas_first:
-            written = await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, writes.replicas)
-            version = written["metadata"]["resourceVersion"]
-        if writes.status_patch:
-            written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, writes.status_patch)
-            version = written["metadata"]["resourceVersion"]
-        if writes.replicas is not None and not writes.replicas_first:
-            await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, writes.replicas)
-    except Conflict:
-        ctx.allocator.wanted = True  # the job changed under us: decide again at the next tick
-        return
-    except (TransientApiError, PermanentApiError) as e:
-        logger.warning(f"allocator: {namespace}/{name}: {e}")
-        ctx.allocator.wanted = True
-        return
-    if writes.events:
-        await post_events(ctx, body, writes.events, logger)
+    if writes.replicas is not None and writes.replicas_first:
+        written = await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, writes.replicas)
+        version = written["metadata"]["resourceVersion"]
+    if writes.status_patch:
+        written = await asyncio.to_thread(kube.patch_job_status, namespace, name, version, writes.status_patch)
+        version = written["metadata"]["resourceVersion"]
+    if writes.replicas is not None and not writes.replicas_first:
+        await asyncio.to_thread(kube.patch_job_replicas, namespace, name, version, writes.replicas)

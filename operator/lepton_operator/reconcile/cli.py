@@ -38,6 +38,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from lepton_operator.api.models import FINALIZER
 from lepton_operator.api.policy import DEFAULT_POLICY, AdminPolicy, InvalidPolicy, parse_policy
 from lepton_operator.reconcile.isolation import namespace_list
 from lepton_operator.reconcile.kube import DEFAULT_API_BURST, DEFAULT_API_QPS, DEFAULT_API_THREADS
@@ -204,7 +205,7 @@ def make_settings(args):
 
     settings = kopf.OperatorSettings()
     # kopf's bookkeeping lives in lepton.ai annotations, never in our status.
-    settings.persistence.finalizer = "lepton.ai/operator"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lepton.ai")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="lepton.ai", key="last-handled-configuration"
@@ -377,6 +378,7 @@ def run(args) -> int:
 
     def start_reactor() -> None:
         kube = Kube(api_client, limiter)
+        supervise.report_kopf_job_patches(kube.saw_job)
         supervise.wait_until_served(lambda: supervise.unserved_reason(kube), f"{PLURAL}.{GROUP}/{VERSION}")
         kopf.run(
             settings=make_settings(args),

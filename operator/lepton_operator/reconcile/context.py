@@ -13,10 +13,11 @@ recent creates and deletes, watch health), and all of it may be lost on a restar
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import threading
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 from lepton_operator import metrics
 from lepton_operator.reconcile.config import OperatorConfig
@@ -94,20 +95,22 @@ class WatchHealth:
 
     The job's watch handler records each resourceVersion delivered (`watched`); every job
     the operator reads or writes through `Kube` reports the version the API answered with
-    (`known`: wired in `OperatorContext`). A pass reads the job from kopf's live body
-    unless the watch is `behind` a version the operator already knows (its own last
-    write, usually), and then GETs it. A known version the watch has not delivered for
-    longer than `stale_after` seconds (well past the watch's server timeout, after which
-    kopf reconnects) means events are not arriving: the liveness probe fails, and
-    Kubernetes restarts the operator (docs/reliability.md, row 7).
+    (`known`: wired in `OperatorContext`), and so does each patch kopf makes itself (its
+    finalizer, `supervise.report_kopf_job_patches`). A pass reads the job from kopf's live
+    body unless the watch is `behind` a version the operator already knows (its own last
+    write, usually); it then decides on the API's answer at that version (`newest`), kept
+    until the watch delivers it, and GETs the job only when none was kept. A known version
+    the watch has not delivered for longer than `stale_after` seconds (well past the
+    watch's server timeout, after which kopf reconnects) means events are not arriving: the
+    liveness probe fails, and Kubernetes restarts the operator (docs/reliability.md, row 7).
     """
 
     def __init__(self, stale_after: float = WATCH_STALE_SECONDS) -> None:
         self.stale_after = stale_after
         self.seen: dict[JobKey, str] = {}
-        self.ahead: dict[JobKey, tuple[str, float]] = {}
+        self.ahead: dict[JobKey, tuple[str, float, Optional[dict]]] = {}
         """Job -> (the newest version the API answered that the watch has not delivered,
-        since when the watch has lagged)."""
+        since when the watch has lagged, the API's body at that version if it was given)."""
         self._lock = threading.Lock()  # `known` runs in the API threads, `watched` in the event loop
 
     def watched(self, key: JobKey, resource_version: Optional[str]) -> None:
@@ -119,21 +122,28 @@ class WatchHealth:
             if pending is not None and not newer(pending[0], resource_version):
                 del self.ahead[key]
 
-    def known(self, key: JobKey, resource_version: Optional[str]) -> None:
-        """The API answered with this version of the job (a read or a write)."""
+    def known(self, key: JobKey, resource_version: Optional[str], body: Optional[Mapping] = None) -> None:
+        """The API answered with this version of the job (a read or a write), and `body`."""
         with self._lock:
             if key not in self.seen or not newer(resource_version, self.seen[key]):
                 return  # a job the watch has not shown (or has forgotten), or delivered already
             pending = self.ahead.get(key)
-            if pending is None:
-                self.ahead[key] = (resource_version, time.monotonic())
-            elif newer(resource_version, pending[0]):
-                self.ahead[key] = (resource_version, pending[1])  # still lagging since then
+            if pending is not None and not newer(resource_version, pending[0]):
+                return
+            since = time.monotonic() if pending is None else pending[1]  # still lagging since then
+            # A copy: the caller may change its answer. Dropped when the watch catches up.
+            self.ahead[key] = (resource_version, since, copy.deepcopy(dict(body)) if body else None)
 
     def behind(self, key: JobKey, resource_version: Optional[str]) -> bool:
         """Whether a body at `resource_version` is older than a version the API answered."""
         pending = self.ahead.get(key)
         return pending is not None and newer(pending[0], resource_version)
+
+    def newest(self, key: JobKey) -> Optional[dict]:
+        """The API's body of the job at the version the watch is behind, if one was given
+        (None also once the watch has delivered it). Read-only: copy it to change it."""
+        pending = self.ahead.get(key)
+        return pending[2] if pending is not None else None
 
     def forget(self, key: JobKey) -> None:
         with self._lock:
@@ -144,7 +154,7 @@ class WatchHealth:
         now = time.monotonic()
         with self._lock:  # the API threads add entries meanwhile
             lagging = list(self.ahead.items())
-        return [f"{ns}/{name}" for (ns, name), (_, t) in lagging if now - t > self.stale_after]
+        return [f"{ns}/{name}" for (ns, name), (_, t, _) in lagging if now - t > self.stale_after]
 
 
 class Expectations:

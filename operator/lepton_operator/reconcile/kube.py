@@ -186,13 +186,16 @@ class Kube:
         self.limiter = limiter
         self._sleep = sleep
         self._policy_version: Optional[str] = None
-        self.job_seen: Optional[Callable[[tuple[str, str], Optional[str]], None]] = None
-        """Told the resourceVersion of every job read or written (OperatorContext wires it
-        to WatchHealth.known: passes then know when kopf's body is older)."""
+        self.job_seen: Optional[Callable[[tuple[str, str], Optional[str], dict], None]] = None
+        """Told every job read or written, with its resourceVersion (OperatorContext wires
+        it to WatchHealth.known: passes then know when kopf's body is older, and what is
+        newer)."""
 
-    def _saw_job(self, namespace: str, name: str, body: Optional[dict]) -> Optional[dict]:
+    def saw_job(self, body: Optional[dict]) -> Optional[dict]:
+        """Report a job body the API answered with (this client's or kopf's) to `job_seen`."""
         if body and self.job_seen is not None:
-            self.job_seen((namespace, name), (body.get("metadata") or {}).get("resourceVersion"))
+            meta = body.get("metadata") or {}
+            self.job_seen((meta.get("namespace"), meta.get("name")), meta.get("resourceVersion"), body)
         return body
 
     def policy_version(self) -> str:
@@ -251,7 +254,7 @@ class Kube:
         """The job as stored now (None when it is gone)."""
         path = _PATHS[KIND].format(ns=quote(namespace)) + "/" + quote(name)
         try:
-            return self._saw_job(namespace, name, self.request("GET", path))
+            return self.saw_job(self.request("GET", path))
         except ApiException as e:
             # A 404 means "gone" only when it names the object: a restarting apiserver
             # answers 404 for the whole resource until it has loaded the CRDs again.
@@ -277,7 +280,7 @@ class Kube:
             body=body,
             content_type="application/merge-patch+json",
         )
-        return self._saw_job(namespace, name, written)
+        return self.saw_job(written)
 
     def patch_job_replicas(self, namespace: str, name: str, resource_version: str, replicas: int) -> dict:
         """Set `spec.workers.replicas` (what an HPA writes through /scale), only if the job
@@ -291,7 +294,7 @@ class Kube:
             body=body,
             content_type="application/merge-patch+json",
         )
-        return self._saw_job(namespace, name, written)
+        return self.saw_job(written)
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job itself (TTL after finish); children follow by garbage collection."""
@@ -391,8 +394,9 @@ class Kube:
         return items
 
     def list_nodes(self) -> list[dict]:
-        """Every node (cluster-scoped, read-only: for node loss and drains)."""
-        return self._call("list nodes", "GET", "/api/v1/nodes").get("items") or []
+        """Every node (cluster-scoped, read-only: capacity, node loss and drains), from the
+        apiserver's watch cache (`resourceVersion=0`, as `list_pods`)."""
+        return self._call("list nodes", "GET", "/api/v1/nodes", query={"resourceVersion": "0"}).get("items") or []
 
     def list_priority_classes(self) -> list[dict]:
         """Every PriorityClass (read-only: a LeptonJob's priorityClassName gives its priority)."""

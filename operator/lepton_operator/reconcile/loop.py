@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Optional
 
 from lepton_operator import metrics
-from lepton_operator.api.models import FINISHED_PHASES, InvalidJob, parse_job, parse_status
+from lepton_operator.api.models import FINALIZER, FINISHED_PHASES, InvalidJob, parse_job, parse_status
 from lepton_operator.desired import JobRef, checkpoint_pvc_name, selector_string, service_name
 from lepton_operator.reconcile import isolation
 from lepton_operator.reconcile.context import JobKey, OperatorContext
@@ -47,17 +48,23 @@ log = logging.getLogger("lepton_operator.reconcile")
 MAX_BACKOFF_SECONDS = 30.0
 
 GONE = "gone"
+FINALIZER_WAIT_SECONDS = 2.0
 
 
 async def read_job(
     ctx: OperatorContext, namespace: str, name: str, live: Optional[Mapping] = None, fresh: bool = False
 ) -> Optional[dict]:
     """The job to decide on: a copy of kopf's `live` body when it is as new as anything the
-    operator knows, else (or with `fresh`) a GET. None: the job is gone."""
+    operator knows, else of the API's newer answer the watch has not delivered yet (its own
+    last write or kopf's, `WatchHealth.newest`), else (or with `fresh`) a GET. None: the
+    job is gone."""
     if live is not None and not fresh:
         version = (live.get("metadata") or {}).get("resourceVersion")
         if version and not ctx.watch.behind((namespace, name), version):
             return copy.deepcopy(dict(live))  # kopf swaps the live body under us at the next event
+        newer = ctx.watch.newest((namespace, name))
+        if newer is not None:
+            return copy.deepcopy(newer)
     return await asyncio.to_thread(ctx.kube.get_job, namespace, name)
 
 
@@ -149,6 +156,8 @@ async def job_loop(
     failures = 0
     fresh = False
     try:
+        if live is not None:
+            await _until_finalized(ctx, key, live, trigger)
         while not stopped():
             trigger.clear()
             delay: Optional[float]
@@ -179,6 +188,26 @@ async def job_loop(
             await asyncio.sleep(ctx.config.debounce_seconds)
     finally:
         ctx.forget(key)
+
+
+def _finalized(body: Optional[Mapping]) -> bool:
+    """Whether kopf's finalizer is on the job, or no longer expected (it is going)."""
+    meta = (body or {}).get("metadata") or {}
+    return FINALIZER in (meta.get("finalizers") or []) or bool(meta.get("deletionTimestamp"))
+
+
+async def _until_finalized(ctx: OperatorContext, key: JobKey, live: Mapping, trigger: asyncio.Event) -> None:
+    """Before a new job's first pass: kopf starts this loop as it adds its finalizer, and a
+    pass on the body from before that patch would write on a stale version (a Conflict,
+    then a GET). Wait for the patch's watch event (it fires `trigger` and updates `live`),
+    or its answer (`WatchHealth.newest`): milliseconds, at most FINALIZER_WAIT_SECONDS."""
+    deadline = time.monotonic() + FINALIZER_WAIT_SECONDS
+    while True:
+        trigger.clear()
+        remaining = deadline - time.monotonic()
+        if _finalized(live) or _finalized(ctx.watch.newest(key)) or remaining <= 0:
+            return
+        await _wait(trigger, remaining)
 
 
 async def _wait(trigger: asyncio.Event, timeout: float) -> None:

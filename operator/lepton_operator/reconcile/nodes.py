@@ -1,8 +1,8 @@
 """What a pass needs to know about nodes: Ready since when, and cordoned or not.
 
 `NodeInfo` is pure data read from a Node object (`node_info`); `NodeCache` (in the
-operator context) lists the nodes at most every `max_age` seconds for all jobs together,
-so node loss and drains are seen without a watch on every node. Without permission to
+operator context) lists the nodes at most every `max_age` seconds for all jobs and the
+allocator together, so node loss and drains are seen without a watch on every node. Without permission to
 list nodes (or before the first list), a pass gets no node view and node loss is left
 to Kubernetes' own eviction (the pod then fails and is classified as disrupted).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Optional
@@ -53,26 +54,56 @@ def parse_time(text: Optional[str]) -> Optional[datetime]:
         return None
 
 
+def node_view(node: dict) -> dict:
+    """What the operator reads of a Node (name and labels, cordon and taints, allocatable
+    and conditions): the rest of a real node (images, addresses, managed fields) is most
+    of its size and is not kept."""
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    return {
+        "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
+        "spec": {k: spec[k] for k in ("unschedulable", "taints") if k in spec},
+        "status": {k: status[k] for k in ("allocatable", "conditions") if k in status},
+    }
+
+
 class NodeCache:
-    """The cluster's nodes, listed at most every `max_age` seconds (one list for all jobs)."""
+    """The cluster's nodes, listed at most every `max_age` seconds for every job's pass
+    and the allocator together. One caller lists while any others wait for its answer
+    (they come in threads), so passes that start together send one list, not one each."""
 
     def __init__(self, max_age: float = 5.0) -> None:
         self.max_age = max_age
+        self._listed: list[dict] = []
         self._nodes: Optional[dict[str, NodeInfo]] = None
+        self._error: Optional[Exception] = None
         self._listed_at = float("-inf")
         self._warned = False
+        self._lock = threading.Lock()
+
+    def listed(self, list_nodes: Callable[[], list[dict]]) -> list[dict]:
+        """The nodes (`node_view`), listed with `list_nodes` when older than `max_age`;
+        raises what that list raised, until the next one."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._listed_at >= self.max_age:
+                self._listed_at = now
+                try:
+                    self._listed, self._error = [node_view(n) for n in list_nodes()], None
+                    self._nodes = {n["metadata"]["name"]: node_info(n) for n in self._listed}
+                except Exception as e:
+                    self._listed, self._nodes, self._error = [], None, e
+            if self._error is not None:
+                raise self._error
+            return self._listed
 
     def get(self, list_nodes: Callable[[], list[dict]]) -> Optional[dict[str, NodeInfo]]:
-        """The node view, refreshed with `list_nodes` when older than `max_age`; None when
-        the nodes cannot be read."""
-        now = time.monotonic()
-        if now - self._listed_at >= self.max_age:
-            self._listed_at = now
-            try:
-                self._nodes = {n["metadata"]["name"]: node_info(n) for n in list_nodes()}
-            except Exception as e:  # RBAC without node reads, API trouble: degrade, say so once
-                if not self._warned:
-                    log.warning(f"cannot list nodes, node loss and drains are not detected: {e}")
-                    self._warned = True
-                self._nodes = None
+        """The node view of a pass, refreshed as `listed` is; None when the nodes cannot
+        be read."""
+        try:
+            self.listed(list_nodes)
+        except Exception as e:  # RBAC without node reads, API trouble: degrade, say so once
+            if not self._warned:
+                log.warning(f"cannot list nodes, node loss and drains are not detected: {e}")
+                self._warned = True
+            return None
         return self._nodes

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from lepton_operator.api.models import KIND
+
 log = logging.getLogger("lepton_operator")
 
 
@@ -127,6 +129,26 @@ def limit_kopf_requests(limiter) -> None:
 
     request.lepton_original = original
     api.request = request
+
+
+def report_kopf_job_patches(on_body: Callable[[dict], object]) -> None:
+    """Pass each LeptonJob body that kopf's own patches return (its finalizer, added as a
+    job is first seen) to `on_body` (`Kube.saw_job`): a pass that starts before the watch
+    delivers that version then decides on it, not on the older body, whose write would get
+    a Conflict and cost a GET. kopf has no hook for it: this wraps its private `api.patch`,
+    which its patches go through. Calling it again replaces `on_body`."""
+    from kopf._cogs.clients import api
+
+    original = getattr(api.patch, "lepton_original", api.patch)
+
+    async def patch(*args, **kwargs):
+        body = await original(*args, **kwargs)
+        if isinstance(body, dict) and body.get("kind") == KIND:
+            on_body(body)
+        return body
+
+    patch.lepton_original = original
+    api.patch = patch
 
 
 def wait_until_served(
