@@ -447,15 +447,15 @@ def test_a_pass_decides_on_a_newer_answer_than_the_watch_cache_holds():
 
 
 class StaleOnce(ListsNothing):
-    """A write on version 7 finds the job changed (a Conflict); GETs answer `stored`.
+    """A write on a `stale` version finds the job changed (a Conflict); GETs answer `stored`.
     `on_conflict` runs first (an answer arriving meanwhile)."""
 
-    def __init__(self, nodes, stored):
+    def __init__(self, nodes, stored, stale=("7",)):
         super().__init__(nodes)
-        self.stored, self.on_conflict, self.gets, self.events = stored, lambda: None, 0, []
+        self.stored, self.stale, self.on_conflict, self.gets, self.events = stored, stale, lambda: None, 0, []
 
     def patch_job_status(self, namespace, name, version, patch):
-        if version == "7":
+        if version in self.stale:
             from lepton_operator.reconcile.kube import Conflict
 
             self.on_conflict()
@@ -506,6 +506,21 @@ def test_an_admission_that_meets_kopfs_finalizer_uses_kopfs_answer_when_it_has_c
     ctx = _allocate_arrival(kube, on_conflict=lambda ctx: ctx.watch.known(("ns", "job"), "8", finalized))
     assert kube.gets == 0 and [version for _, version, _ in kube.written] == ["8"]
     assert kube.events == [("8", "Admitted")] and not ctx.allocator.wanted
+
+
+def test_an_admission_that_also_meets_the_jobs_first_pass_is_written_on_the_passs_answer():
+    """kopf's finalizer (8), then the job's own first pass (9) moved the version: the third
+    write goes through, on the pass's answer, with no second GET."""
+    passed = _arrival("9", finalizers=["lepton.ai/operator"])
+    kube = StaleOnce([node("n1")], _arrival("8", finalizers=["lepton.ai/operator"]), stale=("7", "8"))
+
+    def conflict(ctx):
+        if kube.gets:  # the write on 8 lost to the pass's write
+            ctx.watch.known(("ns", "job"), "9", passed)
+
+    ctx = _allocate_arrival(kube, on_conflict=conflict)
+    assert kube.gets == 1 and [version for _, version, _ in kube.written] == ["9"]
+    assert kube.events == [("9", "Admitted")] and not ctx.allocator.wanted
 
 
 def test_an_admission_whose_job_changed_its_spec_meanwhile_waits_for_the_next_tick():

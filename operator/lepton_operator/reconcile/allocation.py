@@ -67,6 +67,8 @@ REFRESH_SECONDS = 300.0
 # A pass's writes in flight at once: half the default --api-threads, so the jobs' own passes
 # still find threads.
 WRITE_CONCURRENCY = 16
+# Writes of one decision: a new job's version moves with kopf's finalizer and its first pass.
+WRITE_ATTEMPTS = 3
 
 log = logging.getLogger("lepton_operator.allocator")
 JobKey = tuple[str, str]
@@ -595,29 +597,30 @@ async def _write(
     now: datetime,
     logger: logging.Logger,
 ) -> None:
-    """Carry out one job's decision on the version the pass read. A Conflict from a job
-    whose spec has not changed since (kopf's finalizer on a new job, the job's own pass
-    writing its status) is redone once, at once, on the newer version: the API's answer
-    the operator already has, else a GET. So an arrival is admitted now, not at the next
-    tick. Any other Conflict: the next tick decides again."""
+    """Carry out one job's decision. A job whose spec is unchanged (its generation) but
+    whose version moved (kopf's finalizer on a new job, the job's own pass writing its
+    status) gets the decision on the newer version at once: the API's answer the operator
+    has, else a GET after a Conflict, up to WRITE_ATTEMPTS writes. So an arrival is
+    admitted now, not at the next tick. A changed spec: the next tick decides again."""
     events = writes.events  # what the decision is, however many tries it takes
-    for attempt in (1, 2):
+    newer = ctx.watch.newest(key)  # an answer that came while the pass ran
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        if newer is not None and newer["metadata"].get("resourceVersion") != body["metadata"]["resourceVersion"]:
+            replanned = _replan(key, body, newer, decision, now)
+            if replanned is None:
+                ctx.allocator.wanted = True  # gone, going, or a new spec: decide again
+                return
+            body, writes = replanned
         try:
             await _send(ctx, key, body["metadata"]["resourceVersion"], writes)
             break
         except Conflict:
-            newer = None if attempt == 2 else await _newer_job(ctx, key, body["metadata"]["resourceVersion"])
-            meta = (newer or {}).get("metadata") or {}
-            if (
-                newer is None
-                or meta.get("generation") != body["metadata"].get("generation")
-                or meta.get("deletionTimestamp")
-            ):
-                ctx.allocator.wanted = True  # gone, going, changed again, or a new spec: decide again
+            if attempt == WRITE_ATTEMPTS:
+                ctx.allocator.wanted = True
                 return
-            body = job_view(newer)
-            spec = parse_job(key[1], body["spec"])  # the same generation: the spec the decision was for
-            writes = plan_job_writes(body, spec, parse_status(body["status"]), decision, now)
+            newer = ctx.watch.newest(key)
+            if newer is None or newer["metadata"].get("resourceVersion") == body["metadata"]["resourceVersion"]:
+                newer = await asyncio.to_thread(ctx.kube.get_job, *key) or {"metadata": {}}  # {}: gone
         except (TransientApiError, PermanentApiError) as e:
             logger.warning(f"allocator: {key[0]}/{key[1]}: {e}")
             ctx.allocator.wanted = True
@@ -626,12 +629,17 @@ async def _write(
         await post_events(ctx, body, events, logger)
 
 
-async def _newer_job(ctx: OperatorContext, key: JobKey, than: str) -> Optional[dict]:
-    """The job newer than version `than`: the API's answer the operator has, else a GET."""
-    known = ctx.watch.newest(key)
-    if known is not None and known["metadata"].get("resourceVersion") != than:
-        return known
-    return await asyncio.to_thread(ctx.kube.get_job, *key)
+def _replan(
+    key: JobKey, body: dict, newer: dict, decision: Allocation, now: datetime
+) -> Optional[tuple[dict, JobWrites]]:
+    """The decision's writes on a newer version of the job, if its spec is the one decided
+    on (the same generation) and it is not gone or going; else None."""
+    meta = newer.get("metadata") or {}
+    if not meta or meta.get("generation") != body["metadata"].get("generation") or meta.get("deletionTimestamp"):
+        return None
+    view = job_view(newer)
+    spec = parse_job(key[1], view["spec"])  # the same generation: the spec the decision was for
+    return view, plan_job_writes(view, spec, parse_status(view["status"]), decision, now)
 
 
 async def _send(ctx: OperatorContext, key: JobKey, version: str, writes: JobWrites) -> None:
