@@ -414,7 +414,7 @@ def job_view(body) -> dict:
     """What the allocator reads of a LeptonJob, as kopf's watch last delivered it (the
     `jobs_by_key` index): so a pass lists no jobs. Its resourceVersion may be behind the
     API's: the pass then takes the newer answer it knows (`WatchHealth.newest`); a write on
-    a stale one gets a Conflict and the next tick decides again."""
+    a stale one gets a Conflict, handled by `_write`."""
     meta = body.get("metadata") or {}
     return {
         "metadata": {k: meta[k] for k in JOB_META_READ if meta.get(k) is not None},
