@@ -92,6 +92,29 @@ def test_a_view_older_than_max_age_is_listed_again():
     assert cache.get(lists)["a"].ready is False and lists.calls == 2
 
 
+def test_while_one_caller_refreshes_the_others_go_on_with_the_answer_before():
+    """No API thread waits on a refresh once there is an answer: at 1,000 jobs the passes
+    would otherwise all stop behind one slow list every `max_age`."""
+    cache = NodeCache(max_age=0.05)
+    cache.get(CountingLists([real_node("a")], delay=0))
+    time.sleep(0.06)
+    release = threading.Event()
+
+    def slow_list():
+        release.wait(5)
+        return [real_node("a", ready=False)]
+
+    with ThreadPoolExecutor(1) as pool:
+        refreshing = pool.submit(cache.get, slow_list)
+        time.sleep(0.05)  # the refresh is under way
+        began = time.monotonic()
+        assert cache.get(slow_list)["a"].ready  # the answer before the refresh, at once
+        assert time.monotonic() - began < 0.5
+        release.set()
+        assert refreshing.result()["a"].ready is False
+    assert cache.get(slow_list)["a"].ready is False
+
+
 def test_an_unreadable_list_gives_passes_no_view_and_the_allocator_the_error(caplog):
     cache = NodeCache(max_age=60)
     failing = CountingLists([], delay=0, error=PermissionError("nodes is forbidden"))

@@ -68,42 +68,53 @@ def node_view(node: dict) -> dict:
 
 class NodeCache:
     """The cluster's nodes, listed at most every `max_age` seconds for every job's pass
-    and the allocator together. One caller lists while any others wait for its answer
-    (they come in threads), so passes that start together send one list, not one each."""
+    and the allocator together. One caller lists at a time: callers with no answer yet
+    wait for the first list (passes that start together send one list, not one each);
+    later, while one caller refreshes, the others go on with the answer before it, so no
+    API thread waits on the list."""
 
     def __init__(self, max_age: float = 5.0) -> None:
         self.max_age = max_age
-        self._listed: list[dict] = []
-        self._nodes: Optional[dict[str, NodeInfo]] = None
-        self._error: Optional[Exception] = None
+        # (nodes as node_view, NodeInfo by name or None, the list's error): one object, so
+        # a caller never reads half of a refresh.
+        self._answer: Optional[tuple[list[dict], Optional[dict[str, NodeInfo]], Optional[Exception]]] = None
         self._listed_at = float("-inf")
         self._warned = False
-        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._listed_at >= self.max_age
+
+    def _read(
+        self, list_nodes: Callable[[], list[dict]]
+    ) -> tuple[list[dict], Optional[dict[str, NodeInfo]], Optional[Exception]]:
+        if self._due() and self._refreshing.acquire(blocking=self._answer is None):
+            try:
+                if self._due():  # not refreshed by another caller meanwhile
+                    try:
+                        listed = [node_view(n) for n in list_nodes()]
+                        self._answer = (listed, {n["metadata"]["name"]: node_info(n) for n in listed}, None)
+                    except Exception as e:
+                        self._answer = ([], None, e)
+                    self._listed_at = time.monotonic()
+            finally:
+                self._refreshing.release()
+        assert self._answer is not None  # the first caller lists while the others wait
+        return self._answer
 
     def listed(self, list_nodes: Callable[[], list[dict]]) -> list[dict]:
         """The nodes (`node_view`), listed with `list_nodes` when older than `max_age`;
         raises what that list raised, until the next one."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._listed_at >= self.max_age:
-                self._listed_at = now
-                try:
-                    self._listed, self._error = [node_view(n) for n in list_nodes()], None
-                    self._nodes = {n["metadata"]["name"]: node_info(n) for n in self._listed}
-                except Exception as e:
-                    self._listed, self._nodes, self._error = [], None, e
-            if self._error is not None:
-                raise self._error
-            return self._listed
+        listed, _, error = self._read(list_nodes)
+        if error is not None:
+            raise error
+        return listed
 
     def get(self, list_nodes: Callable[[], list[dict]]) -> Optional[dict[str, NodeInfo]]:
         """The node view of a pass, refreshed as `listed` is; None when the nodes cannot
         be read."""
-        try:
-            self.listed(list_nodes)
-        except Exception as e:  # RBAC without node reads, API trouble: degrade, say so once
-            if not self._warned:
-                log.warning(f"cannot list nodes, node loss and drains are not detected: {e}")
-                self._warned = True
-            return None
-        return self._nodes
+        _, nodes, error = self._read(list_nodes)
+        if error is not None and not self._warned:  # RBAC without node reads, API trouble: say so once
+            log.warning(f"cannot list nodes, node loss and drains are not detected: {error}")
+            self._warned = True
+        return nodes
