@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from test_prometheus_client import Stub, client
 
 from lepton_operator.api.conditions import (
     CONDITION_METRICS_UNAVAILABLE,
     REASON_AUTOSCALE_UP,
 )
 from lepton_operator.api.models import LeptonJobSpec, parse_status
-from lepton_operator.reconcile.autoscaling import measurement_window, plan_autoscale, should_run
-from lepton_operator.scaling.prometheus import MetricsError, Sample
+from lepton_operator.reconcile.autoscaling import measure, measurement_window, plan_autoscale, should_run
+from lepton_operator.scaling.prometheus import MetricsError, Sample, world_size_query
 
 pytestmark = pytest.mark.unit
 
@@ -51,6 +52,35 @@ def test_window_covers_the_generation_after_warm_up():
     young = status(generationStartTime=(NOW - timedelta(seconds=15)).strftime("%Y-%m-%dT%H:%M:%SZ"))
     assert measurement_window(SPEC, young, NOW) is None
     assert should_run(SPEC, status()) and not should_run(SPEC, status(phase="Rescaling"))
+
+
+def test_after_a_prometheus_outage_the_window_starts_when_it_answers_again():
+    """Prometheus missed scrapes while it was down; a window reaching over that gap
+    under-reports (rate() does not extrapolate over it), so the first measurement after an
+    outage covers only the time since Prometheus answered again."""
+    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=100)
+    st = status(generationStartTime=start.strftime("%Y-%m-%dT%H:%M:%SZ"))  # warm 10 s later
+    stub = Stub()
+    try:
+        prom, since = client(stub.url), {}
+
+        def at(seconds, up=True):
+            now = start + timedelta(seconds=seconds)
+            stub.answer(world_size_query("ns", "j", 3), "2", ts=now.timestamp())
+            stub.vector("100", ts=now.timestamp())
+            if not up:
+                stub.replies, stub.reply = {}, (503, b"down")
+            return measure(prom, "ns", "j", SPEC, st, now, since)
+
+        assert at(20) is None  # both workers report from 20 s: no window yet
+        assert at(40).window_seconds == 20
+        assert isinstance(at(60, up=False), MetricsError)
+        assert at(70) is None  # answers again: measuring starts over, not over the gap
+        assert at(75) is None
+        assert at(80).window_seconds == 10
+        assert stub.queries[-1].endswith("[10s]))")
+    finally:
+        stub.close()
 
 
 def test_measurement_is_recorded_and_a_paying_step_writes_replicas():

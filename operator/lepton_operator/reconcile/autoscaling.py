@@ -22,7 +22,8 @@ the job; if so, and the job is Running with no rescale under way, it
    COMM); records the trainer's progress (`status.progress`,
    `remainingSamples`, `estimatedCompletionTime`) with a measurement or when it moved by a
    percentage point; sets the condition
-   `MetricsUnavailable` (True with the error while data is missing, False once back);
+   `MetricsUnavailable` (True with the error while data is missing, False with the first
+   measurement after it, whose window starts once Prometheus answers again);
 3. with `--no-allocator`, for an elastic job: calls the pure per-job policy
    (`scaling.policy.decide`), records `status.autoscaling.lastDecision`, and when the
    target differs from the current size writes `spec.workers.replicas` (as an HPA writes
@@ -295,7 +296,8 @@ def measure(
     """Query the current generation's throughput (blocking; run it in a thread).
 
     `reporting_since` (per job, kept in the operator context) remembers when every worker
-    of a generation was first seen reporting; the rate window starts no earlier than that.
+    of a generation was first seen reporting (again after a failed query); the rate window
+    starts no earlier than that.
     """
     warm = warm_from(spec, status)
     if warm is None or now < warm:
@@ -318,6 +320,11 @@ def measure(
     except MetricsError as exc:
         if exc.kind == "empty" and generation not in reporting_since:
             return None  # no worker of this generation reports yet
+        # While Prometheus fails us it may also miss scrapes. A window with that gap near
+        # its end under-reports (rate() extrapolates only half a scrape interval over it;
+        # seen 19 % low right after a restart, and the policy moved), so the window starts
+        # again once Prometheus answers.
+        reporting_since.pop(generation, None)
         return exc
 
 
