@@ -35,7 +35,7 @@ JOBS = Gauge(
 )
 RECONCILE_SECONDS = Histogram(
     "lepton_operator_reconcile_duration_seconds",
-    "Duration of one reconcile pass (read, plan, write), by outcome.",
+    "Duration of one reconcile pass (read, plan, write), by outcome (ok, conflict, error).",
     ["outcome"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
@@ -227,13 +227,18 @@ def _refresh() -> None:
 
 
 @contextmanager
-def time_reconcile() -> Iterator[None]:
-    """Time a reconcile pass; the outcome label says whether it raised."""
+def time_reconcile(conflicts: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Time a reconcile pass, labelled by outcome: "ok", "conflict" (it raised one of
+    `conflicts`: the job changed under the pass, which is redone at once on a fresh read,
+    the usual course of optimistic concurrency, so not an error) or "error"."""
     began = time.perf_counter()
     outcome = "error"
     try:
         yield
         outcome = "ok"
+    except conflicts:
+        outcome = "conflict"
+        raise
     finally:
         RECONCILE_SECONDS.labels(outcome=outcome).observe(time.perf_counter() - began)
 

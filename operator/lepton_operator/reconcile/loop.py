@@ -162,7 +162,7 @@ async def job_loop(
             trigger.clear()
             delay: Optional[float]
             try:
-                with metrics.time_reconcile():
+                with metrics.time_reconcile(conflicts=(Conflict,)):
                     outcome = await run_pass(ctx, job, indexes, logger, live, fresh)
                 failures = 0
                 fresh = False
