@@ -359,9 +359,12 @@ def test_a_foreign_service_and_budget_holding_our_names_give_name_taken_until_re
     def name_taken(value):
         return lambda: condition(status(kube, namespace, "held"), "NameTaken").get("status") == value
 
+    def both_taken():  # the Service at the first pass, the budget with the first workers
+        message = condition(status(kube, namespace, "held"), "NameTaken").get("message", "")
+        return "PodDisruptionBudget held-workers" in message and "Service held-workers" in message
+
     wait(k8s, name_taken("True"), 30, "condition NameTaken", op)
-    message = condition(status(kube, namespace, "held"), "NameTaken")["message"]
-    assert "PodDisruptionBudget held-workers" in message and "Service held-workers" in message
+    wait(k8s, both_taken, 30, "NameTaken naming the Service and the budget", op)
     wait(k8s, running(kube, namespace, "held", 2, 1), 40, "the workers run meanwhile", op)
     time.sleep(6)  # more passes (resync 5 s), each trying the creates again
     warned = events(kube, namespace, "held", "NameTaken")

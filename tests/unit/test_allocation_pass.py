@@ -234,9 +234,10 @@ def test_the_core_queues_a_job_the_allocator_has_not_admitted():
     set_condition(w.status, CONDITION_ADMITTED, False, REASON_QUEUED, "place 2 in the queue", w.now, 1)
     w.step()
     assert w.status.phase == "Queued" and w.status.message == "place 2 in the queue" and not w.pods
+    assert w.budget is None  # a queued job holds no disruption budget (it would protect nothing)
     set_condition(w.status, CONDITION_ADMITTED, True, REASON_ADMITTED, "admitted at 2 workers", w.now, 1)
     w.step()
-    assert w.status.phase == "Pending" and len(w.pods) == 2
+    assert w.status.phase == "Pending" and len(w.pods) == 2 and w.budget == 2
 
 
 def test_a_resumed_job_waits_for_a_new_admission_its_gpus_went_back_at_the_suspension():

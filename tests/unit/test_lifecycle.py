@@ -82,12 +82,15 @@ def test_suspend_deletes_workers_keeps_service_and_resume_starts_a_new_generatio
 def test_suspended_from_the_start_creates_no_workers():
     w = World(base_spec(suspend=True))
     p = w.step()
-    assert [o["kind"] for o in p.creates] == ["Service", "PodDisruptionBudget"]
-    assert w.budget == 0  # nothing to protect: a drain is never blocked
+    # No budget yet: with no workers it would protect nothing (and cost a patch later).
+    assert [o["kind"] for o in p.creates] == ["Service"]
+    assert w.budget is None
     assert w.status.phase == "Suspended" and w.status.worker_generation == 0
     w.set_spec(suspend=False)
-    w.step(5)
+    p = w.step(5)
     assert w.created_pods() == ["job-worker-0", "job-worker-1"] and w.status.worker_generation == 1
+    assert [o["spec"]["minAvailable"] for o in p.creates if o["kind"] == "PodDisruptionBudget"] == [2]
+    assert not p.patches  # created at the generation's size: nothing to patch
 
 
 def test_deadline_fails_the_job_and_deletes_workers():

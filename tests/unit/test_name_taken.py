@@ -168,9 +168,10 @@ class PassKube(FakeKube):
 
 def test_children_that_only_carry_our_labels_are_created_again_never_used_or_patched():
     """A Service, claim and budget with our labels but another owner, as kopf's indexes
-    hold them: the pass creates the job's own (whose 409 then reports the name taken)."""
+    hold them: the pass creates the job's own (whose 409 then reports the name taken).
+    Per-job mode, so that the first pass starts a generation (the budget comes with it)."""
     kube = PassKube()
-    ctx = OperatorContext(kube=kube, config=OperatorConfig())
+    ctx = OperatorContext(kube=kube, config=OperatorConfig(allocator=False))
     foreign = ("someone-else",)
     indexes = {
         "pods_by_job": {},

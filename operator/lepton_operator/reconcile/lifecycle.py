@@ -183,12 +183,14 @@ def ensure_service_and_pvc(p: JobPass) -> None:
 def ensure_disruption_budget(p: JobPass) -> None:
     """The job's PodDisruptionBudget protects every running worker (minAvailable = the
     world size); 0 once nothing runs (suspended, finished), so a drain is never blocked
-    by a job that has no workers to move."""
+    by a job that has no workers to move. It is created with the first generation's size:
+    before that it would protect nothing and cost a patch per job."""
     s = p.s
     active = s.phase not in FINISHED_PHASES and s.phase != "Suspended"
     wanted = s.world_size if active else 0
     if p.budget is None:
-        p.plan.creates.append(build_disruption_budget(p.job, wanted))
+        if wanted > 0:
+            p.plan.creates.append(build_disruption_budget(p.job, wanted))
     elif p.budget != wanted:
         p.plan.patches.append(
             ("PodDisruptionBudget", disruption_budget_name(p.job.name), {"spec": {"minAvailable": wanted}})
