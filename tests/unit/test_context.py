@@ -12,7 +12,7 @@ from lepton_operator.desired import JobRef
 from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import EventRecorder, Expectations, OperatorContext, WatchHealth, newer
 from lepton_operator.reconcile.loop import job_loop
-from lepton_operator.reconcile.podcache import PodCache
+from lepton_operator.reconcile.podcache import PodCache, nothing_waits_on_pods
 
 pytestmark = pytest.mark.unit
 
@@ -246,6 +246,16 @@ def test_a_settled_job_is_relisted_less_often_than_one_in_motion():
     slow = PodCache(relist_seconds=3600, settled_relist_seconds=0)
     slow.listed(KEY, indexed_before=[], listed=[])
     assert not slow.relist_due(KEY, settled=True)
+
+
+def test_jobs_running_steadily_queued_or_finished_are_the_settled_ones():
+    assert nothing_waits_on_pods("Running", rescaling=False)
+    assert nothing_waits_on_pods("Queued", rescaling=False)  # no workers until admitted
+    assert nothing_waits_on_pods("Succeeded", rescaling=False) and nothing_waits_on_pods("Failed", rescaling=False)
+    # Starting, moving, or suspending (its workers must be seen gone): every relist period.
+    for phase in ("Pending", "Rescaling", "Suspended", ""):
+        assert not nothing_waits_on_pods(phase, rescaling=False), phase
+    assert not nothing_waits_on_pods("Running", rescaling=True)
 
 
 def test_watch_health_can_be_read_while_the_api_threads_report_versions():

@@ -115,8 +115,8 @@ def add_parser(subparsers) -> None:
         "--settled-relist-seconds",
         type=float,
         default=300.0,
-        help="... and this often while a job runs with no rescale under way (default 300; "
-        "never more often than --relist-seconds)",
+        help="... and this often while nothing waits on a job's pods: it runs with no rescale "
+        "under way, is queued or has finished (default 300; never more often than --relist-seconds)",
     )
     p.add_argument(
         "--policy-file",

@@ -29,7 +29,7 @@ class OperatorConfig:
     relist_seconds: float = 60.0
     """Each job's pods are re-listed from the API this often (a stale watch cache heals)."""
     settled_relist_seconds: float = 300.0
-    """... and this often while the job runs with no rescale under way."""
+    """... and this often while nothing waits on its pods (`podcache.nothing_waits_on_pods`)."""
     debounce_seconds: float = 0.2
     """A pass waits this long after a trigger, so a burst of pod events makes one pass."""
     policy: AdminPolicy = DEFAULT_POLICY

@@ -42,6 +42,7 @@ from lepton_operator.reconcile.executor import apply_plan
 from lepton_operator.reconcile.jobpass import Observed
 from lepton_operator.reconcile.kube import Conflict, PermanentApiError, TransientApiError
 from lepton_operator.reconcile.plan import plan
+from lepton_operator.reconcile.podcache import nothing_waits_on_pods
 
 log = logging.getLogger("lepton_operator.reconcile")
 
@@ -93,7 +94,7 @@ async def run_pass(
     status = parse_status(body.get("status"))
     now = datetime.now(timezone.utc)
     indexed = [dict(p) for p in indexes["pods_by_job"].get(key, [])]
-    if ctx.pods.relist_due(key, settled=status.phase == "Running" and status.rescale is None):
+    if ctx.pods.relist_due(key, settled=nothing_waits_on_pods(status.phase, status.rescale is not None)):
         listed = await asyncio.to_thread(ctx.kube.list_pods, namespace, selector_string(name))
         seen = ctx.pods.listed(key, indexed, listed)
     else:

@@ -5,8 +5,9 @@ partition) it can keep pods that were deleted meanwhile ("ghosts"): a ghost of a
 generation shares its name with a live pod of the next one. Deletes carry a uid
 precondition, so a ghost can never get the live pod deleted; and so that no pass waits
 for ever on a ghost, each job's pods are re-listed from the API every `relist_seconds`
-(every `settled_relist_seconds` while the job runs with nothing in motion: at a thousand
-jobs a list per job per minute would be a third of the default request budget) and
+(every `settled_relist_seconds` while the job runs with nothing in motion, waits in the
+allocator's queue or has finished: at a thousand jobs a list per job per minute would be a third of the
+default request budget) and
 whenever a delete found its pod already gone. A pass after a re-list uses the listed
 pods; later passes use the index without the ghosts that list exposed.
 
@@ -21,6 +22,7 @@ import logging
 import sys
 import time
 
+from lepton_operator.api.models import FINISHED_PHASES
 from lepton_operator.reconcile.failures import DISRUPTION_CONDITIONS
 
 JobKey = tuple[str, str]
@@ -89,6 +91,14 @@ def _uids(pods: list[dict]) -> set[str]:
     return {p["metadata"]["uid"] for p in pods if p["metadata"].get("uid")}
 
 
+def nothing_waits_on_pods(phase: str, rescaling: bool) -> bool:
+    """Whether no pass waits on the job's pods, so that a re-list can wait the settled
+    period: it runs with no rescale, it is queued for admission (no workers yet; at a
+    thousand arrivals the queued jobs' lists were 5.5 requests per job), or it finished
+    (its exited workers are kept for their logs only)."""
+    return phase in ("Queued", *FINISHED_PHASES) or (phase == "Running" and not rescaling)
+
+
 class PodCache:
     """Per job: when its pods were last listed, the ghosts found, and index health."""
 
@@ -103,8 +113,8 @@ class PodCache:
         self._disagree_since: dict[JobKey, float] = {}
 
     def relist_due(self, key: JobKey, settled: bool = False) -> bool:
-        """A job in motion is re-listed every `relist_seconds`; a `settled` one (Running,
-        no rescale: nothing waits on its pods) every `settled_relist_seconds`."""
+        """A job in motion is re-listed every `relist_seconds`; a `settled` one
+        (`nothing_waits_on_pods`) every `settled_relist_seconds`."""
         period = max(self.relist_seconds, self.settled_relist_seconds) if settled else self.relist_seconds
         return time.monotonic() - self._listed_at.get(key, float("-inf")) >= period
 
