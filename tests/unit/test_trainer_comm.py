@@ -22,8 +22,12 @@ pytestmark = pytest.mark.unit
 MODEL = ["--n-layer", "2", "--n-embd", "128", "--n-head", "4", "--block-size", "32"]
 STEPS = 20
 
+# As train.main() does: the process group is destroyed before exit. Left to interpreter
+# teardown, gloo's threads can abort the process ("terminate called without an active
+# exception", -6), as it did under load.
 RANK = """
 import json, sys
+import torch.distributed as dist
 from lepton_trainer.config import parse_args
 from lepton_trainer.train import DistEnv, Trainer
 
@@ -31,6 +35,8 @@ port, argv = sys.argv[1], sys.argv[2:]
 cfg = parse_args(["--metrics-addr", "127.0.0.1", "--metrics-port", port, "--log-every-seconds", "100", *argv], {})
 trainer = Trainer(cfg, DistEnv.from_environ(), checkpoints=False)
 code = trainer.run()
+if dist.is_initialized():
+    dist.destroy_process_group()
 sums = {}
 if trainer.metrics is not None:
     for family in trainer.metrics.registry.collect():
