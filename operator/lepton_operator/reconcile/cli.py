@@ -183,8 +183,8 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_API_QPS,
         metavar="QPS",
         help="the operator's own API requests per second, averaged (0: unlimited; default "
-        f"{DEFAULT_API_QPS:g}: a settled job costs ~0.6 requests a minute, a starting one 35-46; 1,000 elastic "
-        "jobs created at once had all their pods within 11 minutes, benchmarks/RESULTS.md; like "
+        f"{DEFAULT_API_QPS:g}: a settled job costs ~0.6 requests a minute, a starting one ~29; 1,000 elastic "
+        "jobs created at once had all their pods within 9 minutes, benchmarks/RESULTS.md; like "
         "kube-controller-manager's --kube-api-qps)",
     )
     p.add_argument(

@@ -55,8 +55,8 @@ DEFAULT_API_THREADS = 32
 # The client-side rate limit (`--api-qps`, `--api-burst`; README "Install on a real cluster").
 # A settled job costs ~0.6 requests a minute (a pod re-list, the autoscaler's measurement
 # and the allocator's refresh, each every 5 minutes; passes read kopf's body, no GET), so
-# 50/s leaves most of the budget to starts: 1,000 elastic jobs created at once (35-46 requests
-# each while they start) had every pod within 11 minutes, paced by this limit
+# 50/s leaves most of the budget to starts: 1,000 elastic jobs created at once (~29 requests
+# each while they start) had every pod within 9 minutes, paced by this limit
 # (benchmarks/RESULTS.md). A burst of 100 lets a few jobs start without any wait; like
 # kube-controller-manager's --kube-api-qps, and kube-scheduler's defaults are the same.
 DEFAULT_API_QPS = 50.0
