@@ -4,6 +4,7 @@ nodes and pods, priorities, the job view, the writes; and the core's gang admiss
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,10 +16,11 @@ from lepton_operator.api.conditions import (
     REASON_QUEUED,
     REASON_QUEUED_BEHIND,
 )
-from lepton_operator.api.models import LeptonJobStatus, Observation, parse_job, parse_status
-from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY
+from lepton_operator.api.models import FINALIZER, LeptonJobStatus, Observation, parse_job, parse_status
+from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, JobRef
 from lepton_operator.reconcile.allocation import (
     allocator_pass,
+    allocator_tick,
     capacity_view,
     gpu_pod_view,
     job_of_pod,
@@ -31,7 +33,10 @@ from lepton_operator.reconcile.allocation import (
 )
 from lepton_operator.reconcile.autoscaling import progress_patch, record_observation
 from lepton_operator.reconcile.conditions import set_condition
+from lepton_operator.reconcile.config import OperatorConfig
 from lepton_operator.reconcile.context import OperatorContext
+from lepton_operator.reconcile.kube import Conflict
+from lepton_operator.reconcile.loop import job_loop
 from lepton_operator.scaling.allocator import Allocation
 from lepton_operator.scaling.prometheus import Progress
 from tests.unit.planworld import World, base_spec
@@ -121,6 +126,9 @@ def test_priority_comes_from_the_spec_then_the_class_then_the_global_default():
     assert job_priority(spec(priorityClassName="missing"), classes) == 0
     assert job_priority(spec(), classes) == 10
     assert job_priority(spec(), {}) == 0
+
+
+QUEUED = {"phase": "Queued"}  # as a new job's first pass leaves it: the allocator waits for that
 
 
 def body(created=NOW - timedelta(minutes=5)):
@@ -401,6 +409,7 @@ def test_a_pass_on_the_watch_caches_lists_no_jobs_and_no_pods():
     job = {
         "metadata": {**body()["metadata"], "name": "job", "namespace": "ns", "uid": "uid-job"},
         "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+        "status": QUEUED,
     }
     foreign = gpu_pod_view(_gpu_pod("other", "ns", "6", "n1"))  # 6 of the 8 GPUs are someone else's
     decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(job)], [foreign]))
@@ -418,6 +427,7 @@ def test_a_pass_reads_the_node_list_the_jobs_passes_share():
     job = {
         "metadata": {**body()["metadata"], "uid": "uid-job"},
         "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+        "status": QUEUED,
     }
     decisions = asyncio.run(allocator_pass(ctx, logging.getLogger("test"), [job_view(job)], []))
     assert decisions["ns/job"].admitted and ctx.kube.node_lists == 1  # its GPUs seen, no second list
@@ -433,6 +443,7 @@ def test_a_pass_decides_on_a_newer_answer_than_the_watch_cache_holds():
     job = {
         "metadata": {**body()["metadata"], "uid": "uid-job"},
         "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+        "status": QUEUED,
     }
     ctx.watch.watched(("ns", "job"), "7")
     answer = {**job, "metadata": {**job["metadata"], "resourceVersion": "8", "finalizers": ["kopf"]}}
@@ -474,7 +485,11 @@ class StaleOnce(ListsNothing):
 def _arrival(version="7", generation=3, finalizers=()):
     meta = {**body()["metadata"], "uid": "uid-job", "resourceVersion": version, "generation": generation}
     meta["finalizers"] = list(finalizers)
-    return {"metadata": meta, "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}}}
+    return {
+        "metadata": meta,
+        "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+        "status": QUEUED,
+    }
 
 
 def _allocate_arrival(kube, on_conflict=None) -> OperatorContext:
@@ -564,6 +579,7 @@ def test_a_pass_writes_its_decisions_together_within_a_bound():
             {
                 "metadata": {**body()["metadata"], "name": f"job-{i}", "namespace": "ns", "uid": f"uid-{i}"},
                 "spec": {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}},
+                "status": QUEUED,
             }
         )
         for i in range(3 * WRITE_CONCURRENCY)
@@ -592,3 +608,66 @@ def test_a_queued_jobs_place_alone_is_written_again_only_at_the_refresh():
     behind = Allocation("ns/job", False, 0, REASON_QUEUED_BEHIND, "ns/old has waited longer", queue_position=2)
     now = plan_job_writes(body(), sp, stored, behind, NOW + timedelta(seconds=60)).status_patch
     assert now["allocation"]["reason"] == REASON_QUEUED_BEHIND
+
+
+class NewJobKube(ListsNothing):
+    """A new job as its first pass reads it: kopf's finalizer on, no status yet. A status
+    write on any other version than the stored one is a Conflict; answers are reported to
+    `job_seen` (the watch health), as `Kube` does."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        meta = {**body()["metadata"], "uid": "uid-new", "resourceVersion": "8", "finalizers": [FINALIZER]}
+        spec = {"image": "t", "workers": {"min": 1, "max": 4}, "resources": {"gpus": 2}}
+        self.stored = {"metadata": meta, "spec": spec}
+        self.conflicts = 0
+
+    def get_job(self, namespace, name):
+        return copy.deepcopy(self.stored)
+
+    def list_pods(self, namespace, selector):
+        return []
+
+    def patch_job_status(self, namespace, name, version, patch):
+        meta = self.stored["metadata"]
+        if version != meta["resourceVersion"]:
+            self.conflicts += 1
+            raise Conflict("the object has been modified")
+        self.written.append((name, version, patch))
+        status = self.stored.setdefault("status", {})
+        status.update({k: v for k, v in patch.items() if k != "allocation"})
+        meta["resourceVersion"] = str(int(version) + 1)
+        self.job_seen((namespace, name), meta["resourceVersion"], copy.deepcopy(self.stored))
+        return copy.deepcopy(self.stored)
+
+    def create(self, obj):
+        return "created"
+
+
+def test_a_new_job_is_allocated_right_after_its_first_pass_on_the_status_that_pass_wrote():
+    """The allocator leaves a job the core has not passed yet alone; the job's first pass
+    asks for an allocation, which its loop runs at once, on the pass's answer: no Conflict
+    between the pass, the allocator and kopf's finalizer."""
+    import asyncio
+    import logging
+
+    log = logging.getLogger("test")
+    kube = NewJobKube([node("n1")])
+    ctx = OperatorContext(kube=kube, config=OperatorConfig(resync_seconds=0.05))
+    key, cached = ("ns", "job"), job_view(kube.stored)  # what the watch delivered: version 8
+    ctx.watch.watched(key, "8")
+    assert asyncio.run(allocator_pass(ctx, log, [cached], [])) == {} and not kube.written
+
+    phases_seen = []
+
+    async def allocate():
+        phases_seen.append(kube.stored["status"]["phase"])
+        await allocator_tick(ctx, log, [cached], [])  # the watch cache still at version 8
+
+    indexes = {"pods_by_job": {}, "services_by_job": {}, "claims_by_job": {}, "budgets_by_job": {}}
+    job = JobRef(name="job", namespace="ns", uid="uid-new")
+    asyncio.run(asyncio.wait_for(job_loop(ctx, job, indexes, lambda: bool(phases_seen), log, allocate=allocate), 10))
+    assert phases_seen == ["Queued"]  # once, after the first pass wrote its status
+    assert [version for _, version, _ in kube.written] == ["8", "9"] and kube.conflicts == 0
+    admitted = kube.written[1][2]["conditions"]
+    assert any(c["type"] == CONDITION_ADMITTED and c["status"] == "True" for c in admitted)

@@ -181,6 +181,7 @@ def _job(name: str, gpus: int, minimum: int, created: str) -> dict:
             "creationTimestamp": created,
         },
         "spec": {"image": "trainer:1", "workers": {"min": minimum, "max": minimum}, "resources": {"gpus": gpus}},
+        "status": {"phase": "Queued"},  # passed by the core once: the allocator decides on it
     }
 
 

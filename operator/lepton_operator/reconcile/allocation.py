@@ -1,8 +1,12 @@
 """The cluster allocator's pass: every LeptonJob, the GPU capacity, one allocation.
 
-Run by the active operator only (a kopf timer per job ticks it, and kopf pauses timers on
-replicas that are not the peering leader). A pass runs every `--allocator-interval-seconds`,
-and at the next tick after a job arrives or finishes (`AllocatorMemory.wanted`). It
+Run by the active operator only (a kopf timer per job ticks it, and so does a job's loop
+after a pass that asked for it; kopf pauses timers and daemons on replicas that are not the
+peering leader). A pass runs every `--allocator-interval-seconds`, and at once (at most
+once a second) after a job's first pass, a job's finish or suspension, or a departure
+(`AllocatorMemory.wanted`). A job the core has not passed yet (no `status.phase`) waits
+for that first pass: deciding on it while the pass writes its first status, and kopf its
+finalizer, made two of the three writers meet a Conflict. It
 
 1. lists the LeptonJobs, and reads the capacity: allocatable `nvidia.com/gpu` of Ready,
    schedulable nodes minus the GPUs requested by pods that are not LeptonJob workers
@@ -541,8 +545,8 @@ async def allocator_pass(
         except InvalidJob:
             continue  # the core marks it Failed/InvalidSpec
         status = parse_status(body.get("status"))
-        if status.phase in FINISHED_PHASES or spec.suspend or status.phase == "Failed":
-            continue
+        if not status.phase or status.phase in FINISHED_PHASES or spec.suspend:
+            continue  # not passed by the core yet (its first pass asks for a pass), or done
         jobs[key] = (body, spec, status)
     specs = {key: spec for key, (_, spec, _) in jobs.items()}
     view, classes = await asyncio.to_thread(_read_world, ctx, ctx.allocator, specs, pods)

@@ -19,6 +19,8 @@ releases it; the GC then removes its pods (docs/reliability.md, row 9).
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import kopf
 
 from lepton_operator.api.models import GROUP, PLURAL, VERSION, RestartSpec
@@ -105,8 +107,10 @@ def watch_network_policies() -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def job_changed(type, namespace, name, meta, memo: OperatorContext, **_):
     """The job changed (spec, scale, status written by anyone): wake its loop."""
-    if type in (None, "ADDED", "DELETED"):
-        memo.allocator.wanted = True  # an arrival or a departure: the allocator looks again
+    if type in (None, "DELETED"):
+        # Listed at start, or a departure: the allocator looks again. An arrival asks for
+        # it after its first pass (the allocator waits for that pass: allocation.py).
+        memo.allocator.wanted = True
     if type == "DELETED":
         memo.watch.forget((namespace, name))  # its loop has ended or is ending: nothing to watch
     else:
@@ -140,6 +144,8 @@ async def reconcile_loop(
     services_by_job,
     claims_by_job,
     budgets_by_job,
+    jobs_by_key,
+    gpu_pods,
     **kwargs,
 ):
     """The job's reconcile loop (loop.job_loop); `body` is kopf's live view of the job,
@@ -152,7 +158,14 @@ async def reconcile_loop(
         "network_policies_by_job": kwargs.get("network_policies_by_job"),  # absent unless registered
     }
     job = JobRef(name=name, namespace=namespace, uid=uid)
-    await job_loop(memo, job, indexes, lambda: bool(stopped), logger, live=body)
+
+    async def allocate() -> None:
+        """The allocator's tick, from the loop when a pass asked for one (a new job's first
+        pass, a finish): at once, not at the next 5-s timer tick."""
+        if memo.config.allocator:
+            await allocator_tick(memo, logger, _views(jobs_by_key), _views(gpu_pods))
+
+    await job_loop(memo, job, indexes, lambda: bool(stopped), logger, live=body, allocate=allocate)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -168,6 +181,11 @@ async def gpu_pods(body, **_):
     allocator's capacity, without listing the cluster's pods each pass."""
     view = gpu_pod_view(body)
     return {"gpu": view} if view is not None else {}
+
+
+def _views(index) -> Iterator[dict]:
+    """The entries of a kopf index (a store per key)."""
+    return (view for store in index.values() for view in store)
 
 
 def _hang_seconds(spec) -> float:
@@ -190,9 +208,7 @@ async def tick(spec, name, namespace, body, logger, memo: OperatorContext, jobs_
     interval = ((spec or {}).get("autoscaling") or {}).get("intervalSeconds", AUTOSCALER_TICK_SECONDS)
     await autoscale_pass(memo, namespace, name, interval, logger, live=body)
     if memo.config.allocator:
-        jobs = (view for store in jobs_by_key.values() for view in store)
-        pods = (view for store in gpu_pods.values() for view in store)
-        await allocator_tick(memo, logger, jobs, pods)
+        await allocator_tick(memo, logger, _views(jobs_by_key), _views(gpu_pods))
     hang = _hang_seconds(spec)
     if hang > 0:
         await watchdog_pass(memo, namespace, name, hang, logger, live=body)

@@ -31,7 +31,7 @@ import copy
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Callable, Mapping, Optional
+from typing import Awaitable, Callable, Mapping, Optional
 
 from lepton_operator import metrics
 from lepton_operator.api.models import FINALIZER, FINISHED_PHASES, InvalidJob, parse_job, parse_status
@@ -126,7 +126,7 @@ async def run_pass(
     if result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES:
         ctx.allocator.wanted = True  # its GPUs are free: the allocator hands them out now
     elif result.status.phase in ("Queued", "Suspended") and status.phase != result.status.phase:
-        ctx.allocator.wanted = True  # suspended (GPUs free) or resumed (waits for admission): look now
+        ctx.allocator.wanted = True  # suspended (GPUs free), new or resumed (waits for admission): look now
     return GONE if applied.job_deleted else applied.requeue_after
 
 
@@ -149,9 +149,12 @@ async def job_loop(
     stopped: Callable[[], bool],
     logger: logging.Logger = log,
     live: Optional[Mapping] = None,
+    allocate: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> None:
     """Reconcile the job until it is gone or `stopped()` turns true (`live`: kopf's live
-    body of the job, see `read_job`)."""
+    body of the job, see `read_job`). `allocate`: the cluster allocator's tick, run after
+    a pass that asked for an allocation (`AllocatorMemory.wanted`), so that a new job is
+    admitted right after its first pass wrote its status."""
     key: JobKey = (job.namespace, job.name)
     trigger = ctx.triggers.get(key)
     failures = 0
@@ -170,6 +173,8 @@ async def job_loop(
                 if outcome == GONE:
                     return
                 delay = outcome
+                if allocate is not None and ctx.allocator.wanted:
+                    await allocate()
             except Conflict:
                 fresh = True  # the job changed under us: redo at once on a fresh GET
                 continue
