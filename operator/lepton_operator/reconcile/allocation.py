@@ -2,11 +2,12 @@
 
 Run by the active operator only (a kopf timer per job ticks it, and so does a job's loop
 after a pass that asked for it; kopf pauses timers and daemons on replicas that are not the
-peering leader). A pass runs every `--allocator-interval-seconds`, and at once (at most
-once a second) after a job's first pass, a job's finish or suspension, or a departure
-(`AllocatorMemory.wanted`). A job the core has not passed yet (no `status.phase`) waits
-for that first pass: deciding on it while the pass writes its first status, and kopf its
-finalizer, made two of the three writers meet a Conflict. It
+peering leader). A pass runs every `--allocator-interval-seconds`; at once after a job's
+pass that asked for one (its first pass, a finish, a suspension: `allocate_soon`); and at
+the next tick, at most once a second, after a departure (`AllocatorMemory.wanted`). A job
+the core has not passed yet (no `status.phase`) waits for that first pass: deciding on it
+while the pass wrote its first status, and kopf its finalizer, made two of the three
+writers meet a Conflict. It
 
 1. lists the LeptonJobs, and reads the capacity: allocatable `nvidia.com/gpu` of Ready,
    schedulable nodes minus the GPUs requested by pods that are not LeptonJob workers
@@ -34,7 +35,7 @@ import logging
 import math
 import time
 from datetime import datetime, timezone
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from lepton_operator import metrics
 from lepton_operator.api.conditions import (
@@ -73,6 +74,12 @@ REFRESH_SECONDS = 300.0
 WRITE_CONCURRENCY = 16
 # Writes of one decision: a new job's version moves with kopf's finalizer and its first pass.
 WRITE_ATTEMPTS = 3
+# Passes wanted by arrivals and departures start at least this far apart (one pass for a burst).
+MIN_SPACING_SECONDS = 1.0
+# allocate_soon: how long a job's loop waits for a pass to start (a timer tick's period),
+# and how often it looks meanwhile (while another pass runs).
+ALLOCATE_SOON_SECONDS = 5.0
+ALLOCATE_SOON_POLL_SECONDS = 0.25
 
 log = logging.getLogger("lepton_operator.allocator")
 JobKey = tuple[str, str]
@@ -499,17 +506,21 @@ async def allocator_tick(
     logger: logging.Logger,
     jobs: Iterable[dict],
     gpu_pods: Iterable[dict],
+    asked: bool = False,
 ) -> None:
-    """Run a pass if one is due (interval elapsed, or a job arrived or finished). `jobs`
-    and `gpu_pods`: the watch caches (`job_view`, `gpu_pod_view` entries)."""
+    """Run a pass if one is due: the interval elapsed, or one was wanted (a job arrived or
+    finished) and the last began a second ago, or at once when `asked` by a job's loop
+    (`allocate_soon`). `jobs` and `gpu_pods`: the watch caches (`job_view`, `gpu_pod_view`
+    entries)."""
     memory = ctx.allocator
     if memory.running:
         return
     mono = time.monotonic()
     due = mono - memory.last_run >= ctx.config.allocator_interval_seconds
-    if not due and not (memory.wanted and mono - memory.last_run >= 1.0):
+    if not due and not (memory.wanted and (asked or mono - memory.last_run >= MIN_SPACING_SECONDS)):
         return
     memory.running, memory.wanted, memory.last_run = True, False, mono
+    memory.started += 1
     try:
         await allocator_pass(ctx, logger, jobs, gpu_pods)
     except (TransientApiError, PermanentApiError) as e:
@@ -517,6 +528,28 @@ async def allocator_tick(
         memory.wanted = True
     finally:
         memory.running = False
+
+
+async def allocate_soon(
+    ctx: OperatorContext,
+    logger: logging.Logger,
+    caches: Callable[[], tuple[Iterable[dict], Iterable[dict]]],
+) -> None:
+    """Wait until an allocator pass starts after this call, running it from here as soon
+    as no pass is under way (at most ALLOCATE_SOON_SECONDS: by then a job's timer has
+    ticked it). For a job's loop after a pass that set `AllocatorMemory.wanted`: a pass
+    under way may not have seen what this pass wrote, and the next timer tick is up to 5 s
+    away. Such a pass does not wait out the second between wanted passes: a new job's
+    admission would wait for it whenever a pass ran as the job arrived (a timer's first
+    tick), and at scale a pass takes longer than that anyway. `caches`: the watch caches'
+    entries (jobs, GPU pods), read afresh at each try."""
+    memory = ctx.allocator
+    asked_at = memory.started
+    deadline = time.monotonic() + ALLOCATE_SOON_SECONDS
+    while memory.started == asked_at and time.monotonic() < deadline:
+        await allocator_tick(ctx, logger, *caches(), asked=True)
+        if memory.started == asked_at:
+            await asyncio.sleep(ALLOCATE_SOON_POLL_SECONDS)
 
 
 async def allocator_pass(

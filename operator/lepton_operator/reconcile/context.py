@@ -229,6 +229,8 @@ class AllocatorMemory:
     wanted: bool = True
     """A job arrived or finished: run at the next tick."""
     running: bool = False
+    started: int = 0
+    """Passes started so far (`allocate_soon` waits for one that starts after its call)."""
     priority_classes_readable: bool = True
     """False once listing PriorityClasses was refused (RBAC): not asked again."""
     priority_classes: dict = dataclasses.field(default_factory=dict)

@@ -25,7 +25,7 @@ import kopf
 
 from lepton_operator.api.models import GROUP, PLURAL, VERSION, RestartSpec
 from lepton_operator.desired import LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, JobRef
-from lepton_operator.reconcile.allocation import allocator_tick, gpu_pod_view, job_view
+from lepton_operator.reconcile.allocation import allocate_soon, allocator_tick, gpu_pod_view, job_view
 from lepton_operator.reconcile.autoscaling import autoscale_pass
 from lepton_operator.reconcile.context import OperatorContext
 from lepton_operator.reconcile.isolation import trim_network_policy
@@ -160,10 +160,10 @@ async def reconcile_loop(
     job = JobRef(name=name, namespace=namespace, uid=uid)
 
     async def allocate() -> None:
-        """The allocator's tick, from the loop when a pass asked for one (a new job's first
-        pass, a finish): at once, not at the next 5-s timer tick."""
+        """An allocator pass after one of this job's passes asked for it (its first pass, a
+        finish): at once, not at the next 5-s timer tick."""
         if memo.config.allocator:
-            await allocator_tick(memo, logger, _views(jobs_by_key), _views(gpu_pods))
+            await allocate_soon(memo, logger, lambda: (_views(jobs_by_key), _views(gpu_pods)))
 
     await job_loop(memo, job, indexes, lambda: bool(stopped), logger, live=body, allocate=allocate)
 
