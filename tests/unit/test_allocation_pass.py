@@ -672,6 +672,7 @@ def test_a_new_job_is_allocated_right_after_its_first_pass_on_the_status_that_pa
     job = JobRef(name="job", namespace="ns", uid="uid-new")
     asyncio.run(asyncio.wait_for(job_loop(ctx, job, indexes, lambda: bool(phases_seen), log, allocate=allocate), 10))
     assert phases_seen == ["Queued"] and ctx.allocator.started == 2  # after the pass wrote its status
+    assert not ctx.allocator.asked_by  # asked once: the job's later passes do not run the allocator
     assert [version for _, version, _ in kube.written] == ["8", "9"] and kube.conflicts == 0
     admitted = kube.written[1][2]["conditions"]
     assert any(c["type"] == CONDITION_ADMITTED and c["status"] == "True" for c in admitted)

@@ -537,8 +537,8 @@ async def allocate_soon(
 ) -> None:
     """Wait until an allocator pass starts after this call, running it from here as soon
     as no pass is under way (at most ALLOCATE_SOON_SECONDS: by then a job's timer has
-    ticked it). For a job's loop after a pass that set `AllocatorMemory.wanted`: a pass
-    under way may not have seen what this pass wrote, and the next timer tick is up to 5 s
+    ticked it). For a job's loop after a pass that asked for one (`AllocatorMemory.asked_by`):
+    a pass under way may not have seen what this pass wrote, and the next timer tick is up to 5 s
     away. Such a pass does not wait out the second between wanted passes: a new job's
     admission would wait for it whenever a pass ran as the job arrived (a timer's first
     tick), and at scale a pass takes longer than that anyway. `caches`: the watch caches'

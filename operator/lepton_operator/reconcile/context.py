@@ -231,6 +231,9 @@ class AllocatorMemory:
     running: bool = False
     started: int = 0
     """Passes started so far (`allocate_soon` waits for one that starts after its call)."""
+    asked_by: set = dataclasses.field(default_factory=set)
+    """Jobs whose last pass asked for a pass (queued, finished, suspended): their loops run
+    one at once (`allocate_soon`)."""
     priority_classes_readable: bool = True
     """False once listing PriorityClasses was refused (RBAC): not asked again."""
     priority_classes: dict = dataclasses.field(default_factory=dict)
@@ -282,6 +285,7 @@ class OperatorContext:
         self.pods.forget(key)
         self.autoscaler.pop(key, None)
         self.taken.pop(key, None)
+        self.allocator.asked_by.discard(key)
 
     def stale_watches(self) -> list[str]:
         """Jobs whose job watch or pod index stopped following the API (liveness)."""

@@ -123,10 +123,12 @@ async def run_pass(
     applied = await apply_plan(ctx, body, status, result, logger)
     metrics.set_job_restarts_remaining(namespace, name, remaining_restarts(spec, result.status))
     metrics.set_stale_watches(len(ctx.stale_watches()))  # every loop passes each resync: fresh within 30 s
-    if result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES:
-        ctx.allocator.wanted = True  # its GPUs are free: the allocator hands them out now
-    elif result.status.phase in ("Queued", "Suspended") and status.phase != result.status.phase:
-        ctx.allocator.wanted = True  # suspended (GPUs free), new or resumed (waits for admission): look now
+    finished = result.status.phase in FINISHED_PHASES and status.phase not in FINISHED_PHASES
+    # Finished or suspended: its GPUs are free. New or resumed: it waits for admission.
+    waits = result.status.phase in ("Queued", "Suspended") and status.phase != result.status.phase
+    if finished or waits:
+        ctx.allocator.wanted = True
+        ctx.allocator.asked_by.add(key)  # the loop runs a pass at once
     return GONE if applied.job_deleted else applied.requeue_after
 
 
@@ -152,8 +154,8 @@ async def job_loop(
     allocate: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> None:
     """Reconcile the job until it is gone or `stopped()` turns true (`live`: kopf's live
-    body of the job, see `read_job`). `allocate`: the cluster allocator's tick, run after
-    a pass that asked for an allocation (`AllocatorMemory.wanted`), so that a new job is
+    body of the job, see `read_job`). `allocate`: an allocator pass, run after a pass of
+    this job that asked for one (`AllocatorMemory.asked_by`), so that a new job is
     admitted right after its first pass wrote its status."""
     key: JobKey = (job.namespace, job.name)
     trigger = ctx.triggers.get(key)
@@ -173,7 +175,8 @@ async def job_loop(
                 if outcome == GONE:
                     return
                 delay = outcome
-                if allocate is not None and ctx.allocator.wanted:
+                if allocate is not None and key in ctx.allocator.asked_by:
+                    ctx.allocator.asked_by.discard(key)
                     await allocate()
             except Conflict:
                 fresh = True  # the job changed under us: redo at once on a fresh GET
