@@ -56,8 +56,8 @@ def test_window_covers_the_generation_after_warm_up():
 
 def test_after_a_prometheus_outage_the_window_starts_when_it_answers_again():
     """Prometheus missed scrapes while it was down; a window reaching over that gap
-    under-reports (rate() does not extrapolate over it), so the first measurement after an
-    outage covers only the time since Prometheus answered again."""
+    under-reports (rate() extrapolates only half a scrape interval over it), so the first
+    measurement after an outage covers only the time since Prometheus answered again."""
     start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=100)
     st = status(generationStartTime=start.strftime("%Y-%m-%dT%H:%M:%SZ"))  # warm 10 s later
     stub = Stub()

@@ -6,10 +6,10 @@ generation shares its name with a live pod of the next one. Deletes carry a uid
 precondition, so a ghost can never get the live pod deleted; and so that no pass waits
 for ever on a ghost, each job's pods are re-listed from the API every `relist_seconds`
 (every `settled_relist_seconds` while the job runs with nothing in motion, waits in the
-allocator's queue or has finished: at a thousand jobs a list per job per minute would be a third of the
-default request budget) and
-whenever a delete found its pod already gone. A pass after a re-list uses the listed
-pods; later passes use the index without the ghosts that list exposed.
+allocator's queue or has finished: at a thousand jobs a list per job per minute would be
+a third of the default request budget) and whenever a delete found its pod already gone.
+A pass after a re-list uses the listed pods; later passes use the index without the
+ghosts that list exposed.
 
 The re-list is also the pod watch's health check: when index and API disagree for longer
 than `stale_after` seconds (pods the index lacks, ghosts it keeps), events are not
